@@ -1,0 +1,1 @@
+"""YAML placement configs: how stage workers map onto CPUs, GPUs and nodes (see the README)."""

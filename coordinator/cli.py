@@ -1,0 +1,245 @@
+"""`poe-serve`: the command line. Each subcommand parses its flags and calls one module.
+
+Subcommands: init-checkpoint, generate, calibrate, serve, demo, train. The CLI holds no model logic; errors from
+bad flags or inputs are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+MODES = ("full", "prefix", "stage", "wand", "speculative", "composition")
+
+
+def default_checkpoint() -> Path:
+    from checkpoints import DEFAULT_CHECKPOINT
+
+    return DEFAULT_CHECKPOINT
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by local and remote generation."""
+    p.add_argument("--prompt", required=True, help="text; <|bos|> is prepended")
+    p.add_argument("--mode", choices=MODES, default="full")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-stages", type=int, help="prefix mode: use stages 0..max_stages-1")
+    p.add_argument("--stage", type=int, help="stage mode: the single stage")
+    p.add_argument("--stages", type=_ints, help="composition: comma-separated stage indices")
+    p.add_argument("--stage-weights", type=_floats, help="composition: comma-separated weights > 0")
+    p.add_argument("--safety", type=float, default=1.0, help="wand: bound multiplier")
+    p.add_argument("--p99-bounds", type=_floats, help="wand: one bound per stage (default: calibrated)")
+    p.add_argument("--draft-stage", type=int, default=0, help="speculative: drafting stage")
+    p.add_argument("--k-draft", type=int, default=3, help="speculative: drafts per round")
+    p.add_argument("--do-sample", action="store_true", help="full mode: sample instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop-token-ids", type=_ints, default=None, help="comma-separated token ids ending generation")
+
+
+def run_local_generation(model, ids, args):
+    """Call the card method for args.mode. Returns (tokens (1, T+n), stages_used | None, acceptance | None)."""
+    n, eos = args.max_new_tokens, args.stop_token_ids
+    if args.mode == "full":
+        return model.generate(ids, n, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, eos_token_id=eos), None, None
+    if args.mode == "prefix":
+        return model.generate_prefix(ids, args.max_stages, n, eos_token_id=eos), None, None
+    if args.mode == "stage":
+        return model.generate_stage(ids, args.stage, n, eos_token_id=eos), None, None
+    if args.mode == "composition":
+        return model.generate_parallel_composition(ids, args.stages, args.stage_weights, n, eos_token_id=eos), None, None
+    if args.mode == "wand":
+        out, used = model.generate_wand(ids, n, args.safety, args.p99_bounds, return_stages_used=True, eos_token_id=eos)
+        return out, used[0].tolist(), None
+    out, rate = model.generate_speculative(ids, args.draft_stage, args.k_draft, n, return_acceptance=True, eos_token_id=eos)
+    return out, None, rate
+
+
+def remote_generation(args):
+    """Same flags, through a server. Returns (new token ids, text, stages_used | None, acceptance | None)."""
+    from coordinator.client import PoEClient
+
+    with PoEClient(args.server) as client:
+        reply = client.generate(
+            args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, max_stages=args.max_stages,
+            stage=args.stage, stages=args.stages, stage_weights=args.stage_weights, safety=args.safety,
+            p99_bounds=args.p99_bounds, draft_stage=args.draft_stage, k_draft=args.k_draft,
+            temperature=args.temperature if args.do_sample else None, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed, stop_token_ids=args.stop_token_ids,
+        )
+    used = list(reply.stages_used) if args.mode == "wand" else None
+    rate = reply.acceptance_rate if args.mode == "speculative" else None
+    return list(reply.token_ids), reply.text, used, rate
+
+
+def cmd_generate(args) -> None:
+    if args.server:
+        import grpc
+
+        started = time.perf_counter()
+        try:
+            new, text, used, rate = remote_generation(args)
+        except grpc.RpcError as exc:
+            raise ValueError(f"server {args.server} answered {exc.code().name}: {exc.details()}") from None
+        report(args, args.prompt + text, len(new), time.perf_counter() - started, used, rate)
+        return
+    from coordinator import PoEModel, load_tokenizer
+
+    checkpoint = args.checkpoint or default_checkpoint()
+    tokenizer = load_tokenizer(checkpoint)
+    model = PoEModel.from_pretrained(checkpoint, dtype=args.dtype, device=args.device)
+    ids = tokenizer.encode(args.prompt)
+    started = time.perf_counter()
+    out, used, rate = run_local_generation(model, ids, args)
+    new = out[0, len(ids):].tolist()
+    report(args, args.prompt + tokenizer.decode(new), len(new), time.perf_counter() - started, used, rate)
+
+
+def report(args, text: str, num_new: int, elapsed: float, used, rate) -> None:
+    print(text)
+    print(f"\n[{args.mode}] {num_new} tokens in {elapsed:.2f}s ({num_new / elapsed:.1f} tok/s)", file=sys.stderr)
+    if used is not None:
+        print(f"stages_used: {used}", file=sys.stderr)
+    if rate is not None:
+        print(f"acceptance: {rate:.3f}", file=sys.stderr)
+
+
+def cmd_calibrate(args) -> None:
+    from coordinator import PoEModel, load_tokenizer
+    from stage_workers.config import WAND_BOUNDS_FILE
+
+    checkpoint = Path(args.checkpoint or default_checkpoint())
+    tokenizer = load_tokenizer(checkpoint)
+    model = PoEModel.from_pretrained(checkpoint, dtype=args.dtype, device=args.device)
+    ids = tokenizer.encode(Path(args.text).read_text(errors="replace"))
+    window = min(args.window, model.config.sequence_len)
+    chunks = [[tokenizer.bos_token_id] + ids[i : i + window - 1] for i in range(1, len(ids), window - 1)]
+    chunks = [c for c in chunks if len(c) > 1][: args.max_chunks]
+    bounds = model.calibrate_wand(chunks, quantile=args.quantile)
+    out = Path(args.out) if args.out else checkpoint / WAND_BOUNDS_FILE
+    out.write_text(json.dumps({"wand_p99_bounds": bounds, "quantile": args.quantile, "text": str(args.text),
+                               "num_positions": sum(len(c) for c in chunks)}, indent=2))
+    print(f"wand_p99_bounds = {[round(b, 4) for b in bounds]} over {len(chunks)} chunks -> {out}")
+
+
+def cmd_init_checkpoint(args) -> None:
+    from checkpoints.writer import init_checkpoint
+
+    path = init_checkpoint(args.dir, args.preset, seed=args.seed, dtype=args.dtype,
+                           max_shard_bytes=int(args.max_shard_mb * 2**20) if args.max_shard_mb else None)
+    print(f"wrote {args.preset} checkpoint to {path}")
+
+
+def cmd_serve(args) -> None:
+    import os
+
+    from coordinator.cluster import PoECluster
+    from coordinator.server import Server
+    from coordinator.tokenizer import load_tokenizer
+
+    checkpoint = args.checkpoint or default_checkpoint()
+    address = args.address or os.environ.get("RAY_ADDRESS")  # set when running as a Ray job
+    cluster = PoECluster.launch(checkpoint, config=args.config, dtype=args.dtype, address=address)
+    try:
+        server = Server(cluster, load_tokenizer(checkpoint), host=args.host, port=args.port,
+                        max_queue=cluster.serving_config.max_queue)
+        print(f"poe-serve: serving {checkpoint} on {server.address} ({cluster.config.num_stages} stage workers)",
+              flush=True)
+        server.wait_for_termination()
+    finally:
+        cluster.shutdown()
+    print("poe-serve: stopped", flush=True)
+
+
+def cmd_demo(args) -> None:
+    from coordinator.demo import run_demo
+
+    run_demo(Path(args.checkpoint or default_checkpoint()), config=args.config, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_train(args) -> None:
+    from trainer.train import TrainConfig, train
+
+    train(TrainConfig(out_dir=args.out, seed=args.seed, steps=args.steps, compile=not args.no_compile))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poe-serve", description="Stage-parallel serving for PoE language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-checkpoint", help="write a random checkpoint of a preset shape")
+    p.add_argument("dir")
+    p.add_argument("--preset", choices=("tiny", "small", "1.5b"), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 (bf16 for 1.5b)")
+    p.add_argument("--max-shard-mb", type=float, default=None, help="shard the weights (1.5b: 1024 by default)")
+    p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser("generate", help="generate a continuation locally, or through a server")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")
+    p.add_argument("--server", help="HOST:PORT of a poe-serve gRPC server (instead of a local model)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="calibrate WAND bounds on a text file")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")
+    p.add_argument("--text", required=True, help="validation text file")
+    p.add_argument("--quantile", type=float, default=0.99)
+    p.add_argument("--window", type=int, default=256, help="tokens per calibration chunk")
+    p.add_argument("--max-chunks", type=int, default=64)
+    p.add_argument("--out", help=f"output file (default: CHECKPOINT/wand_bounds.json, read by the loader)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("serve", help="serve gRPC over Ray stage workers (joins RAY_ADDRESS when set)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")
+    p.add_argument("--config", help="cluster config YAML (default: cluster_configs/local-cpu.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else start one)")
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="local Ray cluster + gRPC server + one call per mode, as a table")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")
+    p.add_argument("--config", help="cluster config YAML (default: cluster_configs/local-cpu.yaml)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train the embedded default checkpoint (about an hour on 2 cores)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slower, no C++ compiler needed)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"poe-serve {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""`PoECluster`: the same surface as `PoEModel`, with each stage worker in its own Ray actor.
+
+This is the only module that knows Ray. `StageActor` is a thin shim over `StageWorker` that
+loads only its stage's slice in the actor's process; `RemoteWorker` gives the coordinator the
+worker interface over an actor handle. The engine, pipeline and modes are the in-process ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from stage_workers.config import load_config
+from stage_workers.messages import ExtendBatch, ExtendResult, TrunkState, WorkerInfo
+from stage_workers.worker import StageWorker, WorkerSpec
+
+from .engine import EngineConfig
+from .model import PoEModel
+from .serving_config import ServingConfig, StagePlacement, load_serving_config
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+class StageActor:
+    """Runs inside the actor process; results go back on the CPU."""
+
+    def __init__(self, checkpoint: str, spec: WorkerSpec):
+        self.worker = StageWorker.from_checkpoint(checkpoint, spec)
+
+    def extend(self, batch: ExtendBatch) -> ExtendResult:
+        result = self.worker.extend(batch)
+        trunk = None if result.trunk is None else result.trunk.to("cpu", result.trunk.x.dtype)
+        logits = None if result.logits is None else result.logits.cpu()
+        return ExtendResult(trunk=trunk, logits=logits)
+
+    def rollback(self, seq_id: int, length: int) -> None:
+        self.worker.rollback(seq_id, length)
+
+    def free(self, seq_id: int) -> None:
+        self.worker.free(seq_id)
+
+    def info(self) -> WorkerInfo:
+        return self.worker.info()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RemoteWorker:
+    """The worker interface over an actor. Rollback and free need no reply: an actor runs one
+    caller's calls in order, so the next extend sees them."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def extend(self, batch: ExtendBatch) -> ExtendResult:
+        return ray.get(self.actor.extend.remote(batch))
+
+    def rollback(self, seq_id: int, length: int) -> None:
+        self.actor.rollback.remote(seq_id, length)
+
+    def free(self, seq_id: int) -> None:
+        self.actor.free.remote(seq_id)
+
+    def info(self) -> WorkerInfo:
+        return ray.get(self.actor.info.remote())
+
+
+def _bundle(p: StagePlacement) -> dict[str, float]:
+    bundle = {"CPU": p.num_cpus, "GPU": p.num_gpus}
+    return {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.01}
+
+
+class PoECluster(PoEModel):
+    @classmethod
+    def launch(cls, checkpoint: str | Path, config: str | Path | ServingConfig | None = None, dtype=None,
+               address: str | None = None) -> "PoECluster":
+        """Start (or join, with `address`) a Ray cluster and place one worker per stage."""
+        serving = config if isinstance(config, ServingConfig) else load_serving_config(config)
+        checkpoint = str(Path(checkpoint).resolve())
+        model_config = load_config(checkpoint)
+        serving.check_num_stages(model_config.num_stages)
+        owns_ray = not ray.is_initialized()
+        if owns_ray:
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=False, configure_logging=True)
+        placements = [serving.placement(k) for k in range(model_config.num_stages)]
+        group = placement_group([_bundle(p) for p in placements], strategy=serving.placement_strategy)
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"Ray could not place the stage workers within {PLACEMENT_TIMEOUT_S}s: bundles "
+                f"{[_bundle(p) for p in placements]} do not fit the cluster's resources {ray.cluster_resources()}"
+            ) from None
+        dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
+        actors = [
+            ray.remote(StageActor).options(
+                num_cpus=p.num_cpus, num_gpus=p.num_gpus, name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
+            ).remote(checkpoint, WorkerSpec(stage=k, device=p.device, dtype=dtype or p.dtype,
+                                            kv_cache_tokens=p.kv_cache_tokens, num_threads=p.num_threads))
+            for k, p in enumerate(placements)
+        ]
+        workers = [RemoteWorker(a) for a in actors]
+        try:
+            model = cls(model_config, workers, EngineConfig(max_num_seqs=serving.max_num_seqs))
+        except ray.exceptions.RayActorError as exc:
+            for a in actors:
+                ray.kill(a)
+            remove_placement_group(group)
+            raise RuntimeError(f"a stage worker failed to start: {exc}") from None
+        model.serving_config, model.placement_group, model.actors, model.owns_ray = serving, group, actors, owns_ray
+        return model
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+        if self.owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> "PoECluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,140 @@
+"""`PoEModel`: the model card's Python surface, served by stage workers through the engine.
+
+`from_pretrained` builds one in-process `StageWorker` per stage; `PoECluster` (coordinator/
+cluster.py) is the same class over Ray actors. Every method validates its arguments once,
+turns them into requests, runs the engine until they finish and packs the results as the
+card returns them. This module knows nothing of Ray or gRPC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stage_workers.config import ModelConfig, load_config
+from stage_workers.worker import StageWorker, WorkerSpec
+
+from . import requests as rq
+from .engine import Engine, EngineConfig
+from .engine_loop import EngineLoop
+from .logop import combine, log_probs, normalize
+from .pipeline import Pipeline
+from .sequence import Sequence
+from .wand import bounds_from_gaps, exit_gaps
+
+
+class PoEModel:
+    def __init__(self, config: ModelConfig, workers: list, engine_config: EngineConfig = EngineConfig()):
+        assert len(workers) == config.num_stages, "one worker per stage"
+        self.config = config
+        self.workers = workers
+        self.engine = Engine(config, Pipeline(workers), [w.info() for w in workers], engine_config)
+        self.loop = EngineLoop(self.engine)  # the one thread that drives the engine; shared by all callers
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None, device=None, kv_cache_tokens: int | None = None):
+        config = load_config(path)
+        device = str(device or "cpu")
+        dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
+        workers = [
+            StageWorker.from_checkpoint(path, WorkerSpec(stage=k, device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens))
+            for k in range(config.num_stages)
+        ]
+        return cls(config, workers)
+
+    def worker_infos(self):
+        return [w.info() for w in self.workers]
+
+    # ---- running requests ------------------------------------------------------------------
+    def run(self, requests: list) -> list[Sequence]:
+        """Run requests to completion, batched with whatever else is running; returns their sequences."""
+        handles = [self.loop.submit(r, limit_queue=False) for r in requests]
+        try:
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:  # after an error, the other rows of the call end too
+                self.loop.abort(h)
+            raise
+
+    def _generate(self, input_ids, max_new_tokens, mode, sampling=None, eos_token_id=None) -> list[Sequence]:
+        stop = rq.check_stop_ids(self.config, eos_token_id)
+        return self.run(rq.build_requests(self.config, input_ids, max_new_tokens, mode, sampling, stop))
+
+    @staticmethod
+    def _pack(seqs: list[Sequence], pad: int | None) -> torch.Tensor:
+        """(B, T+n) prompt + new tokens; rows that stopped early are padded with the stop token."""
+        width = max(seq.num_committed for seq in seqs)
+        rows = [seq.tokens[: seq.num_committed] for seq in seqs]
+        return torch.tensor([r + [pad if pad is not None else 0] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    # ---- the card's methods ----------------------------------------------------------------
+    def generate(self, input_ids, max_new_tokens, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, eos_token_id=None) -> torch.Tensor:
+        sampling = rq.check_sampling(do_sample, temperature, top_k, top_p, seed)
+        seqs = self._generate(input_ids, max_new_tokens, rq.full_mode(self.config), sampling, eos_token_id)
+        return self._pack(seqs, eos_token_id)
+
+    def generate_prefix(self, input_ids, max_stages, max_new_tokens, eos_token_id=None) -> torch.Tensor:
+        seqs = self._generate(input_ids, max_new_tokens, rq.prefix_mode(self.config, max_stages), None, eos_token_id)
+        return self._pack(seqs, eos_token_id)
+
+    def generate_stage(self, input_ids, stage, max_new_tokens, eos_token_id=None) -> torch.Tensor:
+        seqs = self._generate(input_ids, max_new_tokens, rq.stage_mode(self.config, stage), None, eos_token_id)
+        return self._pack(seqs, eos_token_id)
+
+    def generate_parallel_composition(self, input_ids, stages, stage_weights=None, max_new_tokens=32,
+                                      eos_token_id=None) -> torch.Tensor:
+        mode = rq.composition_mode(self.config, stages, stage_weights)
+        return self._pack(self._generate(input_ids, max_new_tokens, mode, None, eos_token_id), eos_token_id)
+
+    def generate_wand(self, input_ids, max_new_tokens, safety=1.0, p99_bounds=None, return_stages_used=False,
+                      eos_token_id=None):
+        mode = rq.wand_mode(self.config, safety, p99_bounds)
+        seqs = self._generate(input_ids, max_new_tokens, mode, None, eos_token_id)
+        out = self._pack(seqs, eos_token_id)
+        if not return_stages_used:
+            return out
+        width = max(len(seq.stages_used) for seq in seqs)
+        used = [seq.stages_used + [-1] * (width - len(seq.stages_used)) for seq in seqs]
+        return out, torch.tensor(used, dtype=torch.long)
+
+    def generate_speculative(self, input_ids, draft_stage=0, k_draft=3, max_new_tokens=32,
+                             return_acceptance=False, eos_token_id=None):
+        mode = rq.speculative_mode(self.config, draft_stage, k_draft)
+        seqs = self._generate(input_ids, max_new_tokens, mode, None, eos_token_id)
+        out = self._pack(seqs, eos_token_id)
+        if not return_acceptance:
+            return out
+        rates = [seq.num_accepted / seq.num_proposed if seq.num_proposed else 0.0 for seq in seqs]
+        return out, rates[0] if len(rates) == 1 else rates
+
+    def stage_logits(self, input_ids, stages: tuple[int, ...]) -> list[dict[int, torch.Tensor]]:
+        """Per row: stage -> (T, V) fp32 logits at every position."""
+        rows = rq.check_prompts(self.config, input_ids)
+        seqs = self.run([rq.ScoreRequest(tuple(row), stages) for row in rows])
+        return [{k: seq.decoder.stage_logits(k) for k in stages} for seq in seqs]
+
+    def forward_stage(self, input_ids, stage) -> torch.Tensor:
+        rq.check_stage(self.config, stage)
+        return torch.stack([row[stage] for row in self.stage_logits(input_ids, (stage,))])  # (B, T, V)
+
+    def forward(self, input_ids) -> torch.Tensor:
+        """(B, T, V) full-PoE normalized log-probs."""
+        mode = rq.full_mode(self.config)
+        rows = self.stage_logits(input_ids, mode.stages)
+        scores = [combine([log_probs(row[k]) for k in mode.stages], mode.weights, self.config.poe_alpha) for row in rows]
+        return normalize(torch.stack(scores))
+
+    def calibrate_wand(self, sequences, quantile: float = 0.99) -> list[float]:
+        """One bound per stage (spec section 4); the last stage's is 0."""
+        if not isinstance(quantile, (int, float)) or not 0 <= quantile <= 1:
+            raise ValueError(f"quantile={quantile!r} is invalid; allowed: a number in [0, 1]")
+        K, alpha = self.config.num_stages, self.config.poe_alpha
+        gaps: list[list[torch.Tensor]] = [[] for _ in range(K)]
+        for row in self.stage_logits(sequences, tuple(range(K))):
+            lps = [log_probs(row[k]) for k in range(K)]  # K x (T, V)
+            full = combine(lps, [1.0] * K, alpha)
+            for j in range(K):
+                gaps[j].append(exit_gaps(combine(lps[: j + 1], [1.0] * (j + 1), alpha), full))
+        return bounds_from_gaps([torch.cat(g) for g in gaps], quantile)

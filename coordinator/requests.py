@@ -1,0 +1,204 @@
+"""What a caller may ask for, validated once at the boundary.
+
+Full, prefix, single-stage and composition modes are all a `Composition` (a stage set with
+weights); WAND and speculation have their own mode types. `build_request` turns the card's
+Python arguments into a `GenerationRequest` or raises `ValueError` naming the argument, what
+was wrong and what is allowed. The gRPC server builds the same objects. Nothing here runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from stage_workers.config import ModelConfig
+
+from .sampling import SamplingParams
+
+MAX_K_DRAFT = 16  # drafts per speculative round; more only wastes verification work
+
+
+@dataclass(frozen=True)
+class Composition:
+    stages: tuple[int, ...]  # sorted, unique
+    weights: tuple[float, ...]  # one per stage, finite and > 0
+    name: str = "composition"  # full | prefix | stage | composition, for reporting
+
+
+@dataclass(frozen=True)
+class Wand:
+    safety: float
+    bounds: tuple[float, ...]  # one per stage; +inf means never exit there
+
+
+@dataclass(frozen=True)
+class Speculative:
+    draft_stage: int
+    k_draft: int
+
+
+Mode = Composition | Wand | Speculative
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    mode: Mode
+    sampling: SamplingParams | None = None  # None: greedy
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Logits of the given stages at every position of a fixed sequence (forward, scoring)."""
+
+    token_ids: tuple[int, ...]
+    stages: tuple[int, ...]
+
+
+# ---- validation helpers --------------------------------------------------------------------
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_stage(config: ModelConfig, stage, name: str = "stage") -> int:
+    if not _is_int(stage) or not 0 <= stage < config.num_stages:
+        raise ValueError(f"{name}={stage!r} is out of range; allowed: an integer 0..{config.num_stages - 1}")
+    return stage
+
+
+def check_prompts(config: ModelConfig, input_ids, name: str = "input_ids") -> list[list[int]]:
+    """A (B, T) tensor or a list of ints -> B rows of token ids, each non-empty and in vocab."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be a (B, T) integer tensor or a list of ints; got {tuple(input_ids.shape)} {input_ids.dtype}")
+        rows = input_ids.tolist()
+    elif isinstance(input_ids, (list, tuple)) and all(_is_int(t) for t in input_ids):
+        rows = [list(input_ids)]
+    elif isinstance(input_ids, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in input_ids):
+        rows = [list(r) for r in input_ids]
+    else:
+        raise ValueError(f"{name} must be a (B, T) integer tensor or a list of ints")
+    if not rows:
+        raise ValueError(f"{name} is empty; give at least one row of at least one token")
+    for r, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"{name} row {r} is empty; a prompt needs at least one token (e.g. <|bos|>)")
+        bad = [t for t in row if not _is_int(t) or not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"{name} row {r} has token id {bad[0]!r}; allowed: 0..{config.vocab_size - 1}")
+        if len(row) > config.sequence_len:
+            raise ValueError(
+                f"{name} row {r} has {len(row)} tokens; the context limit (sequence_len) is {config.sequence_len}"
+            )
+    return rows
+
+
+def check_max_new_tokens(config: ModelConfig, prompt_len: int, max_new_tokens) -> int:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; allowed: an integer >= 1")
+    if prompt_len + max_new_tokens > config.sequence_len:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context limit "
+            f"(sequence_len) of {config.sequence_len}; allowed: max_new_tokens <= {config.sequence_len - prompt_len}"
+        )
+    return max_new_tokens
+
+
+def check_sampling(do_sample: bool, temperature, top_k, top_p, seed) -> SamplingParams | None:
+    if not do_sample:
+        return None
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} is invalid; allowed: a finite number > 0")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid; allowed: None or an integer >= 1")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is invalid; allowed: None or a number in (0, 1]")
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed={seed!r} is invalid; allowed: None or an integer")
+    return SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p), seed)
+
+
+def check_stop_ids(config: ModelConfig, stop_ids, name: str = "eos_token_id") -> frozenset[int]:
+    ids = [] if stop_ids is None else [stop_ids] if _is_int(stop_ids) else list(stop_ids)
+    for t in ids:
+        if not _is_int(t) or not 0 <= t < config.vocab_size:
+            raise ValueError(f"{name}={t!r} is invalid; allowed: token ids 0..{config.vocab_size - 1}")
+    return frozenset(ids)
+
+
+# ---- modes ---------------------------------------------------------------------------------
+def full_mode(config: ModelConfig) -> Composition:
+    return Composition(tuple(range(config.num_stages)), (1.0,) * config.num_stages, "full")
+
+
+def prefix_mode(config: ModelConfig, max_stages) -> Composition:
+    if not _is_int(max_stages) or not 1 <= max_stages <= config.num_stages:
+        raise ValueError(f"max_stages={max_stages!r} is out of range; allowed: an integer 1..{config.num_stages}")
+    return Composition(tuple(range(max_stages)), (1.0,) * max_stages, "prefix")
+
+
+def stage_mode(config: ModelConfig, stage) -> Composition:
+    return Composition((check_stage(config, stage),), (1.0,), "stage")
+
+
+def composition_mode(config: ModelConfig, stages, stage_weights=None) -> Composition:
+    if isinstance(stages, torch.Tensor):
+        stages = stages.tolist()
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError(f"stages={stages!r} is invalid; allowed: a non-empty list of stage indices 0..{config.num_stages - 1}")
+    for s in stages:
+        check_stage(config, s, "stages entry")
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"stages={list(stages)} has duplicates; each stage may appear once")
+    if stage_weights is None:
+        stage_weights = [1.0] * len(stages)
+    if isinstance(stage_weights, torch.Tensor):
+        stage_weights = stage_weights.tolist()
+    if len(stage_weights) != len(stages):
+        raise ValueError(f"stage_weights has {len(stage_weights)} entries for {len(stages)} stages; give one weight per stage")
+    for w in stage_weights:
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"stage_weights entry {w!r} is invalid; allowed: finite numbers > 0")
+    pairs = sorted(zip(stages, (float(w) for w in stage_weights)))
+    return Composition(tuple(s for s, _ in pairs), tuple(w for _, w in pairs), "composition")
+
+
+def wand_mode(config: ModelConfig, safety, p99_bounds=None) -> Wand:
+    if not isinstance(safety, (int, float)) or isinstance(safety, bool) or not math.isfinite(safety) or safety < 0:
+        raise ValueError(f"safety={safety!r} is invalid; allowed: a finite number >= 0")
+    if p99_bounds is None:
+        p99_bounds = config.wand_p99_bounds or (math.inf,) * config.num_stages
+    if isinstance(p99_bounds, torch.Tensor):
+        p99_bounds = p99_bounds.tolist()
+    if len(p99_bounds) != config.num_stages or not all(
+        isinstance(b, (int, float)) and not math.isnan(b) and b >= 0 for b in p99_bounds
+    ):
+        raise ValueError(f"p99_bounds={list(p99_bounds)!r} is invalid; allowed: {config.num_stages} numbers >= 0, one per stage")
+    return Wand(float(safety), tuple(float(b) for b in p99_bounds))
+
+
+def speculative_mode(config: ModelConfig, draft_stage, k_draft) -> Speculative:
+    check_stage(config, draft_stage, "draft_stage")
+    if not _is_int(k_draft) or not 1 <= k_draft <= MAX_K_DRAFT:
+        raise ValueError(f"k_draft={k_draft!r} is out of range; allowed: an integer 1..{MAX_K_DRAFT}")
+    return Speculative(draft_stage, k_draft)
+
+
+def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, sampling=None, stop_ids=frozenset()):
+    """One request per prompt row; each row is independent. Row r samples with seed + r."""
+    rows = check_prompts(config, input_ids)
+    for row in rows:
+        check_max_new_tokens(config, len(row), max_new_tokens)
+    requests = []
+    for r, row in enumerate(rows):
+        row_sampling = sampling
+        if sampling is not None and sampling.seed is not None:
+            row_sampling = replace(sampling, seed=sampling.seed + r)
+        requests.append(GenerationRequest(tuple(row), max_new_tokens, mode, row_sampling, stop_ids))
+    return requests

@@ -1,0 +1,52 @@
+"""Choosing the next token from normalized log-probabilities: greedy, or seeded sampling.
+
+Sampling applies temperature, then top-k, then top-p, and draws by inverse CDF over token ids
+in ascending order with one float64 uniform per token from the request's own generator, so a
+request's tokens do not depend on what else is in the batch. Pure functions; nothing here
+knows about stages or workers.
+"""
+
+from __future__ import annotations
+
+import torch
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # None: a fresh random seed per request
+
+
+def filtered_logits(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(V,) normalized log-probs -> (V,) logits with filtered-out tokens at -inf."""
+    logits = logprobs.float() / params.temperature
+    if params.top_k is not None and params.top_k < logits.numel():
+        threshold = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        probs = torch.softmax(logits, dim=-1)
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+        drop_sorted = (sorted_probs.cumsum(0) - sorted_probs) >= params.top_p  # the top token always stays
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """(V,) normalized log-probs -> one token id, drawing one uniform from `generator`."""
+    cdf = torch.softmax(filtered_logits(logprobs, params), dim=-1).double().cpu().cumsum(0)
+    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    index = torch.searchsorted(cdf, u * cdf[-1], right=True)
+    return int(index.clamp(max=cdf.numel() - 1))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

@@ -1,0 +1,68 @@
+"""A live sequence: its tokens, what each stage has computed, and what the caller gets back.
+
+The pipeline owns `num_computed` and `pending`; the mode decoder owns the token list and the
+results. Invariant, per sequence: num_computed[0] >= num_computed[1] >= ... and `pending[k]`
+holds stage k-1's boundary states for exactly positions num_computed[k]..num_computed[k-1]-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stage_workers.messages import TrunkState
+
+from .requests import GenerationRequest, ScoreRequest
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request: GenerationRequest | ScoreRequest
+    tokens: list[int]  # prompt, committed tokens, then speculative drafts in flight
+    num_stages: int
+    num_committed: int = 0  # prompt + accepted new tokens; set to the prompt length at creation
+    stages_used: list[int] = field(default_factory=list)  # WAND: exit stage per new token
+    num_proposed: int = 0  # speculative drafts proposed / accepted
+    num_accepted: int = 0
+    finish_reason: str | None = None  # "length" | "stop" | "cancelled" | "error: ..." once finished
+    error: BaseException | None = None  # why a step failed for this sequence
+    num_computed: list[int] = field(default_factory=list)
+    pending: list[list[TrunkState]] = field(default_factory=list)
+    decoder: object = None  # the mode's decoder (coordinator.modes), set by the engine
+    kv_blocks: list[int] = field(default_factory=list)  # KV blocks promised on each stage
+
+    def __post_init__(self):
+        self.num_committed = self.num_committed or len(self.tokens)
+        self.num_prompt = len(self.tokens)
+        self.num_computed = [0] * self.num_stages
+        self.pending = [[] for _ in range(self.num_stages)]
+
+    @property
+    def num_unfed(self) -> int:
+        """Tokens known but not yet fed to stage 0."""
+        return len(self.tokens) - self.num_computed[0]
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.tokens[self.num_prompt : self.num_committed]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def commit(self, new: list[int]) -> list[int]:
+        """Append accepted tokens up to a stop token or max_new_tokens; returns those kept."""
+        request = self.request
+        kept = []
+        for token in new:
+            kept.append(token)
+            if token in request.stop_token_ids:
+                self.finish_reason = "stop"
+                break
+            if self.num_committed - self.num_prompt + len(kept) >= request.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        del self.tokens[self.num_committed :]
+        self.tokens.extend(kept)
+        self.num_committed = len(self.tokens)
+        return kept

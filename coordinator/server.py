@@ -1,0 +1,163 @@
+"""The gRPC front: a thin `PoEServing` servicer over an `EngineLoop`, plus health and reflection.
+
+Every RPC validates its message (bad arguments -> INVALID_ARGUMENT with the reason), submits
+to the shared engine loop (a full queue -> RESOURCE_EXHAUSTED), and waits for its events. A
+client that goes away or runs out of deadline has its sequence aborted, freeing its KV. The
+servicer knows messages and status codes; the model behind it may be in-process or on Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import poe_serving_pb2 as pb
+from protos import poe_serving_pb2_grpc as pb_grpc
+
+from . import requests as rq
+from . import wire
+from .engine_loop import EngineLoop, QueueFull, RequestHandle
+from .model import PoEModel
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("poe_serve.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+class WorkerLost(RuntimeError):
+    """A stage worker died and its sequences could not be recovered."""
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if type(exc).__name__ in ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerLost"):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+class PoEServicer(pb_grpc.PoEServingServicer):
+    def __init__(self, model: PoEModel, tokenizer: Tokenizer, loop: EngineLoop, placement: list[dict] | None = None):
+        self.model, self.tokenizer, self.loop = model, tokenizer, loop
+        self.config = model.config
+        self.placement = placement
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _submit(self, request, context) -> RequestHandle:
+        try:
+            handle = self.loop.submit(request)
+        except QueueFull as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        context.add_callback(lambda: self.loop.abort(handle))  # client gone or deadline passed
+        return handle
+
+    def _events(self, handle: RequestHandle, context):
+        """Yield events until done; abort the RPC with the mapped status on error."""
+        while True:
+            event = handle.events.get()
+            if event.error is not None:
+                context.abort(_status_of(event.error), f"{type(event.error).__name__}: {event.error}")
+            yield event
+            if event.done:
+                return
+
+    def _parse(self, fn, context, *args):
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    # ---- RPCs ------------------------------------------------------------------------------
+    def Generate(self, request, context):
+        req = self._parse(wire.generation_request, context, request, self.tokenizer, self.config)
+        handle = self._submit(req, context)
+        for _ in self._events(handle, context):
+            pass
+        seq = handle.seq
+        done = time.perf_counter()
+        ttft = (handle.first_token_at or done) - handle.submitted_at
+        return wire.generate_response(seq, self.tokenizer, ttft, done - handle.submitted_at)
+
+    def GenerateStream(self, request, context):
+        req = self._parse(wire.generation_request, context, request, self.tokenizer, self.config)
+        handle = self._submit(req, context)
+        text = wire.TextStream(self.tokenizer)
+        for event in self._events(handle, context):
+            chunk = pb.GenerateChunk(token_ids=event.tokens, text=text.push(event.tokens, event.done),
+                                     stages_used=event.stages_used)
+            if event.done:
+                chunk.finish_reason = handle.seq.finish_reason
+                chunk.acceptance_rate = wire.acceptance(handle.seq)
+            if event.tokens or event.done:
+                yield chunk
+
+    def Score(self, request, context):
+        ids = self._parse(wire.input_ids, context, request, self.tokenizer, self.config)
+        if len(ids) < 2:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input: scoring needs at least 2 tokens")
+        stages = tuple(range(self.config.num_stages))
+        handle = self._submit(rq.ScoreRequest(tuple(ids), stages), context)
+        for _ in self._events(handle, context):
+            pass
+        logits = {k: handle.seq.decoder.stage_logits(k) for k in stages}
+        return wire.score_response(ids, logits, self.config, self.tokenizer,
+                                   count_bytes=request.WhichOneof("input") == "prompt")
+
+    def GetModelInfo(self, request, context):
+        c = self.config
+        workers = [
+            pb.WorkerPlacement(stage=w.stage, replica=0, first_layer=w.layers[0], last_layer=w.layers[1],
+                               device=w.device, dtype=w.dtype, parameters=w.num_parameters,
+                               resident_bytes=w.resident_bytes, kv_cache_tokens=w.kv_num_blocks * w.kv_block_size)
+            for w in self.model.worker_infos()
+        ]
+        return pb.ModelInfo(stage_layout=c.poe_stage_layout, boundary_layers=c.stage_boundaries,
+                            vocab_size=c.vocab_size, context_length=c.sequence_len,
+                            parameter_count=c.num_parameters(), workers=workers, poe_alpha=c.poe_alpha,
+                            wand_p99_bounds=c.wand_p99_bounds or ())
+
+
+class Server:
+    """A running gRPC server over a model; `stop()` drains and shuts down."""
+
+    def __init__(self, model: PoEModel, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 50051,
+                 max_workers: int = 64, max_queue: int = 256):
+        self.loop = model.loop
+        self.loop.max_queue = max_queue
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", 64 << 20)]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        pb_grpc.add_PoEServingServicer_to_server(PoEServicer(model, tokenizer, self.loop), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 5.0) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc.stop(grace).wait()
+
+    def wait_for_termination(self) -> None:
+        """Block until SIGTERM or SIGINT, then stop cleanly."""
+        stopped = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopped.set())
+        stopped.wait()
+        self.stop()

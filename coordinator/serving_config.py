@@ -1,0 +1,103 @@
+"""How stages map onto machines, read once from a YAML file in cluster_configs/.
+
+`ServingConfig` holds one `StagePlacement` per stage (defaults, overridden per stage) and the
+engine's limits. Unknown keys and bad values are errors that name the file and the field. It
+knows nothing about Ray's API; `coordinator.cluster` turns it into placement groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
+DEFAULT_CONFIG = CONFIG_DIR / "local-cpu.yaml"
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    num_cpus: float = 0.5  # Ray logical CPUs reserved for the worker
+    num_gpus: float = 0.0  # fractional GPUs let one GPU hold several stages
+    device: str = "cpu"  # cpu | cuda (Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU)
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    kv_cache_tokens: int | None = None  # KV pool per replica in positions; None: 8 * sequence_len
+    num_threads: int | None = None  # torch threads in the worker process
+    replicas: int = 1  # workers serving this stage; a sequence stays on one
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    stages: tuple[StagePlacement, ...] = ()  # empty: `defaults` for every stage
+    defaults: StagePlacement = StagePlacement()
+    placement_strategy: str = "PACK"
+    max_num_seqs: int = 64  # sequences decoding at once
+    max_queue: int = 256  # requests waiting for KV room before RESOURCE_EXHAUSTED
+    source: str = ""
+
+    def placement(self, stage: int) -> StagePlacement:
+        return self.stages[stage] if self.stages else self.defaults
+
+    def check_num_stages(self, num_stages: int) -> None:
+        if self.stages and len(self.stages) != num_stages:
+            raise ValueError(f"{self.source}: lists {len(self.stages)} stages, the checkpoint has {num_stages}")
+
+
+def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
+    known = {f.name for f in fields(StagePlacement)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+    p = replace(base, **raw)
+    for key in ("num_cpus", "num_gpus"):
+        value = getattr(p, key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{where}: {key}={value!r} must be a number >= 0")
+    if p.device not in ("cpu", "cuda") and not p.device.startswith("cuda:"):
+        raise ValueError(f"{where}: device={p.device!r}; allowed: cpu, cuda")
+    if p.device.startswith("cuda") and p.num_gpus <= 0:
+        raise ValueError(f"{where}: device {p.device} needs num_gpus > 0 so Ray assigns a GPU")
+    if p.dtype not in (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+        raise ValueError(f"{where}: dtype={p.dtype!r}; allowed: null, float32, bfloat16, float16")
+    for key in ("kv_cache_tokens", "num_threads"):
+        value = getattr(p, key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: {key}={value!r} must be null or an integer >= 1")
+    if not isinstance(p.replicas, int) or p.replicas < 1:
+        raise ValueError(f"{where}: replicas={p.replicas!r} must be an integer >= 1")
+    return p
+
+
+def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a YAML mapping at the top level")
+    known = {"stages", "defaults", "placement_strategy", "max_num_seqs", "max_queue"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+    defaults = _placement(raw.get("defaults") or {}, StagePlacement(), f"{source}: defaults")
+    stages = tuple(
+        _placement(entry or {}, defaults, f"{source}: stages[{i}]") for i, entry in enumerate(raw.get("stages") or [])
+    )
+    strategy = raw.get("placement_strategy", "PACK")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{source}: placement_strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    limits = {k: raw.get(k, getattr(ServingConfig, k)) for k in ("max_num_seqs", "max_queue")}
+    for key, value in limits.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: {key}={value!r} must be an integer >= 1")
+    return ServingConfig(stages, defaults, strategy, source=source, **limits)
+
+
+def load_serving_config(path: str | Path | None = None) -> ServingConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"cluster config {path} not found (see {CONFIG_DIR} for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    return config_from_yaml_dict(raw, str(path))

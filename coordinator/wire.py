@@ -1,0 +1,115 @@
+"""Translating between the gRPC messages (protos/) and the coordinator's requests and results.
+
+Pure functions: a `GenerateRequest` becomes a validated `GenerationRequest` (or a ValueError
+naming the field), finished sequences become responses, and stage logits become scores.
+Nothing here touches the network or the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from protos import poe_serving_pb2 as pb
+from stage_workers.config import ModelConfig
+
+from . import requests as rq
+from .logop import combine, log_probs, normalize
+from .sampling import SamplingParams
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 16
+DEFAULT_K_DRAFT = 3
+
+
+def input_ids(message, tokenizer: Tokenizer, config: ModelConfig) -> list[int]:
+    """`prompt` (tokenized with <|bos|>) or `token_ids` (as-is), checked against vocab and context."""
+    which = message.WhichOneof("input")
+    if which is None:
+        raise ValueError("input: set either prompt or token_ids")
+    ids = tokenizer.encode(message.prompt) if which == "prompt" else list(message.token_ids.ids)
+    return rq.check_prompts(config, ids, name=which)[0]
+
+
+def mode_of(message: pb.GenerateRequest, config: ModelConfig) -> rq.Mode:
+    which = message.WhichOneof("mode")
+    if which in (None, "full"):
+        return rq.full_mode(config)
+    if which == "prefix":
+        return rq.prefix_mode(config, message.prefix.max_stages)
+    if which == "stage":
+        return rq.stage_mode(config, message.stage.stage)
+    if which == "wand":
+        bounds = list(message.wand.p99_bounds) or None
+        return rq.wand_mode(config, message.wand.safety or 1.0, bounds)
+    if which == "speculative":
+        spec = message.speculative
+        return rq.speculative_mode(config, spec.draft_stage, spec.k_draft or DEFAULT_K_DRAFT)
+    stages, weights = list(message.composition.stages), list(message.composition.stage_weights) or None
+    return rq.composition_mode(config, stages, weights)
+
+
+def sampling_of(message: pb.GenerateRequest, mode: rq.Mode) -> SamplingParams | None:
+    if not message.HasField("sampling") or message.sampling.temperature == 0:
+        return None
+    if not isinstance(mode, rq.Composition):
+        raise ValueError("sampling: WAND and speculative modes are greedy; remove sampling or use another mode")
+    s = message.sampling
+    top_p = s.top_p if 0 < s.top_p < 1 else None
+    return rq.check_sampling(True, s.temperature, s.top_k or None, top_p, s.seed if s.HasField("seed") else None)
+
+
+def generation_request(message: pb.GenerateRequest, tokenizer: Tokenizer, config: ModelConfig) -> rq.GenerationRequest:
+    ids = input_ids(message, tokenizer, config)
+    max_new = message.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    rq.check_max_new_tokens(config, len(ids), max_new)
+    mode = mode_of(message, config)
+    stop = rq.check_stop_ids(config, list(message.stop_token_ids), name="stop_token_ids")
+    return rq.GenerationRequest(tuple(ids), max_new, mode, sampling_of(message, mode), stop)
+
+
+def acceptance(seq: Sequence) -> float:
+    return seq.num_accepted / seq.num_proposed if seq.num_proposed else 0.0
+
+
+def generate_response(seq: Sequence, tokenizer: Tokenizer, ttft: float, total: float) -> pb.GenerateResponse:
+    new = seq.new_tokens
+    return pb.GenerateResponse(
+        token_ids=new, text=tokenizer.decode(new), stages_used=seq.stages_used, acceptance_rate=acceptance(seq),
+        finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt, time_to_first_token_s=ttft, total_time_s=total,
+    )
+
+
+class TextStream:
+    """Incremental detokenization: emits only text whose UTF-8 bytes are complete."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
+
+    def push(self, tokens: list[int], final: bool = False) -> str:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
+def score_response(ids: list[int], stage_logits: dict[int, torch.Tensor], config: ModelConfig,
+                   tokenizer: Tokenizer, count_bytes: bool) -> pb.ScoreResponse:
+    """Full-PoE log p of each token after the first, and bits per byte over those tokens."""
+    K = config.num_stages
+    score = combine([log_probs(stage_logits[k][:-1]) for k in range(K)], [1.0] * K, config.poe_alpha)  # (T-1, V)
+    targets = torch.tensor(ids[1:], dtype=torch.long)
+    logprobs = normalize(score).gather(1, targets[:, None])[:, 0].double()
+    bpb = 0.0
+    if count_bytes:
+        enc = tokenizer.encoding
+        nbytes = [0 if t in tokenizer.special_ids or t >= tokenizer.vocab_size else len(enc.decode_single_token_bytes(t))
+                  for t in ids[1:]]
+        counted = torch.tensor(nbytes) > 0
+        if counted.any():
+            bpb = float(-logprobs[counted].sum() / math.log(2) / sum(nbytes))
+    return pb.ScoreResponse(token_logprobs=logprobs.tolist(), bits_per_byte=bpb)

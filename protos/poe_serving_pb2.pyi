@@ -1,0 +1,187 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FullMode(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrefixMode(_message.Message):
+    __slots__ = ("max_stages",)
+    MAX_STAGES_FIELD_NUMBER: _ClassVar[int]
+    max_stages: int
+    def __init__(self, max_stages: _Optional[int] = ...) -> None: ...
+
+class StageMode(_message.Message):
+    __slots__ = ("stage",)
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    def __init__(self, stage: _Optional[int] = ...) -> None: ...
+
+class WandMode(_message.Message):
+    __slots__ = ("safety", "p99_bounds")
+    SAFETY_FIELD_NUMBER: _ClassVar[int]
+    P99_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    safety: float
+    p99_bounds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, safety: _Optional[float] = ..., p99_bounds: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SpeculativeMode(_message.Message):
+    __slots__ = ("draft_stage", "k_draft")
+    DRAFT_STAGE_FIELD_NUMBER: _ClassVar[int]
+    K_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    draft_stage: int
+    k_draft: int
+    def __init__(self, draft_stage: _Optional[int] = ..., k_draft: _Optional[int] = ...) -> None: ...
+
+class CompositionMode(_message.Message):
+    __slots__ = ("stages", "stage_weights")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    STAGE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedScalarFieldContainer[int]
+    stage_weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, stages: _Optional[_Iterable[int]] = ..., stage_weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "token_ids", "max_new_tokens", "full", "prefix", "stage", "wand", "speculative", "composition", "sampling", "stop_token_ids")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    WAND_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    COMPOSITION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    token_ids: TokenIds
+    max_new_tokens: int
+    full: FullMode
+    prefix: PrefixMode
+    stage: StageMode
+    wand: WandMode
+    speculative: SpeculativeMode
+    composition: CompositionMode
+    sampling: Sampling
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., full: _Optional[_Union[FullMode, _Mapping]] = ..., prefix: _Optional[_Union[PrefixMode, _Mapping]] = ..., stage: _Optional[_Union[StageMode, _Mapping]] = ..., wand: _Optional[_Union[WandMode, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeMode, _Mapping]] = ..., composition: _Optional[_Union[CompositionMode, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("token_ids", "text", "stages_used", "acceptance_rate", "finish_reason", "prompt_tokens", "time_to_first_token_s", "total_time_s")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    stages_used: _containers.RepeatedScalarFieldContainer[int]
+    acceptance_rate: float
+    finish_reason: str
+    prompt_tokens: int
+    time_to_first_token_s: float
+    total_time_s: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., acceptance_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("token_ids", "text", "stages_used", "finish_reason", "acceptance_rate")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    stages_used: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: str
+    acceptance_rate: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("prompt", "token_ids")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    token_ids: TokenIds
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("token_logprobs", "bits_per_byte")
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    bits_per_byte: float
+    def __init__(self, token_logprobs: _Optional[_Iterable[float]] = ..., bits_per_byte: _Optional[float] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerPlacement(_message.Message):
+    __slots__ = ("stage", "replica", "first_layer", "last_layer", "device", "dtype", "parameters", "resident_bytes", "kv_cache_tokens")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    replica: int
+    first_layer: int
+    last_layer: int
+    device: str
+    dtype: str
+    parameters: int
+    resident_bytes: int
+    kv_cache_tokens: int
+    def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., parameters: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("stage_layout", "boundary_layers", "vocab_size", "context_length", "parameter_count", "workers", "poe_alpha", "wand_p99_bounds")
+    STAGE_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    POE_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    WAND_P99_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    stage_layout: _containers.RepeatedScalarFieldContainer[int]
+    boundary_layers: _containers.RepeatedScalarFieldContainer[int]
+    vocab_size: int
+    context_length: int
+    parameter_count: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerPlacement]
+    poe_alpha: float
+    wand_p99_bounds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, stage_layout: _Optional[_Iterable[int]] = ..., boundary_layers: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ..., poe_alpha: _Optional[float] = ..., wand_p99_bounds: _Optional[_Iterable[float]] = ...) -> None: ...

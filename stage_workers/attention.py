@@ -1,0 +1,81 @@
+"""Causal sliding-window GQA attention, over a paged KV cache or over a whole sequence.
+
+`CacheAttention` is built once per worker call from its segments: it says where each new
+key is written and, per distinct window, which cached keys each padded query may see. Every
+layer of the call then reuses it. The query heads of one KV head are folded into the query
+axis, so GQA needs no copy of K/V and works on any torch with SDPA. This module knows nothing
+about weights, stages or requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import PagedKVCache
+from .messages import Segment
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Key j is visible to query i iff j <= i and i - j <= window. Shapes broadcast."""
+    return (k_pos <= q_pos) & (q_pos - k_pos <= window)
+
+
+class CacheAttention:
+    def __init__(self, cache: PagedKVCache, segments: list[Segment], windows: set[int], n_head: int):
+        device = cache.k.device
+        self.cache = cache
+        self.B = B = len(segments)
+        self.n_max = n_max = max(s.length for s in segments)
+        self.n_rep = n_head // cache.k.shape[2]  # query heads per KV head
+        starts = torch.tensor([s.start for s in segments], device=device)  # (B,)
+        lengths = torch.tensor([s.length for s in segments], device=device)  # (B,)
+        tables = cache.padded_tables([s.seq_id for s in segments])  # (B, max_blocks)
+
+        r = torch.arange(n_max, device=device)
+        q_valid = r < lengths[:, None]  # (B, n_max)
+        q_pos = starts[:, None] + torch.where(q_valid, r, 0)  # (B, n_max), pads repeat the start
+        self.pad_index = (torch.arange(B, device=device)[:, None] * n_max + r)[q_valid]  # (N,)
+        self.positions = q_pos[q_valid]  # (N,) absolute position of every packed query
+        self.write_slots = cache.slots(tables, q_pos)[q_valid]  # (N,)
+
+        self.plans: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for window in windows:
+            k_lo = (starts - window).clamp(min=0)  # (B,) first key any query of the segment sees
+            k_len = starts + lengths - k_lo  # (B,)
+            j = torch.arange(int(k_len.max()), device=device)
+            k_valid = j < k_len[:, None]  # (B, K)
+            k_pos = k_lo[:, None] + torch.where(k_valid, j, 0)  # (B, K)
+            mask = k_valid[:, None, :] & window_mask(q_pos[:, :, None], k_pos[:, None, :], window)
+            mask |= ~q_valid[:, :, None] & (j == 0)  # a padded query sees one key: no NaN rows
+            mask = mask.repeat(1, self.n_rep, 1).unsqueeze(1)  # (B, 1, G*n_max, K)
+            self.plans[window] = (cache.slots(tables, k_pos), mask)  # gather (B, K), mask
+
+    def attend(self, layer: int, window: int, q, k, v) -> torch.Tensor:
+        """q: (N, H, D); k, v: (N, Hkv, D) for the new positions. Returns (N, H*D)."""
+        N, H, D = q.shape
+        Hkv, G, B, n_max = k.shape[1], self.n_rep, self.B, self.n_max
+        self.cache.k[layer][self.write_slots] = k
+        self.cache.v[layer][self.write_slots] = v
+        gather, mask = self.plans[window]
+        keys = self.cache.k[layer][gather].transpose(1, 2)  # (B, Hkv, K, D)
+        values = self.cache.v[layer][gather].transpose(1, 2)  # (B, Hkv, K, D)
+        if B == 1:
+            padded = q.unsqueeze(0)  # (1, n_max, H, D)
+        else:
+            padded = q.new_zeros(B * n_max, H, D).index_copy_(0, self.pad_index, q).view(B, n_max, H, D)
+        queries = padded.view(B, n_max, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * n_max, D)
+        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)  # (B, Hkv, G*n_max, D)
+        y = y.view(B, Hkv, G, n_max, D).permute(0, 3, 1, 2, 4).reshape(B * n_max, H * D)
+        return y if B == 1 else y[self.pad_index]
+
+
+def sequence_attention(q, k, v, window: int) -> torch.Tensor:
+    """Whole sequences, no cache (training). q: (B, T, H, D); k, v: (B, T, Hkv, D) -> (B, T, H*D)."""
+    B, T, H, D = q.shape
+    pos = torch.arange(T, device=q.device)
+    mask = window_mask(pos[:, None], pos[None, :], window)  # (T, T)
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    v = v.repeat_interleave(H // v.shape[2], dim=2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, T, H * D)

@@ -1,0 +1,80 @@
+"""A worker's paged KV cache: one preallocated pool shared by all its live sequences.
+
+Layout, written once:
+    k, v:  (num_layers, num_blocks * block_size, Hkv, D)   a flat pool of slots per layer
+    slot of (seq, position p) = block_tables[seq][p // block_size] * block_size + p % block_size
+A sequence owns whole blocks; its length is how many positions hold valid keys. This class
+knows nothing about attention masks, stages or requests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCacheFull(RuntimeError):
+    """Raised when a sequence needs more blocks than the pool has free."""
+
+
+class PagedKVCache:
+    def __init__(self, num_layers, num_blocks, block_size, n_kv_head, head_dim, dtype, device):
+        assert num_blocks >= 1 and block_size >= 1, "the KV pool needs at least one block"
+        shape = (num_layers, num_blocks * block_size, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.block_tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def length(self, seq_id: int) -> int:
+        return self.lengths.get(seq_id, 0)
+
+    def blocks_needed(self, seq_id: int, new_length: int) -> int:
+        """Blocks a sequence must still take to hold positions 0..new_length-1."""
+        return max(-(-new_length // self.block_size) - len(self.block_tables.get(seq_id, [])), 0)
+
+    def reserve(self, seq_id: int, new_length: int) -> None:
+        """Own enough blocks for positions 0..new_length-1 and record the new length."""
+        need = self.blocks_needed(seq_id, new_length)
+        if need > len(self._free):
+            raise KVCacheFull(
+                f"KV cache full: sequence {seq_id} needs {need} more blocks of {self.block_size} "
+                f"positions, {len(self._free)} of {self.num_blocks} are free"
+            )
+        self.block_tables.setdefault(seq_id, []).extend(self._free.pop() for _ in range(need))
+        self.lengths[seq_id] = new_length
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget positions >= length; blocks past the new end go back to the pool."""
+        table = self.block_tables.get(seq_id, [])
+        keep = -(-length // self.block_size)
+        while len(table) > keep:
+            self._free.append(table.pop())
+        if seq_id in self.lengths:
+            self.lengths[seq_id] = min(self.lengths[seq_id], length)
+
+    def free(self, seq_id: int) -> None:
+        self._free.extend(reversed(self.block_tables.pop(seq_id, [])))
+        self.lengths.pop(seq_id, None)
+
+    def padded_tables(self, seq_ids: list[int]) -> torch.Tensor:
+        """(B, max_blocks) int64 block ids, padded with block 0."""
+        tables = [self.block_tables[s] for s in seq_ids]
+        width = max(len(t) for t in tables)
+        rows = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.k.device)
+
+    def slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tables: (B, max_blocks); positions: (B, P) valid positions. Returns (B, P) slots."""
+        blocks = tables.gather(1, torch.div(positions, self.block_size, rounding_mode="floor"))
+        return blocks * self.block_size + positions % self.block_size

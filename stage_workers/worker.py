@@ -1,0 +1,150 @@
+"""`StageWorker`: one stage's slice of the trunk, its head and its KV cache, without Ray.
+
+The worker interface is four verbs: `extend` a batch of sequences by new positions (prefill,
+decode, catch-up and verification are all extends), returning the boundary state for the next
+stage and this stage's logits where asked; `rollback` a sequence to a length; `free` it; and
+`info`. The in-process engine and the Ray actor both call exactly these. The worker knows
+nothing about modes, Log-OP or other workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .attention import CacheAttention
+from .checkpoint import CheckpointReader
+from .config import ModelConfig, load_config
+from .kv_cache import KVCacheFull, PagedKVCache
+from .messages import ExtendBatch, ExtendResult, WorkerInfo
+from .stage_slice import StageSlice, load_stage_slice
+from .trunk import rotary_tables
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    """None picks bf16 on CUDA and fp32 elsewhere (CPU bf16 matmuls are slow without AVX512)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    key = DTYPE_ALIASES.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; allowed: {', '.join([*DTYPES, *DTYPE_ALIASES])}")
+    return DTYPES[key]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Where and how one stage worker runs; built from the serving config."""
+
+    stage: int
+    device: str = "cpu"
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    kv_cache_tokens: int | None = None  # KV pool size in positions; None: 8 * sequence_len
+    kv_block_size: int = 16
+    num_threads: int | None = None  # torch intra-op threads for a CPU worker; None leaves torch's default
+
+
+class StageWorker:
+    def __init__(self, config: ModelConfig, spec: WorkerSpec, stage_slice: StageSlice):
+        self.config, self.spec, self.stage = config, spec, spec.stage
+        self.device = torch.device(spec.device)
+        self.dtype = resolve_dtype(spec.dtype, spec.device)
+        self.slice = stage_slice
+        tokens = spec.kv_cache_tokens or 8 * config.sequence_len
+        self.cache = PagedKVCache(
+            num_layers=len(stage_slice.layers),
+            num_blocks=-(-tokens // spec.kv_block_size),
+            block_size=spec.kv_block_size,
+            n_kv_head=config.n_kv_head,
+            head_dim=config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.cos, self.sin = rotary_tables(config, self.dtype, self.device)  # (sequence_len, D/2)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, spec: WorkerSpec) -> "StageWorker":
+        """Read config.json and only this stage's tensors."""
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        config = load_config(checkpoint_dir)
+        if not 0 <= spec.stage < config.num_stages:
+            raise ValueError(f"stage {spec.stage} is out of range; the checkpoint has stages 0..{config.num_stages - 1}")
+        dtype = resolve_dtype(spec.dtype, spec.device)
+        with CheckpointReader(checkpoint_dir, config) as reader:
+            stage_slice = load_stage_slice(reader, spec.stage, dtype, spec.device)
+        return cls(config, spec, stage_slice)
+
+    # ---- the worker interface --------------------------------------------------------------
+    @torch.inference_mode()
+    def extend(self, batch: ExtendBatch) -> ExtendResult:
+        self._check(batch)
+        old = {seg.seq_id: self.cache.length(seg.seq_id) for seg in batch.segments}
+        for seg in batch.segments:
+            self.cache.reserve(seg.seq_id, seg.start + seg.length)
+        try:
+            batch = self._to_device(batch)
+            attention = CacheAttention(self.cache, batch.segments, self.slice.windows, self.config.n_head)
+            pos = attention.positions
+            return self.slice(batch, attention, self.cos[pos], self.sin[pos])
+        except BaseException:
+            for seq_id, length in old.items():
+                self.cache.truncate(seq_id, length)
+            raise
+
+    def rollback(self, seq_id: int, length: int) -> None:
+        self.cache.truncate(seq_id, length)
+
+    def free(self, seq_id: int) -> None:
+        self.cache.free(seq_id)
+
+    def info(self) -> WorkerInfo:
+        params = sum(p.numel() for p in self.slice.parameters())
+        weight_bytes = sum(p.nbytes for p in self.slice.parameters())
+        return WorkerInfo(
+            stage=self.stage,
+            layers=(self.slice.layer_ids[0], self.slice.layer_ids[-1]),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            num_parameters=params,
+            kv_block_size=self.cache.block_size,
+            kv_num_blocks=self.cache.num_blocks,
+            kv_free_blocks=self.cache.num_free_blocks,
+            resident_bytes=weight_bytes + self.cache.nbytes,
+        )
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _check(self, batch: ExtendBatch) -> None:
+        where = f"stage {self.stage} worker"
+        assert batch.segments, f"{where}: extend called with no segments"
+        assert (batch.trunk is None) == (self.stage == 0), f"{where}: trunk state must come from upstream iff stage > 0"
+        assert (batch.prev_token_ids is None) != (self.stage == 0), f"{where}: prev_token_ids go to stage 0 only"
+        assert len({s.seq_id for s in batch.segments}) == len(batch.segments), f"{where}: a sequence appears twice"
+        for seg in batch.segments:
+            cached = self.cache.length(seg.seq_id)
+            assert seg.start == cached, f"{where}: sequence {seg.seq_id} extends at {seg.start} but has {cached} cached"
+            assert seg.length >= 1 and 0 <= seg.num_heads <= seg.length, f"{where}: bad segment {seg}"
+            assert seg.start + seg.length <= self.config.sequence_len, (
+                f"{where}: sequence {seg.seq_id} would exceed the context of {self.config.sequence_len} positions"
+            )
+        needed = sum(self.cache.blocks_needed(s.seq_id, s.start + s.length) for s in batch.segments)
+        if needed > self.cache.num_free_blocks:
+            raise KVCacheFull(
+                f"{where}: KV cache full: the batch needs {needed} blocks, {self.cache.num_free_blocks} "
+                f"of {self.cache.num_blocks} are free"
+            )
+
+    def _to_device(self, batch: ExtendBatch) -> ExtendBatch:
+        trunk = None if batch.trunk is None else batch.trunk.to(self.device, self.dtype)
+        return ExtendBatch(
+            segments=batch.segments,
+            token_ids=batch.token_ids.to(self.device),
+            prev_token_ids=None if batch.prev_token_ids is None else batch.prev_token_ids.to(self.device),
+            trunk=trunk,
+        )

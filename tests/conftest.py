@@ -1,0 +1,50 @@
+"""Shared fixtures: random checkpoints written once per session, and models loaded from them.
+
+Checkpoints are made by the project's writer with the `tiny` preset and overrides, so every
+variant (layout, heads, dtype, name prefix, shards, short windows) runs the real loading code.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from checkpoints.writer import init_checkpoint
+
+# name -> init_checkpoint keyword arguments
+VARIANTS = {
+    # the default: tiny preset, fp32, short window 16 so 40-token prompts cross it
+    "tiny": dict(seed=0, short_window=16),
+    # another layout and head count, GQA 3:1, HF-free canonical keys, model. prefix, sharded
+    "wide": dict(seed=1, n_layer=6, poe_stage_layout=[3, 1, 1, 1], n_embd=96, n_head=6, n_kv_head=2,
+                 short_window=24, window_pattern="SL", name_prefix="model.", max_shard_bytes=120_000),
+    # no GQA, poe_alpha != 0, three stages
+    "alpha": dict(seed=2, n_layer=5, poe_stage_layout=[2, 2, 1], n_head=2, n_kv_head=2, poe_alpha=0.5,
+                  short_window=12),
+    # stored in bf16 (served in fp32 by default)
+    "bf16": dict(seed=3, dtype="bf16", short_window=16),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = init_checkpoint(root / name, "tiny", **VARIANTS[name])
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(checkpoint_dirs):
+    return checkpoint_dirs("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from coordinator import PoEModel
+
+    return PoEModel.from_pretrained(tiny_dir)

@@ -1,0 +1,86 @@
+"""The pure math: Log-OP, sampling filters, and the WAND rule and its calibration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coordinator.logop import combine, log_probs, normalize, top2_margin
+from coordinator.sampling import SamplingParams, filtered_logits, make_generator, sample
+from coordinator.wand import bounds_from_gaps, exit_gaps, should_exit
+
+
+def random_logprobs(*shape, seed=0):
+    return log_probs(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3)
+
+
+def test_logop_is_the_weighted_geometric_mean_at_alpha_zero():
+    a, b = random_logprobs(5, 11, seed=1), random_logprobs(5, 11, seed=2)
+    assert torch.allclose(combine([a, b], [1.0, 3.0], 0.0), (a + 3 * b) / 4)
+    assert torch.allclose(combine([a, b], [1.0, 3.0], 1.0), a + 3 * b)
+    assert torch.allclose(combine([a, b], [2.0, 2.0], 0.5), (2 * a + 2 * b) / 2.0)
+
+
+def test_normalize_gives_log_probabilities_with_the_same_ranking():
+    score = combine([random_logprobs(3, 7, seed=3), random_logprobs(3, 7, seed=4)], [1, 1], 0.0)
+    lp = normalize(score)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(3))
+    assert torch.equal(lp.argmax(-1), score.argmax(-1))
+
+
+def test_top2_margin():
+    assert top2_margin(torch.tensor([0.0, 3.0, 1.5])).item() == pytest.approx(1.5)
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    lp = random_logprobs(50, seed=5)
+    kept = torch.isfinite(filtered_logits(lp, SamplingParams(top_k=7)))
+    assert kept.sum() == 7 and set(kept.nonzero().flatten().tolist()) == set(lp.topk(7).indices.tolist())
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    lp = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(filtered_logits(lp, SamplingParams(top_p=0.7))).tolist() == [True, True, False, False]
+    assert torch.isfinite(filtered_logits(lp, SamplingParams(top_p=0.5))).tolist() == [True, False, False, False]
+    assert torch.isfinite(filtered_logits(lp, SamplingParams(top_p=0.01))).sum() == 1
+
+
+def test_sampling_is_reproducible_with_a_seed_and_follows_the_distribution():
+    lp = torch.log(torch.tensor([0.1, 0.6, 0.3]))
+    draws = lambda seed: [sample(lp, SamplingParams(), g) for g in [make_generator(seed)] for _ in range(2000)]  # noqa: E731
+    first = draws(7)
+    assert first == draws(7)
+    freq = torch.bincount(torch.tensor(first), minlength=3).float() / len(first)
+    assert torch.allclose(freq, torch.tensor([0.1, 0.6, 0.3]), atol=0.04)
+
+
+def test_low_temperature_sampling_is_greedy():
+    lp = random_logprobs(100, seed=8)
+    g = make_generator(0)
+    assert all(sample(lp, SamplingParams(temperature=1e-4), g) == int(lp.argmax()) for _ in range(20))
+
+
+def test_wand_rule():
+    score = torch.tensor([0.0, 2.0, 1.0])  # margin 1.0
+    assert should_exit(score, 0, 4, bound=0.9, safety=1.0)
+    assert not should_exit(score, 0, 4, bound=0.9, safety=2.0)
+    assert not should_exit(score, 1, 4, bound=math.inf, safety=1.0)
+    assert should_exit(score, 3, 4, bound=math.inf, safety=1.0)  # the last stage always emits
+
+
+def test_exit_gaps_guarantee_the_full_argmax():
+    lps = [random_logprobs(200, 30, seed=s) for s in range(3)]
+    full = combine(lps, [1, 1, 1], 0.0)
+    prefix = combine(lps[:1], [1], 0.0)
+    gaps = exit_gaps(prefix, full)
+    assert (gaps >= 0).all()
+    safe = top2_margin(prefix) > gaps  # margin above U_j: the prefix argmax is the full argmax
+    assert torch.equal(prefix.argmax(-1)[safe], full.argmax(-1)[safe])
+    assert torch.equal(exit_gaps(full, full), torch.zeros(200))
+
+
+def test_bounds_are_the_quantile_and_the_last_stage_is_zero():
+    gaps = [torch.arange(101.0), torch.arange(101.0) * 2, torch.zeros(101)]
+    assert bounds_from_gaps(gaps, 0.99) == [pytest.approx(99.0), pytest.approx(198.0), 0.0]

@@ -1,0 +1,1 @@
+"""Training the embedded default checkpoint with the residual Log-OP local-learning objective."""
