@@ -48,3 +48,14 @@ def tiny_model(tiny_dir):
     from coordinator import PoEModel
 
     return PoEModel.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session; clusters join it and leave it running."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
