@@ -1,6 +1,6 @@
 """`poe-serve`: the command line. Each subcommand parses its flags and calls one module.
 
-Subcommands: init-checkpoint, generate, calibrate, serve, demo, train. The CLI holds no model logic; errors from
+Subcommands: init-checkpoint, generate, calibrate, serve, demo, bench, train. The CLI holds no model logic; errors from
 bad flags or inputs are printed as one line and exit with status 2.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,8 +146,6 @@ def cmd_init_checkpoint(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import os
-
     from coordinator.cluster import PoECluster
     from coordinator.server import Server
     from coordinator.tokenizer import load_tokenizer
@@ -169,6 +168,21 @@ def cmd_demo(args) -> None:
     from coordinator.demo import run_demo
 
     run_demo(Path(args.checkpoint or default_checkpoint()), config=args.config, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_bench(args) -> None:
+    from checkpoints.writer import init_checkpoint
+    from coordinator.bench import BenchConfig, run_bench
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:  # the small preset, written once into the user's cache
+        checkpoint = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "poe-serve" / "small"
+        if not (checkpoint / "config.json").is_file():
+            init_checkpoint(checkpoint, "small", seed=0)
+    cfg = BenchConfig(checkpoint=str(checkpoint), trained=str(args.trained or default_checkpoint()), config=args.config,
+                      prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                      concurrency=tuple(int(c) for c in args.concurrency.split(",")))
+    run_bench(cfg, json_out=args.json, plot_out=args.plot)
 
 
 def cmd_train(args) -> None:
@@ -222,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="cluster config YAML (default: cluster_configs/local-cpu.yaml)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="measure throughput, latency, memory, speculation and WAND in one run")
+    p.add_argument("--checkpoint", help="model to time (default: the small preset, written to ~/.cache/poe-serve)")
+    p.add_argument("--trained", help="model of the speculative/WAND figures (default: the embedded trained model)")
+    p.add_argument("--config", help="cluster config YAML (default: cluster_configs/local-cpu.yaml)")
+    p.add_argument("--prompt-len", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write a tok/s-against-concurrency PNG here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train the embedded default checkpoint (about an hour on 2 cores)")
     p.add_argument("--out", required=True, help="output checkpoint directory")

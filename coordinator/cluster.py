@@ -49,6 +49,14 @@ class StageActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def rss_bytes(self) -> int:
+        """Resident memory of this worker process (Linux /proc; 0 where unavailable)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
 
 class RemoteWorker:
     """The worker interface over an actor. Rollback and free need no reply: an actor runs one
@@ -117,6 +125,10 @@ class PoECluster(PoEModel):
             raise RuntimeError(f"a stage worker failed to start: {exc}") from None
         model.serving_config, model.placement_group, model.actors, model.owns_ray = serving, group, actors, owns_ray
         return model
+
+    def worker_rss(self) -> list[int]:
+        """Resident bytes of each stage worker's process, in stage order."""
+        return ray.get([a.rss_bytes.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         for actor in self.actors:

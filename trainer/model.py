@@ -6,11 +6,15 @@ log p_j and Log-OP weights 1:
 
     L_res(k)   = CE( normalize( logop( sg(log p_0), ..., sg(log p_{k-1}), log p_k ) ) )
     L_local(k) = CE( log p_k )
-    L          = (1/K) * sum_k ( L_res(k) + L_local(k) ) / 2
+    L          = (1/K) * sum_k ( L_res(k) + lam * L_local(k) * [k > 0] )
 
 `sg` stops the gradient: earlier experts' contributions are held fixed for stage k's loss, so
-stage k learns residual evidence relative to their product, while its local term keeps it a
-usable next-token predictor on its own. Trunk layers receive gradients from every stage whose
+stage k learns residual evidence relative to their product, and the prefix 0..k is a usable
+next-token predictor at every k (stage 0's residual term is its own local loss). `lam`
+(`local_weight`, default 0) optionally also pulls each later stage towards being a predictor on
+its own; it trades against the full product, because experts that all learn the same
+distribution have nothing to add to each other (a run with lam = 1 ended with the full PoE
+slightly worse than its last stage). Trunk layers receive gradients from every stage whose
 boundary lies at or above them. This module knows nothing about data or checkpoints on disk.
 """
 
@@ -87,7 +91,7 @@ class TrainablePoE(nn.Module):
                 outputs.append(stage_logits(z, self.lm_head + self.stage_heads[k], config.logit_softcap))
         return outputs
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, local_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual Log-OP loss (see the module docstring). Returns (loss, (K,) detached local CE)."""
         lps = [torch.log_softmax(z, dim=-1) for z in self.stage_logits(idx)]  # K x (B, T, V)
         K, alpha = len(lps), self.config.poe_alpha
@@ -97,7 +101,7 @@ class TrainablePoE(nn.Module):
             parts = [lp.detach() for lp in lps[:k]] + [lps[k]]
             residual = nll(normalize(combine(parts, [1.0] * (k + 1), alpha)))
             own = nll(lps[k])
-            total = total + (residual + own) / 2
+            total = total + residual + (local_weight * own if k > 0 else 0.0)
             local.append(own.detach())
         return total / K, torch.stack(local)
 

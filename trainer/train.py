@@ -9,6 +9,7 @@ with a loss-curve plot. Progress is shown throughout. This module knows the reci
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import time
@@ -39,6 +40,7 @@ class TrainConfig:
     n_head: int = 4
     n_kv_head: int = 2
     sequence_len: int = 512
+    local_weight: float = 0.0  # weight of each later stage's own CE (trainer/model.py)
     lr: float = 3e-3
     warmup_steps: int = 50
     final_lr_frac: float = 0.1
@@ -91,7 +93,8 @@ def train(cfg: TrainConfig) -> Path:
     model = TrainablePoE(config)
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
+    loss = functools.partial(model.loss, local_weight=cfg.local_weight)
+    loss_fn = torch.compile(loss) if cfg.compile else loss
     data = batches(train_stream, cfg.batch_size, cfg.sequence_len, torch.Generator().manual_seed(cfg.seed + 1))
     eval_data = batches(eval_stream, 8, cfg.sequence_len, torch.Generator().manual_seed(cfg.seed + 2))
     eval_batches = [next(eval_data) for _ in range(4)]

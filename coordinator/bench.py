@@ -1,0 +1,290 @@
+"""`poe-serve bench`: speed and memory of every serving path, measured in one run.
+
+Sections, in order (each a dict in the JSON report):
+- `floor`: memory bandwidth measured here and the single-stream ceiling it implies (every
+  weight byte is read once per decode step: tok/s <= bandwidth / weight bytes).
+- `single_stream`: decode tok/s of `PoEModel` (full, prefix(1), speculative) and of
+  `PoECluster` (full, speculative) on one prompt, their ratio, and the per-token pipeline
+  overhead in ms (cluster ms/token - in-process ms/token).
+- `transport`: microseconds per token through four Ray actors for each transport
+  (`coordinator.transport_bench`).
+- `concurrency`: at each level, that many concurrent streaming gRPC requests against a server
+  over `PoECluster`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
+  workers' peak resident memory.
+- `speculative` and `wand` on the trained checkpoint: speedup and acceptance against full
+  greedy (same tokens asserted), WAND's mean evaluated layers per token and token agreement.
+Timings are wall-clock on this machine; compare ratios within one report only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .progress import Progress
+
+
+CODE_PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
+                "class Stack:\n    def __init__(self):\n", "for i in range(10):\n")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    checkpoint: str  # the model timed in single_stream and concurrency
+    trained: str  # the model of the speculative and WAND figures
+    config: str | None = None  # cluster config for PoECluster
+    prompt_len: int = 48
+    new_tokens: int = 32
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    transport_tokens: int = 200
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes read + written per second by a large tensor copy, best of `repeats`."""
+    src = torch.ones(megabytes << 18)  # fp32
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def prompt_rows(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def tokens_per_second(fn, new_tokens: int) -> float:
+    fn()  # warm-up (first-call allocations)
+    t0 = time.perf_counter()
+    fn()
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def single_stream(model, ids: torch.Tensor, n: int, modes: tuple[str, ...]) -> dict[str, float]:
+    calls = {
+        "full": lambda: model.generate(ids, n),
+        "prefix1": lambda: model.generate_prefix(ids, 1, n),
+        "speculative": lambda: model.generate_speculative(ids, 0, 3, n),
+    }
+    return {m: tokens_per_second(calls[m], n) for m in modes}
+
+
+def concurrency_level(address: str, level: int, prompts: list[list[int]], n: int, cluster) -> dict:
+    from .client import PoEClient
+
+    latencies, ttfts, errors, tokens = [], [], [], 0
+    lock = threading.Lock()
+    peak_rss = [0]
+
+    def one(i: int) -> None:
+        nonlocal tokens
+        t0 = time.perf_counter()
+        first, count = None, 0
+        try:
+            with PoEClient(address, timeout=600) as client:
+                for chunk in client.stream(token_ids=prompts[i % len(prompts)], max_new_tokens=n):
+                    if chunk.token_ids and first is None:
+                        first = time.perf_counter() - t0
+                    count += len(chunk.token_ids)
+        except Exception as exc:  # counted and reported, never fatal to the benchmark
+            with lock:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+            ttfts.append(first if first is not None else latencies[-1])
+            tokens += count
+
+    stop = threading.Event()
+
+    def watch_memory() -> None:
+        while not stop.wait(0.2):
+            peak_rss[0] = max(peak_rss[0], sum(cluster.worker_rss()))
+
+    watcher = threading.Thread(target=watch_memory, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(level)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    ok = bool(latencies)
+    return {
+        "concurrency": level, "requests_ok": len(latencies), "errors": len(errors), "first_error": errors[:1],
+        "aggregate_tok_s": tokens / elapsed,
+        "latency_p50_s": percentile(latencies, 0.5) if ok else None,
+        "latency_p99_s": percentile(latencies, 0.99) if ok else None,
+        "ttft_p50_s": percentile(ttfts, 0.5) if ok else None,
+        "ttft_p99_s": percentile(ttfts, 0.99) if ok else None,
+        "workers_peak_rss_mib": peak_rss[0] / 2**20,
+    }
+
+
+def speculative_and_wand(trained: str, prompts: torch.Tensor, n: int) -> tuple[dict, dict]:
+    from .model import PoEModel
+
+    model = PoEModel.from_pretrained(trained)
+    config = model.config
+    full_t = spec_t = 0.0
+    spec_rates, agree, total, layers = [], 0, 0, []
+    layers_at = [b + 1 for b in config.stage_boundaries]
+    same = True
+    for row in prompts:
+        ids = row[None]
+        model.generate(ids, 2)  # warm-up of this prompt's shapes
+        t0 = time.perf_counter()
+        full = model.generate(ids, n)
+        full_t += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        spec, rate = model.generate_speculative(ids, 0, 3, n, return_acceptance=True)
+        spec_t += time.perf_counter() - t0
+        same &= torch.equal(spec, full)
+        spec_rates.append(rate)
+        wand, used = model.generate_wand(ids, n, safety=1.0, return_stages_used=True)
+        agree += int((wand[0, -n:] == full[0, -n:]).sum())
+        total += n
+        layers += [layers_at[s] for s in used[0].tolist()]
+    spec = {"checkpoint": trained, "draft_stage": 0, "k_draft": 3, "same_tokens_as_full": same,
+            "acceptance": statistics.mean(spec_rates), "speedup": full_t / spec_t,
+            "full_tok_s": total / full_t, "speculative_tok_s": total / spec_t}
+    wand = {"checkpoint": trained, "safety": 1.0, "p99_bounds": list(config.wand_p99_bounds or []),
+            "token_agreement_with_full": agree / total, "mean_layers_per_token": statistics.mean(layers),
+            "layers_full": config.n_layer}
+    return spec, wand
+
+
+def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | None = None) -> dict:
+    from .cluster import PoECluster
+    from .model import PoEModel
+    from .server import Server
+    from .tokenizer import load_tokenizer
+    from .transport_bench import measure
+
+    steps = 4 + len(cfg.concurrency)
+    progress = Progress(steps, "bench", unit=" sections")
+    report: dict = {"bench_config": asdict(cfg), "machine": {
+        "platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
+        "python": sys.version.split()[0]}}
+
+    model = PoEModel.from_pretrained(cfg.checkpoint)
+    config = model.config
+    ids = prompt_rows(config.vocab_size, 1, cfg.prompt_len, seed=0)
+    weights = sum(p.nbytes for w in model.workers for p in w.slice.parameters())
+    bw = memory_bandwidth_gbs()
+    report["floor"] = {"memory_bandwidth_gbs": bw, "weight_bytes": weights,
+                       "single_stream_ceiling_tok_s": bw * 1e9 / weights}
+    progress.update(1, note="floor")
+
+    local = single_stream(model, ids, cfg.new_tokens, ("full", "prefix1", "speculative"))
+    progress.update(1, note="PoEModel")
+    with PoECluster.launch(cfg.checkpoint, config=cfg.config) as cluster:
+        remote = single_stream(cluster, ids, cfg.new_tokens, ("full", "speculative"))
+        report["single_stream"] = {
+            "checkpoint": cfg.checkpoint, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+            "poe_model_tok_s": local, "poe_cluster_tok_s": remote,
+            "cluster_over_model_full": remote["full"] / local["full"],
+            "pipeline_overhead_ms_per_token": 1000 / remote["full"] - 1000 / local["full"],
+        }
+        progress.update(1, note="PoECluster")
+        report["transport"] = {"n_embd": config.n_embd, "vocab_size": config.vocab_size,
+                               "us_per_token": measure(config.n_embd, config.vocab_size, tokens=cfg.transport_tokens)}
+        progress.update(1, note="transport")
+
+        server = Server(cluster, load_tokenizer(cfg.checkpoint), port=0, max_queue=max(cfg.concurrency) * 2)
+        prompts = [row.tolist() for row in prompt_rows(config.vocab_size, max(cfg.concurrency), cfg.prompt_len, seed=1)]
+        try:
+            levels = []
+            for level in cfg.concurrency:
+                levels.append(concurrency_level(server.address, level, prompts, cfg.new_tokens, cluster))
+                progress.update(1, note=f"{level} concurrent")
+        finally:
+            server.stop()
+    single = levels[0]["aggregate_tok_s"] if levels and levels[0]["concurrency"] == 1 else None
+    for row in levels:
+        row["over_single_stream"] = row["aggregate_tok_s"] / single if single else None
+    report["concurrency"] = levels
+
+    tok = load_tokenizer(cfg.trained)
+    code = [tok.encode(p) for p in CODE_PROMPTS]
+    width = min(len(c) for c in code)
+    trained_prompts = torch.tensor([c[:width] for c in code])  # (4, width): real code, equal lengths
+    report["speculative"], report["wand"] = speculative_and_wand(cfg.trained, trained_prompts, cfg.new_tokens * 2)
+    progress.update(1, note="speculative + WAND")
+
+    print(render(report))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    if plot_out:
+        plot_concurrency(report, plot_out)
+    return report
+
+
+def render(r: dict) -> str:
+    s, f = r["single_stream"], r["floor"]
+    lines = [
+        f"memory bandwidth {f['memory_bandwidth_gbs']:.1f} GB/s, weights {f['weight_bytes'] / 2**20:.1f} MiB "
+        f"-> single-stream ceiling {f['single_stream_ceiling_tok_s']:.0f} tok/s",
+        "single stream (tok/s):  " + "  ".join(f"PoEModel {k} {v:.1f}" for k, v in s["poe_model_tok_s"].items()),
+        "                        " + "  ".join(f"PoECluster {k} {v:.1f}" for k, v in s["poe_cluster_tok_s"].items()),
+        f"PoECluster / PoEModel (full): {s['cluster_over_model_full']:.2f}x; pipeline overhead "
+        f"{s['pipeline_overhead_ms_per_token']:.1f} ms/token",
+        "transport through 4 actors (us/token): " + "  ".join(
+            f"{k} {v:.0f}" for k, v in r["transport"]["us_per_token"].items()),
+        "",
+        f"{'concurrent':>10} {'tok/s':>8} {'x single':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} {'ttft99':>7} {'errors':>6} {'RSS MiB':>8}",
+    ]
+    for row in r["concurrency"]:
+        fmt = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
+        lines.append(f"{row['concurrency']:>10} {row['aggregate_tok_s']:8.1f} {row['over_single_stream'] or 0:8.2f} "
+                     f"{fmt(row['latency_p50_s'])} {fmt(row['latency_p99_s'])} {fmt(row['ttft_p50_s'])} "
+                     f"{fmt(row['ttft_p99_s'])} {row['errors']:>6} {row['workers_peak_rss_mib']:8.0f}")
+    sp, w = r["speculative"], r["wand"]
+    lines += [
+        "",
+        f"speculative (stage 0, k=3, trained): {sp['speedup']:.2f}x full greedy, acceptance {sp['acceptance']:.2f}, "
+        f"same tokens: {sp['same_tokens_as_full']}",
+        f"WAND (safety 1.0, trained): {w['mean_layers_per_token']:.2f} of {w['layers_full']} layers per token, "
+        f"agreement with full {w['token_agreement_with_full']:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+def plot_concurrency(report: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["concurrency"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["concurrency"] for r in rows], [r["aggregate_tok_s"] for r in rows], "o-", label="PoECluster via gRPC")
+    ax.axhline(report["single_stream"]["poe_model_tok_s"]["full"], ls="--", color="gray", label="PoEModel single stream")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("aggregate decode tok/s")
+    ax.set_title("poe-serve: throughput against concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)

@@ -1,0 +1,203 @@
+"""The gRPC front end to end: every mode, streaming and scoring through a real channel.
+
+The server runs over one model (in-process, and on the session's Ray instance); a separate
+in-process `PoEModel` on the same checkpoint is the reference. Tokens must be identical,
+scores within 1e-4, and concurrent calls must each get the tokens they get alone.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from coordinator import PoEModel, load_tokenizer
+from coordinator.client import PoEClient, build_request
+from coordinator.server import SERVICE_NAME, Server
+from protos import poe_serving_pb2 as pb
+
+BOUNDS = [0.6, 0.6, 0.6, 0.0]
+# name -> (client kwargs, reference call on a (1, T) prompt tensor)
+MODES = {
+    "full": (dict(mode="full"), lambda m, ids, n: m.generate(ids, n)),
+    "prefix": (dict(mode="prefix", max_stages=2), lambda m, ids, n: m.generate_prefix(ids, 2, n)),
+    "stage": (dict(mode="stage", stage=1), lambda m, ids, n: m.generate_stage(ids, 1, n)),
+    "composition": (dict(mode="composition", stages=[3, 0], stage_weights=[1.0, 0.5]),
+                    lambda m, ids, n: m.generate_parallel_composition(ids, [3, 0], [1.0, 0.5], n)),
+    "wand": (dict(mode="wand", safety=1.0, p99_bounds=BOUNDS),
+             lambda m, ids, n: m.generate_wand(ids, n, 1.0, BOUNDS)),
+    "speculative": (dict(mode="speculative", draft_stage=0, k_draft=3),
+                    lambda m, ids, n: m.generate_speculative(ids, 0, 3, n)),
+    "sampled": (dict(mode="full", temperature=0.8, top_k=50, top_p=0.9, seed=7),
+                lambda m, ids, n: m.generate(ids, n, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=7)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    return PoEModel.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def client(request, tiny_dir):
+    """A client connected to a fresh server on a free loopback port."""
+    if request.param == "local":
+        model = PoEModel.from_pretrained(tiny_dir)
+        server = Server(model, load_tokenizer(tiny_dir), port=0)
+        yield PoEClient(server.address, timeout=120)
+        server.stop()
+        return
+    request.getfixturevalue("ray_session")
+    from coordinator.cluster import PoECluster
+
+    with PoECluster.launch(tiny_dir) as cluster:
+        server = Server(cluster, load_tokenizer(tiny_dir), port=0)
+        yield PoEClient(server.address, timeout=120)
+        server.stop()
+
+
+def prompt_ids(seed: int, length: int = 30) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 500, (length,), generator=g).tolist()
+
+
+def expected_new(reference, mode: str, ids: list[int], n: int) -> list[int]:
+    out = MODES[mode][1](reference, torch.tensor([ids]), n)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_generate_matches_the_in_process_model(client, reference, tokenizer, mode):
+    ids = prompt_ids(seed=len(mode))
+    response = client.generate(token_ids=ids, max_new_tokens=9, **MODES[mode][0])
+    assert list(response.token_ids) == expected_new(reference, mode, ids, 9)
+    assert response.finish_reason == "length" and response.prompt_tokens == len(ids)
+    assert response.text == tokenizer.decode(list(response.token_ids))
+    if mode == "wand":
+        _, used = reference.generate_wand(torch.tensor([ids]), 9, 1.0, BOUNDS, return_stages_used=True)
+        assert list(response.stages_used) == used[0].tolist()
+    if mode == "speculative":
+        _, rate = reference.generate_speculative(torch.tensor([ids]), 0, 3, 9, return_acceptance=True)
+        assert response.acceptance_rate == pytest.approx(rate)
+
+
+def test_prompt_text_gets_bos_and_stop_tokens_stop(client, reference, tokenizer):
+    tok = tokenizer
+    text = "def add(a, b):\n    return a + b\n"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    free = client.generate(prompt=text, max_new_tokens=8)
+    assert list(free.token_ids) == expected_new(reference, "full", ids, 8)
+    stop = free.token_ids[3]
+    stopped = client.generate(prompt=text, max_new_tokens=8, stop_token_ids=[stop])
+    first = list(free.token_ids).index(stop)
+    assert list(stopped.token_ids) == list(free.token_ids)[: first + 1] and stopped.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("mode", ["full", "wand", "speculative"])
+def test_stream_yields_the_same_tokens_and_text(client, mode):
+    ids = prompt_ids(seed=40)
+    whole = client.generate(token_ids=ids, max_new_tokens=10, **MODES[mode][0])
+    chunks = list(client.stream(token_ids=ids, max_new_tokens=10, **MODES[mode][0]))
+    assert len(chunks) >= 2, "tokens arrive as they are made, not in one chunk"
+    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].finish_reason == "length"
+    if mode == "wand":
+        assert [s for c in chunks for s in c.stages_used] == list(whole.stages_used)
+
+
+def test_score_is_full_poe_log_probs_and_bits_per_byte(client, reference, tokenizer):
+    tok = tokenizer
+    ids = prompt_ids(seed=41, length=40)
+    response = client.score(token_ids=ids)
+    expected = reference.forward(torch.tensor([ids]))[0, :-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert len(response.token_logprobs) == len(ids) - 1
+    assert torch.allclose(torch.tensor(response.token_logprobs, dtype=torch.float64), expected.double(), atol=1e-4)
+    text = "import os\nprint(os.getcwd())\n"
+    scored = client.score(prompt=text)
+    text_ids = tok.encode(text)
+    nbytes = sum(len(tok.encoding.decode_single_token_bytes(t)) for t in text_ids[1:])
+    assert scored.bits_per_byte == pytest.approx(-sum(scored.token_logprobs) / torch.log(torch.tensor(2.0)).item() / nbytes)
+
+
+def test_model_info_health_and_reflection(client, reference):
+    info = client.model_info()
+    c = reference.config
+    assert list(info.stage_layout) == list(c.poe_stage_layout)
+    assert list(info.boundary_layers) == list(c.stage_boundaries)
+    assert info.vocab_size == c.vocab_size and info.context_length == c.sequence_len
+    assert info.parameter_count == c.num_parameters()
+    assert [w.stage for w in info.workers] == list(range(c.num_stages))
+    held = reference.worker_infos()
+    assert [(w.first_layer, w.last_layer, w.parameters) for w in info.workers] == \
+        [(*h.layers, h.num_parameters) for h in held]
+    assert all(w.parameters < c.num_parameters() for w in info.workers), "a worker holds only its slice"
+    assert client.health() == "SERVING"
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(replies).list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def test_sixteen_concurrent_calls_each_get_their_own_tokens(client, reference):
+    modes = list(MODES)
+    jobs = [(i, modes[i % len(modes)], prompt_ids(seed=100 + i, length=20 + i)) for i in range(16)]
+    results: dict[int, object] = {}
+
+    def call(i, mode, ids):
+        try:
+            results[i] = list(client.generate(token_ids=ids, max_new_tokens=8, **MODES[mode][0]).token_ids)
+        except grpc.RpcError as exc:  # recorded, so the assertion below names it
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for i, mode, ids in jobs:
+        assert results.get(i) == expected_new(reference, mode, ids, 8), f"request {i} ({mode})"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(mode="stage", stage=9), "stage"),
+    (dict(mode="prefix", max_stages=0), "max_stages"),
+    (dict(mode="composition", stages=[0, 0]), "stages"),
+    (dict(mode="composition", stages=[0, 1], stage_weights=[1.0, float("nan")]), "stage_weights"),
+    (dict(mode="speculative", k_draft=10_000), "k_draft"),
+    (dict(token_ids=[10**6]), "token_ids"),
+    (dict(token_ids=[1, 2], max_new_tokens=10**6), "max_new_tokens"),
+])
+def test_bad_arguments_are_invalid_argument_and_the_server_keeps_serving(client, reference, kwargs, field):
+    kwargs = {"token_ids": [1, 2, 3], **kwargs}
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(**kwargs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+    ids = prompt_ids(seed=5)
+    assert list(client.generate(token_ids=ids, max_new_tokens=3).token_ids) == expected_new(reference, "full", ids, 3)
+
+
+def test_request_builder_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="mode='fast'"):
+        build_request(token_ids=[1], mode="fast")
+    assert isinstance(build_request(token_ids=[1]), pb.GenerateRequest)
+
+
+def test_health_reports_not_serving_after_stop(tiny_dir):
+    server = Server(PoEModel.from_pretrained(tiny_dir), load_tokenizer(tiny_dir), port=0)
+    client = PoEClient(server.address, timeout=10)
+    assert client.health() == "SERVING"
+    server.stop(grace=0.5)
+    with pytest.raises(grpc.RpcError) as err:
+        client.health()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
