@@ -70,11 +70,35 @@ def run_local_generation(model, ids, args):
     return out, None, rate
 
 
+TOKEN_ENV = "POE_SERVE_AUTH_TOKEN"
+
+
+def auth_token(args) -> str | None:
+    """The bearer token from --auth-token-file, else the environment (never a command-line value)."""
+    if args.auth_token_file:
+        return Path(args.auth_token_file).read_text().strip()
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def add_security_flags(p: argparse.ArgumentParser, server: bool) -> None:
+    p.add_argument("--auth-token-file", help=f"file holding the bearer token (default: ${TOKEN_ENV} if set)")
+    if server:
+        p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS")
+        p.add_argument("--tls-key", help="server private key (PEM)")
+        p.add_argument("--tls-client-ca", help="CA of client certificates (PEM): require mutual TLS")
+    else:
+        p.add_argument("--tls-ca", help="CA that signed the server certificate (PEM): connect with TLS")
+        p.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
+        p.add_argument("--tls-key", help="client private key (PEM), for mutual TLS")
+
+
 def remote_generation(args):
     """Same flags, through a server. Returns (new token ids, text, stages_used | None, acceptance | None)."""
     from coordinator.client import PoEClient
+    from coordinator.security import client_credentials
 
-    with PoEClient(args.server) as client:
+    tls = client_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    with PoEClient(args.server, token=auth_token(args), credentials=tls) as client:
         reply = client.generate(
             args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, max_stages=args.max_stages,
             stage=args.stage, stages=args.stages, stage_weights=args.stage_weights, safety=args.safety,
@@ -147,15 +171,18 @@ def cmd_init_checkpoint(args) -> None:
 
 def cmd_serve(args) -> None:
     from coordinator.cluster import PoECluster
+    from coordinator.security import ServerSecurity
     from coordinator.server import Server
     from coordinator.tokenizer import load_tokenizer
 
+    security = ServerSecurity(auth_token(args), args.tls_cert, args.tls_key, args.tls_client_ca)
+    security.credentials()  # unreadable certificate files fail here, before Ray starts
     checkpoint = args.checkpoint or default_checkpoint()
     address = args.address or os.environ.get("RAY_ADDRESS")  # set when running as a Ray job
     cluster = PoECluster.launch(checkpoint, config=args.config, dtype=args.dtype, address=address)
     try:
         server = Server(cluster, load_tokenizer(checkpoint), host=args.host, port=args.port,
-                        max_queue=cluster.serving_config.max_queue)
+                        max_queue=cluster.serving_config.max_queue, security=security)
         print(f"poe-serve: serving {checkpoint} on {server.address} ({cluster.config.num_stages} stage workers)",
               flush=True)
         server.wait_for_termination()
@@ -209,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     add_generation_flags(p)
+    add_security_flags(p, server=False)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("calibrate", help="calibrate WAND bounds on a text file")
@@ -229,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else start one)")
     p.add_argument("--dtype", default=None)
+    add_security_flags(p, server=True)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="local Ray cluster + gRPC server + one call per mode, as a table")

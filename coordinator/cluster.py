@@ -8,6 +8,7 @@ worker interface over an actor handle. The engine, pipeline and modes are the in
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -15,7 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stage_workers.config import load_config
-from stage_workers.messages import ExtendBatch, ExtendResult, TrunkState, WorkerInfo
+from stage_workers.messages import ExtendBatch, ExtendResult, TrunkState, WorkerInfo, WorkerLost
 from stage_workers.worker import StageWorker, WorkerSpec
 
 from .engine import EngineConfig
@@ -23,6 +24,7 @@ from .model import PoEModel
 from .serving_config import ServingConfig, StagePlacement, load_serving_config
 
 PLACEMENT_TIMEOUT_S = 120
+RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
 
 
 class StageActor:
@@ -58,15 +60,36 @@ class StageActor:
             return 0
 
 
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
 class RemoteWorker:
     """The worker interface over an actor. Rollback and free need no reply: an actor runs one
-    caller's calls in order, so the next extend sees them."""
+    caller's calls in order, so the next extend sees them. A dead or restarting actor surfaces
+    as `WorkerLost`, which the engine answers by rebuilding the sequences' KV."""
 
-    def __init__(self, actor):
-        self.actor = actor
+    def __init__(self, actor, stage: int):
+        self.actor, self.stage = actor, stage
 
     def extend(self, batch: ExtendBatch) -> ExtendResult:
-        return ray.get(self.actor.extend.remote(batch))
+        try:
+            return ray.get(self.actor.extend.remote(batch))
+        except LOST as exc:
+            back = self._wait_until_restarted()
+            raise WorkerLost(self.stage, f"{type(exc).__name__}; {'restarted' if back else 'not restarted'}") from exc
+
+    def _wait_until_restarted(self) -> bool:
+        """Block while Ray restarts the actor (it reloads its slice); False if it stays dead."""
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actor.pid.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                return True
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.2)  # restarting
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False
+        return False
 
     def rollback(self, seq_id: int, length: int) -> None:
         self.actor.rollback.remote(seq_id, length)
@@ -109,15 +132,16 @@ class PoECluster(PoEModel):
         dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
         actors = [
             ray.remote(StageActor).options(
-                num_cpus=p.num_cpus, num_gpus=p.num_gpus, name=None,
+                num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=serving.max_worker_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
             ).remote(checkpoint, WorkerSpec(stage=k, device=p.device, dtype=dtype or p.dtype,
                                             kv_cache_tokens=p.kv_cache_tokens, num_threads=p.num_threads))
             for k, p in enumerate(placements)
         ]
-        workers = [RemoteWorker(a) for a in actors]
+        workers = [RemoteWorker(a, k) for k, a in enumerate(actors)]
         try:
-            model = cls(model_config, workers, EngineConfig(max_num_seqs=serving.max_num_seqs))
+            model = cls(model_config, workers, EngineConfig(max_num_seqs=serving.max_num_seqs,
+                                                            max_recoveries=serving.max_worker_restarts))
         except ray.exceptions.RayActorError as exc:
             for a in actors:
                 ray.kill(a)

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from stage_workers.config import ModelConfig
-from stage_workers.messages import WorkerInfo
+from stage_workers.messages import WorkerInfo, WorkerLost
 
 from .modes import make_decoder
 from .pipeline import Pipeline
@@ -23,6 +23,7 @@ from .sequence import Sequence
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 256  # sequences running at once
+    max_recoveries: int = 2  # times one sequence may be rebuilt after a lost worker before it fails
 
 
 class Engine:
@@ -94,6 +95,8 @@ class Engine:
         try:
             logits = self.pipeline.run(work)
             return self.update(work, logits)
+        except WorkerLost as exc:
+            return self._recover(exc)
         except Exception as exc:
             for seq, _ in work:
                 if not seq.finished:
@@ -109,6 +112,26 @@ class Engine:
             if seq.finished:
                 self._release(seq)
         return [seq for seq, _ in work]
+
+    def _recover(self, exc: WorkerLost) -> list[Sequence]:
+        """A worker lost its KV: rebuild every running sequence from its committed tokens.
+
+        Drafts in flight are dropped and every stage recomputes the committed positions (the
+        restarted worker from scratch, the others alongside it), so the tokens that follow are
+        the ones the sequence would have had. A sequence rebuilt too often fails with the error.
+        """
+        failed = []
+        for seq in list(self.running):
+            seq.recoveries += 1
+            if seq.recoveries > self.engine_config.max_recoveries:
+                seq.error = exc
+                self.abort(seq, f"error: {exc}")
+                failed.append(seq)
+                continue
+            self.pipeline.free(seq)
+            seq.restart_from_committed()
+            seq.decoder.reset()
+        return failed
 
     def _release(self, seq: Sequence) -> None:
         self.pipeline.free(seq)

@@ -29,6 +29,9 @@ class CompositionDecoder:
     def plan(self, seq: Sequence) -> StepPlan:
         return StepPlan(seq.num_unfed, max(self.mode.stages), {k: 1 for k in self.mode.stages})
 
+    def reset(self) -> None:
+        """After a rebuild: nothing pending (the sampler's state lives with committed tokens)."""
+
     def update(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> None:
         score = combine([log_probs(logits[k][-1]) for k in self.mode.stages], self.mode.weights, self.alpha)
         if self.sampling is None:
@@ -46,8 +49,11 @@ class WandDecoder:
         self.logprobs: list[torch.Tensor] = []  # (V,) per stage evaluated for the current token
         self.choice: tuple[int, int] | None = None  # (token, exit stage)
 
-    def plan(self, seq: Sequence) -> StepPlan:
+    def reset(self) -> None:
         self.logprobs, self.choice = [], None
+
+    def plan(self, seq: Sequence) -> StepPlan:
+        self.reset()
         heads = {k: 1 for k in range(self.num_stages)}
         return StepPlan(seq.num_unfed, self.num_stages - 1, heads, stop_after=self._stop_after)
 
@@ -76,6 +82,9 @@ class SpeculativeDecoder:
 
     def __init__(self, mode: Speculative, num_stages: int, alpha: float):
         self.d, self.k, self.num_stages, self.alpha = mode.draft_stage, mode.k_draft, num_stages, alpha
+        self._new_round()
+
+    def reset(self) -> None:
         self._new_round()
 
     def _new_round(self) -> None:
@@ -126,7 +135,10 @@ class ScoreDecoder:
 
     def __init__(self, stages: tuple[int, ...]):
         self.stages = stages
-        self.logits: dict[int, list[torch.Tensor]] = {k: [] for k in stages}
+        self.reset()
+
+    def reset(self) -> None:
+        self.logits: dict[int, list[torch.Tensor]] = {k: [] for k in self.stages}
 
     def plan(self, seq: Sequence) -> StepPlan:
         return StepPlan(seq.num_unfed, max(self.stages), {k: seq.num_unfed for k in self.stages})

@@ -30,10 +30,17 @@ class Sequence:
     pending: list[list[TrunkState]] = field(default_factory=list)
     decoder: object = None  # the mode's decoder (coordinator.modes), set by the engine
     kv_blocks: list[int] = field(default_factory=list)  # KV blocks promised on each stage
+    recoveries: int = 0  # times rebuilt after a lost worker
 
     def __post_init__(self):
         self.num_committed = self.num_committed or len(self.tokens)
         self.num_prompt = len(self.tokens)
+        self.num_computed = [0] * self.num_stages
+        self.pending = [[] for _ in range(self.num_stages)]
+
+    def restart_from_committed(self) -> None:
+        """Forget all computed state (KV is freed by the caller); keep the committed tokens."""
+        del self.tokens[self.num_committed :]
         self.num_computed = [0] * self.num_stages
         self.pending = [[] for _ in range(self.num_stages)]
 

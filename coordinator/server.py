@@ -20,11 +20,13 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import poe_serving_pb2 as pb
 from protos import poe_serving_pb2_grpc as pb_grpc
+from stage_workers.messages import WorkerLost
 
 from . import requests as rq
 from . import wire
 from .engine_loop import EngineLoop, QueueFull, RequestHandle
 from .model import PoEModel
+from .security import ServerSecurity
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("poe_serve.server")
@@ -32,16 +34,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
 
 
-class WorkerLost(RuntimeError):
-    """A stage worker died and its sequences could not be recovered."""
-
-
 def _status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if type(exc).__name__ in ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerLost"):
+    if isinstance(exc, WorkerLost):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
@@ -131,17 +129,22 @@ class Server:
     """A running gRPC server over a model; `stop()` drains and shuts down."""
 
     def __init__(self, model: PoEModel, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 50051,
-                 max_workers: int = 64, max_queue: int = 256):
+                 max_workers: int = 64, max_queue: int = 256, security: ServerSecurity = ServerSecurity()):
         self.loop = model.loop
         self.loop.max_queue = max_queue
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", 64 << 20)]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                                interceptors=security.interceptors())
         pb_grpc.add_PoEServingServicer_to_server(PoEServicer(model, tokenizer, self.loop), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        credentials = security.credentials()
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.grpc.add_secure_port(f"{host}:{port}", credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"

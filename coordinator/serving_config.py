@@ -36,6 +36,7 @@ class ServingConfig:
     placement_strategy: str = "PACK"
     max_num_seqs: int = 64  # sequences decoding at once
     max_queue: int = 256  # requests waiting for KV room before RESOURCE_EXHAUSTED
+    max_worker_restarts: int = 3  # Ray restarts of a lost worker; its sequences are rebuilt each time
     source: str = ""
 
     def placement(self, stage: int) -> StagePlacement:
@@ -74,7 +75,7 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
 def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
-    known = {"stages", "defaults", "placement_strategy", "max_num_seqs", "max_queue"}
+    known = {"stages", "defaults", "placement_strategy", "max_num_seqs", "max_queue", "max_worker_restarts"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
@@ -85,10 +86,11 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     strategy = raw.get("placement_strategy", "PACK")
     if strategy not in STRATEGIES:
         raise ValueError(f"{source}: placement_strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    limits = {k: raw.get(k, getattr(ServingConfig, k)) for k in ("max_num_seqs", "max_queue")}
+    limits = {k: raw.get(k, getattr(ServingConfig, k)) for k in ("max_num_seqs", "max_queue", "max_worker_restarts")}
     for key, value in limits.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{source}: {key}={value!r} must be an integer >= 1")
+        low = 0 if key == "max_worker_restarts" else 1
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{source}: {key}={value!r} must be an integer >= {low}")
     return ServingConfig(stages, defaults, strategy, source=source, **limits)
 
 

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 import torch
 
 
+class WorkerLost(RuntimeError):
+    """A stage worker's process went away (its KV cache with it)."""
+
+    def __init__(self, stage: int, detail: str):
+        super().__init__(f"stage {stage} worker lost: {detail}")
+        self.stage = stage
+
+
 @dataclass(frozen=True)
 class Segment:
     seq_id: int

@@ -10,6 +10,7 @@ from coordinator.engine import Engine
 from coordinator.logop import combine, log_probs, top2_margin
 from coordinator.pipeline import Pipeline
 from stage_workers.config import config_from_dict
+from stage_workers.messages import WorkerLost
 
 from fakes import VOCAB, FakeWorker, fake_logits
 
@@ -133,3 +134,48 @@ def test_requests_wait_for_kv_room_and_oversized_ones_are_refused():
     assert engine.running == [a, b] and list(engine.waiting) == [c]
     engine.run_to_completion([a, b, c])
     assert c.new_tokens == greedy([3] * 4, 4)
+
+
+class LosingWorker(FakeWorker):
+    """Loses its whole state (like a restarted process) on chosen extend calls."""
+
+    def __init__(self, *args, lose_on: set[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lose_on, self.num_extends = lose_on, 0
+
+    def extend(self, batch):
+        self.num_extends += 1
+        if self.num_extends in self.lose_on:
+            self.tokens.clear()
+            raise WorkerLost(self.stage, "killed for the test")
+        return super().extend(batch)
+
+
+def test_a_lost_worker_is_rebuilt_from_committed_tokens_and_tokens_are_unchanged():
+    workers = [FakeWorker(k, K) for k in range(K)]
+    workers[2] = LosingWorker(2, K, lose_on={4, 9})
+    engine = Engine(CONFIG, Pipeline(workers), [w.info() for w in workers])
+    reqs = [
+        request([1, 2], 8, rq.full_mode(CONFIG)),
+        request([3], 9, rq.speculative_mode(CONFIG, 1, 2)),
+        request([4, 4, 4], 8, rq.wand_mode(CONFIG, 1.0, (1.0, 1.0, 1.0, 0.0))),
+    ]
+    seqs = [engine.add(r) for r in reqs]
+    engine.run_to_completion(seqs)
+    assert all(seq.recoveries == 2 for seq in seqs), "both losses were recovered"
+    clean, _ = make_engine()
+    for seq, req in zip(seqs, reqs):
+        alone = run(clean, req)
+        assert (seq.new_tokens, seq.stages_used) == (alone.new_tokens, alone.stages_used)
+    assert seqs[0].new_tokens == greedy([1, 2], 8) and seqs[1].new_tokens == greedy([3], 9)
+    assert engine.free_blocks == engine.capacity
+
+
+def test_a_worker_lost_too_often_fails_its_sequences_with_the_error():
+    workers = [FakeWorker(k, K) for k in range(K)]
+    workers[1] = LosingWorker(1, K, lose_on=set(range(2, 100)))
+    engine = Engine(CONFIG, Pipeline(workers), [w.info() for w in workers])
+    seq = engine.add(request([1, 2], 8, rq.full_mode(CONFIG)))
+    with pytest.raises(WorkerLost, match="stage 1 worker lost"):
+        engine.run_to_completion([seq])
+    assert seq.finished and engine.free_blocks == engine.capacity and not engine.running
