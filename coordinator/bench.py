@@ -11,9 +11,12 @@ Sections, in order (each a dict in the JSON report):
 - `concurrency`: at each level, that many concurrent streaming gRPC requests against a server
   over `PoECluster`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
   workers' peak resident memory.
+- `modes`: every mode once through `PoECluster` (seconds per token) and each stage worker's
+  parameters, weights + KV bytes and process RSS (the 1.5b memory check uses this alone).
 - `speculative` and `wand` on the trained checkpoint: speedup and acceptance against full
   greedy (same tokens asserted), WAND's mean evaluated layers per token and token agreement.
-Timings are wall-clock on this machine; compare ratios within one report only.
+`--sections` picks a subset (section `trained` makes the last two). Timings are wall-clock on
+this machine; compare ratios within one report only.
 """
 
 from __future__ import annotations
@@ -29,11 +32,16 @@ from pathlib import Path
 
 import torch
 
+from stage_workers.config import load_config
+
 from .progress import Progress
 
 
 CODE_PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
                 "class Stack:\n    def __init__(self):\n", "for i in range(10):\n")
+
+
+SECTIONS = ("floor", "single_stream", "transport", "concurrency", "modes", "trained")
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,15 @@ class BenchConfig:
     new_tokens: int = 32
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     transport_tokens: int = 200
+    dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
+    sections: tuple[str, ...] = SECTIONS
+
+    def __post_init__(self):
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown:
+            raise ValueError(f"bench section {unknown[0]!r} is unknown; allowed: {', '.join(SECTIONS)}")
+        if "concurrency" in self.sections and not self.concurrency:
+            raise ValueError("concurrency: give at least one level")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -173,100 +190,158 @@ def speculative_and_wand(trained: str, prompts: torch.Tensor, n: int) -> tuple[d
     return spec, wand
 
 
+def every_mode(cluster, ids: torch.Tensor, n: int) -> dict:
+    """Each mode once through `PoECluster`: seconds per token, and each worker's memory."""
+    K = cluster.config.num_stages
+    calls = {
+        "full": lambda: cluster.generate(ids, n),
+        "sampled": lambda: cluster.generate(ids, n, do_sample=True, temperature=0.8, top_p=0.95, seed=0),
+        "prefix": lambda: cluster.generate_prefix(ids, max(K - 1, 1), n),
+        "stage0": lambda: cluster.generate_stage(ids, 0, n),
+        "composition": lambda: cluster.generate_parallel_composition(ids, [0, K - 1], [0.5, 1.0], n),
+        "wand": lambda: cluster.generate_wand(ids, n),
+        "speculative": lambda: cluster.generate_speculative(ids, 0, 3, n),
+    }
+    cluster.generate(ids, 1)  # warm-up: first-call allocations on every worker
+    seconds = {}
+    for name, call in calls.items():
+        t0 = time.perf_counter()
+        call()
+        seconds[name] = (time.perf_counter() - t0) / n
+    workers = [
+        {"stage": info.stage, "layers": list(info.layers), "device": info.device, "dtype": info.dtype,
+         "parameters": info.num_parameters, "weights_and_kv_mib": info.resident_bytes / 2**20, "rss_mib": rss / 2**20}
+        for info, rss in zip(cluster.worker_infos(), cluster.worker_rss())
+    ]
+    return {"prompt_len": int(ids.shape[1]), "new_tokens": n, "s_per_token": seconds, "workers": workers}
+
+
 def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | None = None) -> dict:
     from .cluster import PoECluster
     from .model import PoEModel
-    from .server import Server
     from .tokenizer import load_tokenizer
     from .transport_bench import measure
 
-    steps = 4 + len(cfg.concurrency)
-    progress = Progress(steps, "bench", unit=" sections")
+    wanted = set(cfg.sections)
+    progress = Progress(len(wanted) + (len(cfg.concurrency) - 1 if "concurrency" in wanted else 0), "bench",
+                        unit=" sections")
     report: dict = {"bench_config": asdict(cfg), "machine": {
         "platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
         "python": sys.version.split()[0]}}
-
-    model = PoEModel.from_pretrained(cfg.checkpoint)
-    config = model.config
+    config = load_config(cfg.checkpoint)
     ids = prompt_rows(config.vocab_size, 1, cfg.prompt_len, seed=0)
-    weights = sum(p.nbytes for w in model.workers for p in w.slice.parameters())
-    bw = memory_bandwidth_gbs()
-    report["floor"] = {"memory_bandwidth_gbs": bw, "weight_bytes": weights,
-                       "single_stream_ceiling_tok_s": bw * 1e9 / weights}
-    progress.update(1, note="floor")
 
-    local = single_stream(model, ids, cfg.new_tokens, ("full", "prefix1", "speculative"))
-    progress.update(1, note="PoEModel")
-    with PoECluster.launch(cfg.checkpoint, config=cfg.config) as cluster:
-        remote = single_stream(cluster, ids, cfg.new_tokens, ("full", "speculative"))
-        report["single_stream"] = {
-            "checkpoint": cfg.checkpoint, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-            "poe_model_tok_s": local, "poe_cluster_tok_s": remote,
-            "cluster_over_model_full": remote["full"] / local["full"],
-            "pipeline_overhead_ms_per_token": 1000 / remote["full"] - 1000 / local["full"],
-        }
-        progress.update(1, note="PoECluster")
-        report["transport"] = {"n_embd": config.n_embd, "vocab_size": config.vocab_size,
-                               "us_per_token": measure(config.n_embd, config.vocab_size, tokens=cfg.transport_tokens)}
-        progress.update(1, note="transport")
+    local = None
+    if wanted & {"floor", "single_stream"}:
+        model = PoEModel.from_pretrained(cfg.checkpoint, dtype=cfg.dtype)
+        if "floor" in wanted:
+            weights = sum(p.nbytes for w in model.workers for p in w.slice.parameters())
+            bw = memory_bandwidth_gbs()
+            report["floor"] = {"memory_bandwidth_gbs": bw, "weight_bytes": weights,
+                               "single_stream_ceiling_tok_s": bw * 1e9 / weights}
+            progress.update(1, note="floor")
+        if "single_stream" in wanted:
+            local = single_stream(model, ids, cfg.new_tokens, ("full", "prefix1", "speculative"))
+        model.loop.stop()
+        del model
+    if wanted & {"single_stream", "transport", "concurrency", "modes"}:
+        with PoECluster.launch(cfg.checkpoint, config=cfg.config, dtype=cfg.dtype) as cluster:
+            if "single_stream" in wanted:
+                remote = single_stream(cluster, ids, cfg.new_tokens, ("full", "speculative"))
+                report["single_stream"] = {
+                    "checkpoint": cfg.checkpoint, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+                    "poe_model_tok_s": local, "poe_cluster_tok_s": remote,
+                    "cluster_over_model_full": remote["full"] / local["full"],
+                    "cluster_over_model_speculative": remote["speculative"] / local["speculative"],
+                    "pipeline_overhead_ms_per_token": 1000 / remote["full"] - 1000 / local["full"],
+                }
+                progress.update(1, note="single stream")
+            if "modes" in wanted:
+                report["modes"] = every_mode(cluster, ids, cfg.new_tokens)
+                progress.update(1, note="every mode")
+            if "transport" in wanted:
+                report["transport"] = {"n_embd": config.n_embd, "vocab_size": config.vocab_size,
+                                       "us_per_token": measure(config.n_embd, config.vocab_size,
+                                                               tokens=cfg.transport_tokens)}
+                progress.update(1, note="transport")
+            if "concurrency" in wanted:
+                report["concurrency"] = concurrency_levels(cfg, cluster, config.vocab_size, progress)
 
-        server = Server(cluster, load_tokenizer(cfg.checkpoint), port=0, max_queue=max(cfg.concurrency) * 2)
-        prompts = [row.tolist() for row in prompt_rows(config.vocab_size, max(cfg.concurrency), cfg.prompt_len, seed=1)]
-        try:
-            levels = []
-            for level in cfg.concurrency:
-                levels.append(concurrency_level(server.address, level, prompts, cfg.new_tokens, cluster))
-                progress.update(1, note=f"{level} concurrent")
-        finally:
-            server.stop()
-    single = levels[0]["aggregate_tok_s"] if levels and levels[0]["concurrency"] == 1 else None
-    for row in levels:
-        row["over_single_stream"] = row["aggregate_tok_s"] / single if single else None
-    report["concurrency"] = levels
-
-    tok = load_tokenizer(cfg.trained)
-    code = [tok.encode(p) for p in CODE_PROMPTS]
-    width = min(len(c) for c in code)
-    trained_prompts = torch.tensor([c[:width] for c in code])  # (4, width): real code, equal lengths
-    report["speculative"], report["wand"] = speculative_and_wand(cfg.trained, trained_prompts, cfg.new_tokens * 2)
-    progress.update(1, note="speculative + WAND")
+    if "trained" in wanted:
+        tok = load_tokenizer(cfg.trained)
+        code = [tok.encode(p) for p in CODE_PROMPTS]
+        width = min(len(c) for c in code)
+        trained_prompts = torch.tensor([c[:width] for c in code])  # (4, width): real code, equal lengths
+        report["speculative"], report["wand"] = speculative_and_wand(cfg.trained, trained_prompts, cfg.new_tokens * 2)
+        progress.update(1, note="speculative + WAND")
 
     print(render(report))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=2))
-    if plot_out:
+    if plot_out and "concurrency" in report:
         plot_concurrency(report, plot_out)
     return report
 
 
+def concurrency_levels(cfg: BenchConfig, cluster, vocab_size: int, progress: Progress) -> list[dict]:
+    from .server import Server
+    from .tokenizer import load_tokenizer
+
+    server = Server(cluster, load_tokenizer(cfg.checkpoint), port=0, max_queue=max(cfg.concurrency) * 2)
+    prompts = [row.tolist() for row in prompt_rows(vocab_size, max(cfg.concurrency), cfg.prompt_len, seed=1)]
+    levels = []
+    try:
+        for level in cfg.concurrency:
+            levels.append(concurrency_level(server.address, level, prompts, cfg.new_tokens, cluster))
+            progress.update(1, note=f"{level} concurrent")
+    finally:
+        server.stop()
+    single = levels[0]["aggregate_tok_s"] if levels[0]["concurrency"] == 1 else None
+    for row in levels:
+        row["over_single_stream"] = row["aggregate_tok_s"] / single if single else None
+    return levels
+
+
 def render(r: dict) -> str:
-    s, f = r["single_stream"], r["floor"]
-    lines = [
-        f"memory bandwidth {f['memory_bandwidth_gbs']:.1f} GB/s, weights {f['weight_bytes'] / 2**20:.1f} MiB "
-        f"-> single-stream ceiling {f['single_stream_ceiling_tok_s']:.0f} tok/s",
-        "single stream (tok/s):  " + "  ".join(f"PoEModel {k} {v:.1f}" for k, v in s["poe_model_tok_s"].items()),
-        "                        " + "  ".join(f"PoECluster {k} {v:.1f}" for k, v in s["poe_cluster_tok_s"].items()),
-        f"PoECluster / PoEModel (full): {s['cluster_over_model_full']:.2f}x; pipeline overhead "
-        f"{s['pipeline_overhead_ms_per_token']:.1f} ms/token",
-        "transport through 4 actors (us/token): " + "  ".join(
-            f"{k} {v:.0f}" for k, v in r["transport"]["us_per_token"].items()),
-        "",
-        f"{'concurrent':>10} {'tok/s':>8} {'x single':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} {'ttft99':>7} {'errors':>6} {'RSS MiB':>8}",
-    ]
-    for row in r["concurrency"]:
-        fmt = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
-        lines.append(f"{row['concurrency']:>10} {row['aggregate_tok_s']:8.1f} {row['over_single_stream'] or 0:8.2f} "
-                     f"{fmt(row['latency_p50_s'])} {fmt(row['latency_p99_s'])} {fmt(row['ttft_p50_s'])} "
-                     f"{fmt(row['ttft_p99_s'])} {row['errors']:>6} {row['workers_peak_rss_mib']:8.0f}")
-    sp, w = r["speculative"], r["wand"]
-    lines += [
-        "",
-        f"speculative (stage 0, k=3, trained): {sp['speedup']:.2f}x full greedy, acceptance {sp['acceptance']:.2f}, "
-        f"same tokens: {sp['same_tokens_as_full']}",
-        f"WAND (safety 1.0, trained): {w['mean_layers_per_token']:.2f} of {w['layers_full']} layers per token, "
-        f"agreement with full {w['token_agreement_with_full']:.1%}",
-    ]
+    lines = []
+    if "floor" in r:
+        f = r["floor"]
+        lines.append(f"memory bandwidth {f['memory_bandwidth_gbs']:.1f} GB/s, weights {f['weight_bytes'] / 2**20:.1f} MiB "
+                     f"-> single-stream ceiling {f['single_stream_ceiling_tok_s']:.0f} tok/s")
+    if "single_stream" in r:
+        s = r["single_stream"]
+        lines += [
+            "single stream (tok/s):  " + "  ".join(f"PoEModel {k} {v:.1f}" for k, v in s["poe_model_tok_s"].items()),
+            "                        " + "  ".join(f"PoECluster {k} {v:.1f}" for k, v in s["poe_cluster_tok_s"].items()),
+            f"PoECluster / PoEModel: full {s['cluster_over_model_full']:.2f}x, speculative "
+            f"{s['cluster_over_model_speculative']:.2f}x; pipeline overhead {s['pipeline_overhead_ms_per_token']:.1f} ms/token",
+        ]
+    if "modes" in r:
+        m = r["modes"]
+        lines.append("every mode on PoECluster (s/token): " + "  ".join(f"{k} {v:.3f}" for k, v in m["s_per_token"].items()))
+        lines += [f"  stage {w['stage']} layers {w['layers'][0]}-{w['layers'][1]} {w['dtype']}: {w['parameters'] / 1e6:.1f}M params, "
+                  f"weights+KV {w['weights_and_kv_mib']:.0f} MiB, process RSS {w['rss_mib']:.0f} MiB" for w in m["workers"]]
+    if "transport" in r:
+        lines.append("transport through 4 actors (us/token): " + "  ".join(
+            f"{k} {v:.0f}" for k, v in r["transport"]["us_per_token"].items()))
+    if "concurrency" in r:
+        lines += ["", f"{'concurrent':>10} {'tok/s':>8} {'x single':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} "
+                      f"{'ttft99':>7} {'errors':>6} {'RSS MiB':>8}"]
+        for row in r["concurrency"]:
+            fmt = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
+            lines.append(f"{row['concurrency']:>10} {row['aggregate_tok_s']:8.1f} {row['over_single_stream'] or 0:8.2f} "
+                         f"{fmt(row['latency_p50_s'])} {fmt(row['latency_p99_s'])} {fmt(row['ttft_p50_s'])} "
+                         f"{fmt(row['ttft_p99_s'])} {row['errors']:>6} {row['workers_peak_rss_mib']:8.0f}")
+    if "speculative" in r:
+        sp, w = r["speculative"], r["wand"]
+        lines += [
+            "",
+            f"speculative (stage 0, k=3, trained): {sp['speedup']:.2f}x full greedy, acceptance {sp['acceptance']:.2f}, "
+            f"same tokens: {sp['same_tokens_as_full']}",
+            f"WAND (safety 1.0, trained): {w['mean_layers_per_token']:.2f} of {w['layers_full']} layers per token, "
+            f"agreement with full {w['token_agreement_with_full']:.1%}",
+        ]
     return "\n".join(lines)
 
 

@@ -199,7 +199,7 @@ def cmd_demo(args) -> None:
 
 def cmd_bench(args) -> None:
     from checkpoints.writer import init_checkpoint
-    from coordinator.bench import BenchConfig, run_bench
+    from coordinator.bench import SECTIONS, BenchConfig, run_bench
 
     checkpoint = args.checkpoint
     if checkpoint is None:  # the small preset, written once into the user's cache
@@ -208,7 +208,8 @@ def cmd_bench(args) -> None:
             init_checkpoint(checkpoint, "small", seed=0)
     cfg = BenchConfig(checkpoint=str(checkpoint), trained=str(args.trained or default_checkpoint()), config=args.config,
                       prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                      concurrency=tuple(int(c) for c in args.concurrency.split(",")))
+                      concurrency=tuple(int(c) for c in args.concurrency.split(",")), dtype=args.dtype,
+                      sections=tuple(args.sections.split(",")) if args.sections else SECTIONS)
     run_bench(cfg, json_out=args.json, plot_out=args.plot)
 
 
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
+    p.add_argument("--dtype", default=None, help="worker dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated subset of: floor, single_stream, transport, concurrency, modes, trained")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a tok/s-against-concurrency PNG here")
     p.set_defaults(func=cmd_bench)
