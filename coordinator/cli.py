@@ -1,6 +1,6 @@
 """`poe-serve`: the command line. Each subcommand parses its flags and calls one module.
 
-Subcommands: init-checkpoint, generate, calibrate, serve, demo, bench, train. The CLI holds no model logic; errors from
+Subcommands: init-checkpoint, generate, calibrate, serve, scale, demo, bench, train. The CLI holds no model logic; errors from
 bad flags or inputs are printed as one line and exit with status 2.
 """
 
@@ -92,13 +92,18 @@ def add_security_flags(p: argparse.ArgumentParser, server: bool) -> None:
         p.add_argument("--tls-key", help="client private key (PEM), for mutual TLS")
 
 
-def remote_generation(args):
-    """Same flags, through a server. Returns (new token ids, text, stages_used | None, acceptance | None)."""
+def connect(args):
+    """A `PoEClient` for --server, with the bearer token and TLS flags."""
     from coordinator.client import PoEClient
     from coordinator.security import client_credentials
 
     tls = client_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
-    with PoEClient(args.server, token=auth_token(args), credentials=tls) as client:
+    return PoEClient(args.server, token=auth_token(args), credentials=tls)
+
+
+def remote_generation(args):
+    """Same flags, through a server. Returns (new token ids, text, stages_used | None, acceptance | None)."""
+    with connect(args) as client:
         reply = client.generate(
             args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, max_stages=args.max_stages,
             stage=args.stage, stages=args.stages, stage_weights=args.stage_weights, safety=args.safety,
@@ -191,6 +196,17 @@ def cmd_serve(args) -> None:
     print("poe-serve: stopped", flush=True)
 
 
+def cmd_scale(args) -> None:
+    import grpc
+
+    with connect(args) as client:
+        try:
+            replicas = client.scale_stage(args.stage, args.replicas)
+        except grpc.RpcError as exc:
+            raise ValueError(f"server {args.server} answered {exc.code().name}: {exc.details()}") from None
+    print(f"replicas per stage: {replicas}")
+
+
 def cmd_demo(args) -> None:
     from coordinator.demo import run_demo
 
@@ -260,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     add_security_flags(p, server=True)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("scale", help="serve a stage with N replicas on a running server (in-flight requests continue)")
+    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
+    p.add_argument("--stage", type=int, required=True)
+    p.add_argument("--replicas", type=int, required=True)
+    add_security_flags(p, server=False)
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("demo", help="local Ray cluster + gRPC server + one call per mode, as a table")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")

@@ -60,6 +60,7 @@ class PoEClient:
         self.channel = (grpc.secure_channel(address, credentials, options) if credentials
                         else grpc.insecure_channel(address, options))
         self.stub = pb_grpc.PoEServingStub(self.channel)
+        self.admin = pb_grpc.PoEAdminStub(self.channel)
         self.timeout, self.metadata = timeout, metadata
 
     def generate(self, prompt: str | None = None, **kwargs) -> pb.GenerateResponse:
@@ -74,6 +75,11 @@ class PoEClient:
 
     def model_info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def scale_stage(self, stage: int, replicas: int) -> list[int]:
+        """Serve `stage` with `replicas` workers; returns the workers per stage afterwards."""
+        request = pb.ScaleStageRequest(stage=stage, replicas=replicas)
+        return list(self.admin.ScaleStage(request, timeout=self.timeout, metadata=self.metadata).replicas)
 
     def health(self) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)

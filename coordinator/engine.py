@@ -1,8 +1,10 @@
 """The engine: admit requests, then step `schedule -> pipeline.run -> update` until done.
 
-Requests wait until every stage worker they may reach has KV room for their whole length
-(prompt + max_new_tokens), so a running sequence never runs out of cache. The engine knows
-sequences, decoders and the pipeline; it knows nothing of tensors' contents, Ray or gRPC.
+Requests wait until every stage they may reach has KV room for their whole length
+(prompt + max_new_tokens) on one of its replicas, so a running sequence never runs out of
+cache. Long prompts enter in chunks while other sequences keep decoding. Replicas are added and
+removed between steps. The engine knows sequences, decoders and the pipeline; it knows nothing
+of tensors' contents, Ray or gRPC.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from stage_workers.config import ModelConfig
-from stage_workers.messages import WorkerInfo, WorkerLost
+from stage_workers.messages import WorkerLost
 
 from .modes import make_decoder
-from .pipeline import Pipeline
+from .pipeline import Pipeline, StepPlan
 from .requests import Composition, GenerationRequest, ScoreRequest
 from .sequence import Sequence
 
@@ -24,15 +26,18 @@ from .sequence import Sequence
 class EngineConfig:
     max_num_seqs: int = 256  # sequences running at once
     max_recoveries: int = 2  # times one sequence may be rebuilt after a lost worker before it fails
+    max_prefill_chunk: int = 256  # positions of one sequence fed to stage 0 per step (longer prompts: chunks)
+    pipeline_micro_batches: int = 1  # a step's sequences move through the stages in this many wavefront groups
+
+    def __post_init__(self):
+        assert self.max_prefill_chunk >= 1, f"max_prefill_chunk={self.max_prefill_chunk} must be >= 1"
+        assert self.pipeline_micro_batches >= 1, f"pipeline_micro_batches={self.pipeline_micro_batches} must be >= 1"
 
 
 class Engine:
-    def __init__(self, config: ModelConfig, pipeline: Pipeline, worker_infos: list[WorkerInfo],
-                 engine_config: EngineConfig = EngineConfig()):
+    def __init__(self, config: ModelConfig, pipeline: Pipeline, engine_config: EngineConfig = EngineConfig()):
         self.config, self.pipeline, self.engine_config = config, pipeline, engine_config
-        self.block_size = [info.kv_block_size for info in worker_infos]
-        self.free_blocks = [info.kv_num_blocks for info in worker_infos]  # not yet promised to a sequence
-        self.capacity = list(self.free_blocks)
+        self.stages = pipeline.stages  # one StageReplicas per stage: KV placement and scaling
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -51,15 +56,24 @@ class Engine:
             len(request.prompt_ids) + request.max_new_tokens
         )
         depth = self._depth(request)
-        return [-(-length // bs) if k <= depth else 0 for k, bs in enumerate(self.block_size)]
+        return [-(-length // stage.block_size) if k <= depth else 0 for k, stage in enumerate(self.stages)]
+
+    @property
+    def free_blocks(self) -> list[int]:
+        """Per stage: KV blocks not yet promised to a sequence, over all its replicas."""
+        return [stage.num_free_blocks for stage in self.stages]
+
+    @property
+    def capacity(self) -> list[int]:
+        return [stage.num_blocks for stage in self.stages]
 
     def add(self, request: GenerationRequest | ScoreRequest) -> Sequence:
         need = self._blocks(request)
-        for k, (n, cap) in enumerate(zip(need, self.capacity)):
-            if n > cap:
+        for k, (n, stage) in enumerate(zip(need, self.stages)):
+            if n > stage.max_blocks:
                 raise ValueError(
-                    f"request needs {n * self.block_size[k]} KV positions on stage {k}, "
-                    f"whose cache holds {cap * self.block_size[k]}"
+                    f"request needs {n * stage.block_size} KV positions on stage {k}, "
+                    f"whose cache holds {stage.max_blocks * stage.block_size}"
                 )
         tokens = list(request.token_ids if isinstance(request, ScoreRequest) else request.prompt_ids)
         seq = Sequence(next(self._ids), request, tokens, self.config.num_stages)
@@ -70,12 +84,13 @@ class Engine:
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.engine_config.max_num_seqs:
-            need = self.waiting[0].kv_blocks
-            if any(n > free for n, free in zip(need, self.free_blocks)):
+            seq = self.waiting[0]
+            need = [(stage, n) for stage, n in zip(self.stages, seq.kv_blocks) if n]
+            if not all(stage.fits(n) for stage, n in need):
                 break  # first come, first served: later requests wait behind it
-            seq = self.waiting.popleft()
-            self.free_blocks = [free - n for free, n in zip(self.free_blocks, need)]
-            self.running.append(seq)
+            for stage, n in need:
+                stage.place(seq.seq_id, n)  # on one replica, where its KV will live
+            self.running.append(self.waiting.popleft())
 
     # ---- the step --------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -84,16 +99,29 @@ class Engine:
     def schedule(self):
         """Invariant: no prefill or decode phase. Per sequence and per stage there are positions
         computed and positions needed; each step every running sequence gets the work its
-        decoder plans next (a chunk of prompt, one decode token, a WAND catch-up, a
-        speculative draft or verification), and the pipeline catches each stage up."""
+        decoder plans next (one decode token, a WAND catch-up, a speculative draft or
+        verification, a prompt), and the pipeline catches each stage up. At most
+        max_prefill_chunk positions of a sequence enter stage 0 per step: a longer feed (a
+        prompt, or a rebuild) goes in chunks through every stage the sequence may reach, so
+        the others keep decoding meanwhile and no later step owes a prompt-sized catch-up."""
         self._admit()
-        return [(seq, seq.decoder.plan(seq)) for seq in self.running]
+        return [(seq, self._chunk(seq, seq.decoder.plan(seq))) for seq in self.running]
+
+    def _chunk(self, seq: Sequence, plan: StepPlan) -> StepPlan:
+        """The plan's first max_prefill_chunk fed positions. Heads are the last n fed positions,
+        so only those that fall inside the chunk are kept (a scorer's); no early exit."""
+        chunk = self.engine_config.max_prefill_chunk
+        rest = plan.num_feed - chunk  # positions left for later steps
+        if rest <= 0:
+            return plan
+        heads = {k: n - rest for k, n in plan.heads.items() if n > rest}
+        return StepPlan(chunk, self._depth(seq.request), heads, is_chunk=True)
 
     def step(self) -> list[Sequence]:
         """One pass. If it fails, the sequences in it end with `error` set; others are untouched."""
         work = self.schedule()
         try:
-            logits = self.pipeline.run(work)
+            logits = self.pipeline.run(work, self.engine_config.pipeline_micro_batches)
             return self.update(work, logits)
         except WorkerLost as exc:
             return self._recover(exc)
@@ -105,7 +133,9 @@ class Engine:
             return [seq for seq, _ in work]
 
     def update(self, work, logits) -> list[Sequence]:
-        for seq, _ in work:
+        for seq, plan in work:
+            if plan.is_chunk and not plan.heads:
+                continue  # a prompt chunk: the decoder decides nothing until its last one
             rollback_to = seq.decoder.update(seq, logits[seq.seq_id])
             if rollback_to is not None and not seq.finished:
                 self.pipeline.rollback(seq, rollback_to)
@@ -127,16 +157,33 @@ class Engine:
                 seq.error = exc
                 self.abort(seq, f"error: {exc}")
                 failed.append(seq)
-                continue
+        self.rebuild(self.running)
+        return failed
+
+    def rebuild(self, seqs: list[Sequence]) -> None:
+        """Drop these sequences' KV on every stage; they recompute it from their committed tokens
+        (drafts in flight are dropped), so the tokens that follow are unchanged."""
+        for seq in seqs:
             self.pipeline.free(seq)
             seq.restart_from_committed()
             seq.decoder.reset()
-        return failed
+
+    # ---- scaling: call between steps (on the engine loop's thread) ----------------------------
+    def add_replica(self, stage: int, worker) -> None:
+        self.stages[stage].add_replica(worker)
+
+    def remove_replica(self, stage: int, index: int | None = None):
+        """Take a replica of `stage` out of service (default: its least loaded); its sequences move
+        to the others and are rebuilt there. Returns the removed worker, which nothing calls again."""
+        worker, moved = self.stages[stage].remove_replica(index)
+        self.rebuild([seq for seq in self.running if seq.seq_id in moved])
+        return worker
 
     def _release(self, seq: Sequence) -> None:
         self.pipeline.free(seq)
         self.running.remove(seq)
-        self.free_blocks = [free + n for free, n in zip(self.free_blocks, seq.kv_blocks)]
+        for stage in self.stages:
+            stage.release(seq.seq_id)
 
     def abort(self, seq: Sequence, reason: str = "aborted") -> None:
         """Drop a sequence wherever it is and give its KV back."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .engine import Engine
@@ -81,6 +82,15 @@ class EngineLoop:
         handle.cancelled = True
         self._inbox.put(("abort", handle))
 
+    def call_in_loop(self, fn):
+        """Run fn() on the loop thread between two steps (e.g. scaling a stage); returns its result."""
+        with self._start_lock:
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
+        future = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future.result()
+
     # ---- the loop thread --------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -97,6 +107,12 @@ class EngineLoop:
             action, handle = item
             if action == "add":
                 self._add(handle)
+            elif action == "call":
+                fn, future = handle
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
             elif handle.seq is not None and not handle.seq.finished:
                 self.engine.abort(handle.seq, "cancelled")
                 self._finish(handle)
@@ -106,7 +122,8 @@ class EngineLoop:
                 item = None
 
     def _add(self, handle: RequestHandle) -> None:
-        if handle.cancelled:
+        if handle.cancelled:  # aborted before it reached the engine; its caller may still be waiting
+            handle.events.put(Event([], done=True))
             return
         try:
             handle.seq = self.engine.add(handle.request)

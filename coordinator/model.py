@@ -1,9 +1,9 @@
 """`PoEModel`: the model card's Python surface, served by stage workers through the engine.
 
-`from_pretrained` builds one in-process `StageWorker` per stage; `PoECluster` (coordinator/
-cluster.py) is the same class over Ray actors. Every method validates its arguments once,
-turns them into requests, runs the engine until they finish and packs the results as the
-card returns them. This module knows nothing of Ray or gRPC.
+`from_pretrained` builds in-process `StageWorker`s, one per stage or several replicas of a
+stage; `PoECluster` (coordinator/cluster.py) is the same class over Ray actors. Every method
+validates its arguments once, turns them into requests, runs the engine until they finish and
+packs the results as the card returns them. This module knows nothing of Ray or gRPC.
 """
 
 from __future__ import annotations
@@ -26,25 +26,35 @@ from .wand import bounds_from_gaps, exit_gaps
 
 class PoEModel:
     def __init__(self, config: ModelConfig, workers: list, engine_config: EngineConfig = EngineConfig()):
-        assert len(workers) == config.num_stages, "one worker per stage"
+        """`workers`: per stage, one worker or a list of that stage's replicas."""
+        assert len(workers) == config.num_stages, "one worker (or list of replicas) per stage"
         self.config = config
-        self.workers = workers
-        self.engine = Engine(config, Pipeline(workers), [w.info() for w in workers], engine_config)
+        self.engine = Engine(config, Pipeline(workers), engine_config)
         self.loop = EngineLoop(self.engine)  # the one thread that drives the engine; shared by all callers
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None, device=None, kv_cache_tokens: int | None = None):
+    def from_pretrained(cls, path: str | Path, dtype=None, device=None, kv_cache_tokens: int | None = None,
+                        replicas: list[int] | None = None, engine_config: EngineConfig = EngineConfig()):
+        """`replicas`: workers per stage (default one each); each replica loads its own slice."""
         config = load_config(path)
+        replicas = replicas or [1] * config.num_stages
+        if len(replicas) != config.num_stages or not all(isinstance(n, int) and n >= 1 for n in replicas):
+            raise ValueError(f"replicas={replicas!r} is invalid; allowed: {config.num_stages} integers >= 1")
         device = str(device or "cpu")
         dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
-        workers = [
-            StageWorker.from_checkpoint(path, WorkerSpec(stage=k, device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens))
-            for k in range(config.num_stages)
-        ]
-        return cls(config, workers)
+        specs = [WorkerSpec(stage=k, device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens)
+                 for k in range(config.num_stages)]
+        workers = [[StageWorker.from_checkpoint(path, spec) for _ in range(n)] for spec, n in zip(specs, replicas)]
+        return cls(config, workers, engine_config)
+
+    @property
+    def workers(self) -> list:
+        """Every stage worker, stage by stage (a stage's replicas side by side)."""
+        return [w for stage in self.engine.stages for w in stage.workers]
 
     def worker_infos(self):
-        return [w.info() for w in self.workers]
+        """One per stage (a replicated stage's KV and memory summed over its replicas)."""
+        return [stage.info() for stage in self.engine.stages]
 
     # ---- running requests ------------------------------------------------------------------
     def run(self, requests: list) -> list[Sequence]:

@@ -131,7 +131,8 @@ class SpeculativeDecoder:
 
 
 class ScoreDecoder:
-    """Logits of the chosen stages at every position of a fixed sequence, then done."""
+    """Logits of the chosen stages at every position of a fixed sequence, then done (a long
+    sequence's logits arrive over several passes, one per prefill chunk)."""
 
     def __init__(self, stages: tuple[int, ...]):
         self.stages = stages

@@ -18,6 +18,9 @@ from stage_workers.config import ModelConfig
 from .sampling import SamplingParams
 
 MAX_K_DRAFT = 16  # drafts per speculative round; more only wastes verification work
+# Log-OP and sampling run in fp32: a stage weight or temperature below MIN_SCALE rounds to 0, a
+# weight above MAX_SCALE overflows to inf, and either turns every score into NaN
+MIN_SCALE, MAX_SCALE = 1e-30, 1e30
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,11 @@ def check_max_new_tokens(config: ModelConfig, prompt_len: int, max_new_tokens) -
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; allowed: an integer >= 1")
     if prompt_len + max_new_tokens > config.sequence_len:
+        room = config.sequence_len - prompt_len
+        allowed = f"max_new_tokens <= {room}" if room >= 1 else f"a prompt of at most {config.sequence_len - 1} tokens"
         raise ValueError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context limit "
-            f"(sequence_len) of {config.sequence_len}; allowed: max_new_tokens <= {config.sequence_len - prompt_len}"
+            f"(sequence_len) of {config.sequence_len}; allowed: {allowed}"
         )
     return max_new_tokens
 
@@ -113,8 +118,8 @@ def check_max_new_tokens(config: ModelConfig, prompt_len: int, max_new_tokens) -
 def check_sampling(do_sample: bool, temperature, top_k, top_p, seed) -> SamplingParams | None:
     if not do_sample:
         return None
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature={temperature!r} is invalid; allowed: a finite number > 0")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < MIN_SCALE:
+        raise ValueError(f"temperature={temperature!r} is invalid; allowed: a finite number >= {MIN_SCALE:g}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is invalid; allowed: None or an integer >= 1")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
@@ -163,8 +168,9 @@ def composition_mode(config: ModelConfig, stages, stage_weights=None) -> Composi
     if len(stage_weights) != len(stages):
         raise ValueError(f"stage_weights has {len(stage_weights)} entries for {len(stages)} stages; give one weight per stage")
     for w in stage_weights:
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:
-            raise ValueError(f"stage_weights entry {w!r} is invalid; allowed: finite numbers > 0")
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not MIN_SCALE <= w <= MAX_SCALE:
+            raise ValueError(f"stage_weights entry {w!r} is invalid; allowed: finite numbers > 0, "
+                             f"from {MIN_SCALE:g} to {MAX_SCALE:g}")
     pairs = sorted(zip(stages, (float(w) for w in stage_weights)))
     return Composition(tuple(s for s, _ in pairs), tuple(w for _, w in pairs), "composition")
 

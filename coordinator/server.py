@@ -1,13 +1,16 @@
 """The gRPC front: a thin `PoEServing` servicer over an `EngineLoop`, plus health and reflection.
 
-Every RPC validates its message (bad arguments -> INVALID_ARGUMENT with the reason), submits
-to the shared engine loop (a full queue -> RESOURCE_EXHAUSTED), and waits for its events. A
-client that goes away or runs out of deadline has its sequence aborted, freeing its KV. The
-servicer knows messages and status codes; the model behind it may be in-process or on Ray.
+Every RPC parses and validates its message (bytes that do not parse, or bad arguments ->
+INVALID_ARGUMENT naming the field; a message over MAX_MESSAGE_BYTES is RESOURCE_EXHAUSTED from
+gRPC itself, before any handler), submits to the shared engine loop (a full queue ->
+RESOURCE_EXHAUSTED), and waits for its events. A client that goes away or runs out of deadline
+has its sequence aborted, freeing its KV. The servicer knows messages and status codes; the
+model behind it may be in-process or on Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -24,6 +27,7 @@ from stage_workers.messages import WorkerLost
 
 from . import requests as rq
 from . import wire
+from .admin import ADMIN_SERVICE_NAME, AdminServicer
 from .engine_loop import EngineLoop, QueueFull, RequestHandle
 from .model import PoEModel
 from .security import ServerSecurity
@@ -31,7 +35,9 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger("poe_serve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name
+REQUEST_TYPES = {m.name: getattr(pb, m.input_type.name) for m in pb.DESCRIPTOR.services_by_name["PoEServing"].methods}
 MAX_MESSAGE_BYTES = 4 << 20
+HANDLER_HEADROOM = 16  # handler threads beyond running + queued requests: health checks, quick refusals
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
@@ -56,7 +62,8 @@ class PoEServicer(pb_grpc.PoEServingServicer):
             handle = self.loop.submit(request)
         except QueueFull as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        context.add_callback(lambda: self.loop.abort(handle))  # client gone or deadline passed
+        if not context.add_callback(lambda: self.loop.abort(handle)):  # client gone or deadline passed
+            self.loop.abort(handle)  # it already went: no callback will come
         return handle
 
     def _events(self, handle: RequestHandle, context):
@@ -65,6 +72,8 @@ class PoEServicer(pb_grpc.PoEServingServicer):
             event = handle.events.get()
             if event.error is not None:
                 context.abort(_status_of(event.error), f"{type(event.error).__name__}: {event.error}")
+            if event.done and handle.cancelled:  # the client is gone; nothing to answer
+                context.abort(grpc.StatusCode.CANCELLED, "cancelled: the client went away or its deadline passed")
             yield event
             if event.done:
                 return
@@ -113,11 +122,12 @@ class PoEServicer(pb_grpc.PoEServingServicer):
 
     def GetModelInfo(self, request, context):
         c = self.config
+        infos = [(r, worker.info()) for stage in self.model.engine.stages for r, worker in enumerate(list(stage.workers))]
         workers = [
-            pb.WorkerPlacement(stage=w.stage, replica=0, first_layer=w.layers[0], last_layer=w.layers[1],
+            pb.WorkerPlacement(stage=w.stage, replica=r, first_layer=w.layers[0], last_layer=w.layers[1],
                                device=w.device, dtype=w.dtype, parameters=w.num_parameters,
                                resident_bytes=w.resident_bytes, kv_cache_tokens=w.kv_num_blocks * w.kv_block_size)
-            for w in self.model.worker_infos()
+            for r, w in infos
         ]
         return pb.ModelInfo(stage_layout=c.poe_stage_layout, boundary_layers=c.stage_boundaries,
                             vocab_size=c.vocab_size, context_length=c.sequence_len,
@@ -125,21 +135,53 @@ class PoEServicer(pb_grpc.PoEServingServicer):
                             wand_p99_bounds=c.wand_p99_bounds or ())
 
 
+class ParseRequests(grpc.ServerInterceptor):
+    """PoEServing requests are parsed here, not by gRPC, so that bytes which do not parse (a
+    prompt that is not UTF-8) are INVALID_ARGUMENT naming the field rather than INTERNAL."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service, _, method = handler_call_details.method.strip("/").partition("/")
+        if handler is None or handler.request_deserializer is None or service != SERVICE_NAME:
+            return handler
+        assert not handler.request_streaming, f"{method}: streaming requests are not parsed here"
+        parse = functools.partial(wire.parse_request, REQUEST_TYPES[method])
+
+        def checked(behaviour):
+            def run(request, context):
+                if isinstance(request, wire.MalformedRequest):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                return behaviour(request, context)
+            return run
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(checked(handler.unary_stream), parse,
+                                                        handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(checked(handler.unary_unary), parse, handler.response_serializer)
+
+
 class Server:
     """A running gRPC server over a model; `stop()` drains and shuts down."""
 
     def __init__(self, model: PoEModel, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 50051,
-                 max_workers: int = 64, max_queue: int = 256, security: ServerSecurity = ServerSecurity()):
+                 max_workers: int | None = None, max_queue: int = 256, security: ServerSecurity = ServerSecurity()):
         self.loop = model.loop
         self.loop.max_queue = max_queue
+        # A generation holds its handler thread until it ends, so the pool covers the running batch,
+        # the queue and some room (health checks, refusals); past it gRPC answers RESOURCE_EXHAUSTED
+        # rather than holding calls in an unbounded backlog that health checks would wait behind.
+        max_workers = max_workers or model.engine.engine_config.max_num_seqs + max_queue + HANDLER_HEADROOM
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", 64 << 20)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                                interceptors=security.interceptors())
+                                interceptors=[*security.interceptors(), ParseRequests()],
+                                maximum_concurrent_rpcs=max_workers)
         pb_grpc.add_PoEServingServicer_to_server(PoEServicer(model, tokenizer, self.loop), self.grpc)
+        pb_grpc.add_PoEAdminServicer_to_server(AdminServicer(model), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         credentials = security.credentials()
         if credentials is None:
             self.port = self.grpc.add_insecure_port(f"{host}:{port}")

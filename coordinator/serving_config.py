@@ -37,6 +37,8 @@ class ServingConfig:
     max_num_seqs: int = 64  # sequences decoding at once
     max_queue: int = 256  # requests waiting for KV room before RESOURCE_EXHAUSTED
     max_worker_restarts: int = 3  # Ray restarts of a lost worker; its sequences are rebuilt each time
+    max_prefill_chunk: int = 256  # prompt positions of one sequence fed per step; longer prompts go in chunks
+    pipeline_micro_batches: int = 1  # groups of a step's sequences in flight at once, one stage apart
     source: str = ""
 
     def placement(self, stage: int) -> StagePlacement:
@@ -75,7 +77,8 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
 def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
-    known = {"stages", "defaults", "placement_strategy", "max_num_seqs", "max_queue", "max_worker_restarts"}
+    limit_keys = ("max_num_seqs", "max_queue", "max_worker_restarts", "max_prefill_chunk", "pipeline_micro_batches")
+    known = {"stages", "defaults", "placement_strategy", *limit_keys}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
@@ -86,7 +89,7 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     strategy = raw.get("placement_strategy", "PACK")
     if strategy not in STRATEGIES:
         raise ValueError(f"{source}: placement_strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    limits = {k: raw.get(k, getattr(ServingConfig, k)) for k in ("max_num_seqs", "max_queue", "max_worker_restarts")}
+    limits = {k: raw.get(k, getattr(ServingConfig, k)) for k in limit_keys}
     for key, value in limits.items():
         low = 0 if key == "max_worker_restarts" else 1
         if not isinstance(value, int) or value < low:

@@ -1,15 +1,18 @@
 """Translating between the gRPC messages (protos/) and the coordinator's requests and results.
 
-Pure functions: a `GenerateRequest` becomes a validated `GenerationRequest` (or a ValueError
-naming the field), finished sequences become responses, and stage logits become scores.
+Pure functions: request bytes become a message (or a `MalformedRequest` naming the field), a
+`GenerateRequest` becomes a validated `GenerationRequest` (or a ValueError naming the field),
+finished sequences become responses, and stage logits become scores.
 Nothing here touches the network or the engine.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from google.protobuf.message import DecodeError
 
 from protos import poe_serving_pb2 as pb
 from stage_workers.config import ModelConfig
@@ -22,6 +25,65 @@ from .tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_K_DRAFT = 3
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Request bytes that did not parse; the server answers INVALID_ARGUMENT with `reason`."""
+
+    reason: str
+
+
+def parse_request(message_class, data: bytes):
+    """A parsed message, or a `MalformedRequest` naming the string field that is not UTF-8.
+
+    gRPC would answer a parse failure with INTERNAL ("Exception deserializing request!"); the
+    one a client can cause with a well-formed message is invalid UTF-8 in a string field.
+    """
+    try:
+        return message_class.FromString(data)
+    except DecodeError as exc:
+        name = message_class.DESCRIPTOR.full_name
+        field = _non_utf8_field(message_class.DESCRIPTOR, data)
+        if field is not None:
+            return MalformedRequest(f"{field}: not valid UTF-8; allowed: UTF-8 text (or token ids in token_ids)")
+        return MalformedRequest(f"request: the bytes are not a valid {name} message ({exc})")
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]  # IndexError: truncated
+        value, shift, pos = value | (byte & 0x7F) << shift, shift + 7, pos + 1
+        if byte < 0x80:
+            return value, pos
+
+
+def _non_utf8_field(descriptor, data: bytes) -> str | None:
+    """The first top-level string field whose bytes are not UTF-8 (requests nest no strings)."""
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                size, pos = _varint(data, pos)
+                field = descriptor.fields_by_number.get(number)
+                if field is not None and field.type == field.TYPE_STRING:
+                    try:
+                        data[pos : pos + size].decode("utf-8")
+                    except UnicodeDecodeError:
+                        return field.name
+                pos += size
+            else:
+                return None  # groups: not in this API
+    except IndexError:
+        return None
+    return None
 
 
 def input_ids(message, tokenizer: Tokenizer, config: ModelConfig) -> list[int]:
@@ -57,7 +119,7 @@ def sampling_of(message: pb.GenerateRequest, mode: rq.Mode) -> SamplingParams | 
     if not isinstance(mode, rq.Composition):
         raise ValueError("sampling: WAND and speculative modes are greedy; remove sampling or use another mode")
     s = message.sampling
-    top_p = s.top_p if 0 < s.top_p < 1 else None
+    top_p = s.top_p if s.top_p != 0 else None  # 0 is proto3's "unset"; 1.5, -0.5 or NaN are errors, not "no top-p"
     return rq.check_sampling(True, s.temperature, s.top_k or None, top_p, s.seed if s.HasField("seed") else None)
 
 

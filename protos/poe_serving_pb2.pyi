@@ -185,3 +185,17 @@ class ModelInfo(_message.Message):
     poe_alpha: float
     wand_p99_bounds: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, stage_layout: _Optional[_Iterable[int]] = ..., boundary_layers: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerPlacement, _Mapping]]] = ..., poe_alpha: _Optional[float] = ..., wand_p99_bounds: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ScaleStageRequest(_message.Message):
+    __slots__ = ("stage", "replicas")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    replicas: int
+    def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class ScaleStageResponse(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, replicas: _Optional[_Iterable[int]] = ...) -> None: ...

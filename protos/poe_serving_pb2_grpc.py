@@ -228,3 +228,80 @@ class PoEServing:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PoEAdminStub:
+    """Operator calls, behind the same bearer token as everything else.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ScaleStage = channel.unary_unary(
+                '/poe.v1.PoEAdmin/ScaleStage',
+                request_serializer=protos_dot_poe__serving__pb2.ScaleStageRequest.SerializeToString,
+                response_deserializer=protos_dot_poe__serving__pb2.ScaleStageResponse.FromString,
+                _registered_method=True)
+
+
+class PoEAdminServicer:
+    """Operator calls, behind the same bearer token as everything else.
+    """
+
+    def ScaleStage(self, request, context):
+        """Serve a stage with this many replicas from now on. Added workers load their slice first;
+        a removed worker's in-flight sequences move to the others and keep their tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PoEAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ScaleStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleStage,
+                    request_deserializer=protos_dot_poe__serving__pb2.ScaleStageRequest.FromString,
+                    response_serializer=protos_dot_poe__serving__pb2.ScaleStageResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'poe.v1.PoEAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('poe.v1.PoEAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PoEAdmin:
+    """Operator calls, behind the same bearer token as everything else.
+    """
+
+    @staticmethod
+    def ScaleStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poe.v1.PoEAdmin/ScaleStage',
+            protos_dot_poe__serving__pb2.ScaleStageRequest.SerializeToString,
+            protos_dot_poe__serving__pb2.ScaleStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

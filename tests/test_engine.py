@@ -1,4 +1,4 @@
-"""The engine and pipeline with fake stage workers: scheduling, catch-up, rollback, batching."""
+"""The engine and pipeline with fake stage workers: scheduling, catch-up, rollback, batching, chunked prefill."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from coordinator import requests as rq
-from coordinator.engine import Engine
+from coordinator.engine import Engine, EngineConfig
 from coordinator.logop import combine, log_probs, top2_margin
 from coordinator.pipeline import Pipeline
 from stage_workers.config import config_from_dict
@@ -21,7 +21,7 @@ CONFIG = config_from_dict(dict(vocab_size=VOCAB, n_layer=4, n_embd=32, n_head=2,
 
 def make_engine(kv_blocks=64, **engine_kwargs):
     workers = [FakeWorker(k, K, kv_blocks=kv_blocks) for k in range(K)]
-    return Engine(CONFIG, Pipeline(workers), [w.info() for w in workers]), workers
+    return Engine(CONFIG, Pipeline(workers), EngineConfig(**engine_kwargs)), workers
 
 
 def expected_score(prefix, stages):
@@ -154,7 +154,7 @@ class LosingWorker(FakeWorker):
 def test_a_lost_worker_is_rebuilt_from_committed_tokens_and_tokens_are_unchanged():
     workers = [FakeWorker(k, K) for k in range(K)]
     workers[2] = LosingWorker(2, K, lose_on={4, 9})
-    engine = Engine(CONFIG, Pipeline(workers), [w.info() for w in workers])
+    engine = Engine(CONFIG, Pipeline(workers))
     reqs = [
         request([1, 2], 8, rq.full_mode(CONFIG)),
         request([3], 9, rq.speculative_mode(CONFIG, 1, 2)),
@@ -174,8 +174,93 @@ def test_a_lost_worker_is_rebuilt_from_committed_tokens_and_tokens_are_unchanged
 def test_a_worker_lost_too_often_fails_its_sequences_with_the_error():
     workers = [FakeWorker(k, K) for k in range(K)]
     workers[1] = LosingWorker(1, K, lose_on=set(range(2, 100)))
-    engine = Engine(CONFIG, Pipeline(workers), [w.info() for w in workers])
+    engine = Engine(CONFIG, Pipeline(workers))
     seq = engine.add(request([1, 2], 8, rq.full_mode(CONFIG)))
     with pytest.raises(WorkerLost, match="stage 1 worker lost"):
         engine.run_to_completion([seq])
     assert seq.finished and engine.free_blocks == engine.capacity and not engine.running
+
+
+# ---- chunked prefill ------------------------------------------------------------------------
+
+MODES = {
+    "full": lambda: rq.full_mode(CONFIG),
+    "prefix": lambda: rq.prefix_mode(CONFIG, 2),
+    "composition": lambda: rq.composition_mode(CONFIG, [0, 3], [0.5, 2.0]),
+    "wand": lambda: rq.wand_mode(CONFIG, 1.0, (1.0, 1.0, 1.0, 0.0)),
+    "speculative": lambda: rq.speculative_mode(CONFIG, 1, 3),
+}
+
+
+def test_a_long_prompt_enters_in_chunks_on_every_stage():
+    engine, workers = make_engine(max_prefill_chunk=8)
+    prompt = [i % VOCAB for i in range(30)]
+    seq = run(engine, request(prompt, 4, rq.full_mode(CONFIG)))
+    assert seq.new_tokens == greedy(prompt, 4)
+    chunks, rest, decodes = [(0, 8, 0), (8, 8, 0), (16, 8, 0)], [(24, 6, 1)], [(p, 1, 1) for p in (30, 31, 32)]
+    for w in workers:  # (start, length, heads): chunks without logits, the rest of the prompt, decodes
+        assert [c[0][1:] for c in w.calls] == chunks + rest + decodes
+
+
+def test_a_decoding_sequence_gets_a_token_every_step_while_a_prompt_is_chunked():
+    engine, workers = make_engine(max_prefill_chunk=8)
+    decoding = engine.add(request([1, 2], 12, rq.full_mode(CONFIG)))
+    engine.step()
+    prompt = [i % VOCAB for i in range(40)]
+    long = engine.add(request(prompt, 3, rq.full_mode(CONFIG)))
+    for step in range(1, 6):  # five chunks of 8; the last is the decoder's own plan and yields a token
+        engine.step()
+        assert len(decoding.new_tokens) == step + 1 and long.num_computed == [8 * step] * K
+        assert [c[1:3] for c in workers[0].calls[-1]] == [(step + 1, 1), (8 * (step - 1), 8)]
+        assert len(long.new_tokens) == (step == 5)
+    engine.run_to_completion([decoding, long])
+    assert decoding.new_tokens == greedy([1, 2], 12) and long.new_tokens == greedy(prompt, 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_prefill_gives_the_unchunked_tokens(mode):
+    prompt = [(7 * i) % VOCAB for i in range(23)]
+    alone = run(make_engine()[0], request(prompt, 10, MODES[mode]()))
+    for chunk in (1, 5, 22):
+        engine, workers = make_engine(max_prefill_chunk=chunk)
+        seq = run(engine, request(prompt, 10, MODES[mode]()))
+        assert (seq.new_tokens, seq.stages_used) == (alone.new_tokens, alone.stages_used), f"chunk {chunk}"
+        assert max(n for call in workers[0].calls for _, _, n, _ in call) <= chunk
+
+
+def test_chunked_prefill_gives_the_unchunked_sampled_tokens():
+    sampling = rq.check_sampling(True, 0.9, None, 0.95, 3)
+    req = request([i % VOCAB for i in range(21)], 8, rq.full_mode(CONFIG), sampling=sampling)
+    assert run(make_engine(max_prefill_chunk=4)[0], req).new_tokens == run(make_engine()[0], req).new_tokens
+
+
+def test_scoring_in_chunks_returns_logits_at_every_position():
+    tokens = tuple((5 * i + 1) % VOCAB for i in range(19))
+    engine, workers = make_engine(max_prefill_chunk=6)
+    seq = run(engine, rq.ScoreRequest(tokens, (0, 2)))
+    assert [c[0][1:] for c in workers[2].calls] == [(0, 6, 6), (6, 6, 6), (12, 6, 6), (18, 1, 1)]
+    assert workers[3].calls == []
+    for k in (0, 2):
+        expected = torch.stack([fake_logits(k, tokens[: p + 1]) for p in range(len(tokens))])  # (T, V)
+        assert torch.equal(seq.decoder.stage_logits(k), expected)
+
+
+def test_chunked_prefill_on_the_tiny_model_gives_the_same_tokens_and_logits(tiny_dir, tiny_model):
+    from coordinator import PoEModel
+
+    chunked = PoEModel.from_pretrained(tiny_dir, engine_config=EngineConfig(max_prefill_chunk=7))
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    K_ = tiny_model.config.num_stages
+    calls = [
+        lambda m: m.generate(ids, 6),
+        lambda m: m.generate_parallel_composition(ids, [0, K_ - 1], [0.5, 1.0], 6),
+        lambda m: m.generate_wand(ids, 6, p99_bounds=[0.6] * (K_ - 1) + [0.0], return_stages_used=True),
+        lambda m: m.generate_speculative(ids, 0, 3, 6),
+    ]
+    for call in calls:
+        out, expected = call(chunked), call(tiny_model)  # a tensor, or (tokens, stages_used)
+        out, expected = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
+        assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    assert torch.allclose(chunked.forward(ids), tiny_model.forward(ids), atol=1e-4)
+    assert torch.allclose(chunked.forward_stage(ids, 1), tiny_model.forward_stage(ids, 1), atol=1e-4)
+    chunked.loop.stop()

@@ -19,21 +19,7 @@ from coordinator.client import PoEClient, build_request
 from coordinator.server import SERVICE_NAME, Server
 from protos import poe_serving_pb2 as pb
 
-BOUNDS = [0.6, 0.6, 0.6, 0.0]
-# name -> (client kwargs, reference call on a (1, T) prompt tensor)
-MODES = {
-    "full": (dict(mode="full"), lambda m, ids, n: m.generate(ids, n)),
-    "prefix": (dict(mode="prefix", max_stages=2), lambda m, ids, n: m.generate_prefix(ids, 2, n)),
-    "stage": (dict(mode="stage", stage=1), lambda m, ids, n: m.generate_stage(ids, 1, n)),
-    "composition": (dict(mode="composition", stages=[3, 0], stage_weights=[1.0, 0.5]),
-                    lambda m, ids, n: m.generate_parallel_composition(ids, [3, 0], [1.0, 0.5], n)),
-    "wand": (dict(mode="wand", safety=1.0, p99_bounds=BOUNDS),
-             lambda m, ids, n: m.generate_wand(ids, n, 1.0, BOUNDS)),
-    "speculative": (dict(mode="speculative", draft_stage=0, k_draft=3),
-                    lambda m, ids, n: m.generate_speculative(ids, 0, 3, n)),
-    "sampled": (dict(mode="full", temperature=0.8, top_k=50, top_p=0.9, seed=7),
-                lambda m, ids, n: m.generate(ids, n, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=7)),
-}
+from grpc_modes import BOUNDS, MODES
 
 
 @pytest.fixture(scope="module")

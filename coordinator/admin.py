@@ -1,0 +1,33 @@
+"""The `PoEAdmin` gRPC service: operator calls on a running server, today scaling a stage.
+
+Only a model whose stages run on Ray (`PoECluster.scale_stage`) can scale; over an in-process
+model the call is FAILED_PRECONDITION. In-flight requests keep running while a stage scales
+and keep their tokens. It knows the model's scaling verb and status codes, nothing else.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from protos import poe_serving_pb2 as pb
+from protos import poe_serving_pb2_grpc as pb_grpc
+
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEAdmin"].full_name
+
+
+class AdminServicer(pb_grpc.PoEAdminServicer):
+    def __init__(self, model):
+        self.model = model
+
+    def ScaleStage(self, request, context):
+        scale = getattr(self.model, "scale_stage", None)
+        if scale is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "scaling needs stage workers on Ray (poe-serve serve); this server runs an in-process model")
+        try:
+            scale(request.stage, request.replicas)
+        except ValueError as exc:  # stage out of range, replicas < 1, or no KV room to move sequences
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RuntimeError as exc:  # Ray could not place or start a new worker
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.ScaleStageResponse(replicas=[len(stage.workers) for stage in self.model.engine.stages])

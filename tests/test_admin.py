@@ -1,0 +1,64 @@
+"""The PoEAdmin service: scaling a stage's replicas on a running server, through gRPC and the CLI.
+
+Over `PoECluster` on the session's Ray: a stage scales up and back down while a request is in
+flight, tokens stay those of `PoEModel`, and ModelInfo lists every replica. Over an in-process
+model scaling is refused; bad arguments are INVALID_ARGUMENT naming the field.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from coordinator import PoEModel, load_tokenizer
+from coordinator.cli import main
+from coordinator.client import PoEClient
+from coordinator.server import Server
+
+
+def ids(seed: int) -> list[int]:
+    return torch.randint(0, 500, (20,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_scale_stage_while_serving_keeps_tokens_and_lists_replicas(ray_session, tiny_dir, tiny_model, capsys):
+    from coordinator.cluster import PoECluster
+
+    expected = tiny_model.generate(torch.tensor([ids(1)]), 24)[0, 20:].tolist()
+    with PoECluster.launch(tiny_dir) as cluster:
+        server = Server(cluster, load_tokenizer(tiny_dir), port=0)
+        try:
+            with PoEClient(server.address, timeout=120) as client:
+                result = {}
+                in_flight = threading.Thread(
+                    target=lambda: result.update(tokens=list(client.generate(token_ids=ids(1), max_new_tokens=24).token_ids)))
+                in_flight.start()
+                assert client.scale_stage(0, 2) == [2, 1, 1, 1]
+                info = client.model_info()
+                assert [(w.stage, w.replica) for w in info.workers] == [(0, 0), (0, 1), (1, 0), (2, 0), (3, 0)]
+                main(["scale", "--server", server.address, "--stage", "0", "--replicas", "1"])
+                assert "replicas per stage: [1, 1, 1, 1]" in capsys.readouterr().out
+                in_flight.join(timeout=120)
+                assert result["tokens"] == expected
+                with pytest.raises(grpc.RpcError) as err:
+                    client.scale_stage(7, 1)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stage=7" in err.value.details()
+                with pytest.raises(grpc.RpcError) as err:
+                    client.scale_stage(1, 0)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "replicas=0" in err.value.details()
+                assert list(client.generate(token_ids=ids(1), max_new_tokens=24).token_ids) == expected
+        finally:
+            server.stop(0)
+
+
+def test_scaling_an_in_process_model_is_refused(tiny_dir):
+    server = Server(PoEModel.from_pretrained(tiny_dir), load_tokenizer(tiny_dir), port=0)
+    try:
+        with PoEClient(server.address, timeout=60) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.scale_stage(0, 2)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Ray" in err.value.details()
+    finally:
+        server.stop(0)
