@@ -1,8 +1,8 @@
 """The gRPC front: a thin `PoEServing` servicer over an `EngineLoop`, plus health and reflection.
 
-Every RPC parses and validates its message (bytes that do not parse, or bad arguments ->
-INVALID_ARGUMENT naming the field; a message over MAX_MESSAGE_BYTES is RESOURCE_EXHAUSTED from
-gRPC itself, before any handler), submits to the shared engine loop (a full queue ->
+Every RPC parses and validates its message (bytes that do not parse, a message over
+MAX_MESSAGE_BYTES, or bad arguments -> INVALID_ARGUMENT naming the field; only one over
+TRANSPORT_MAX_BYTES is RESOURCE_EXHAUSTED from gRPC itself, before any handler), submits to the shared engine loop (a full queue ->
 RESOURCE_EXHAUSTED), and waits for its events. A client that goes away or runs out of deadline
 has its sequence aborted, freeing its KV. The servicer knows messages and status codes; the
 model behind it may be in-process or on Ray.
@@ -36,7 +36,8 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("poe_serve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name
 REQUEST_TYPES = {m.name: getattr(pb, m.input_type.name) for m in pb.DESCRIPTOR.services_by_name["PoEServing"].methods}
-MAX_MESSAGE_BYTES = 4 << 20
+MAX_MESSAGE_BYTES = 4 << 20  # the API's request limit: larger is INVALID_ARGUMENT naming the field
+TRANSPORT_MAX_BYTES = 4 * MAX_MESSAGE_BYTES  # gRPC's own limit: larger is RESOURCE_EXHAUSTED before any handler
 HANDLER_HEADROOM = 16  # handler threads beyond running + queued requests: health checks, quick refusals
 
 
@@ -145,7 +146,7 @@ class ParseRequests(grpc.ServerInterceptor):
         if handler is None or handler.request_deserializer is None or service != SERVICE_NAME:
             return handler
         assert not handler.request_streaming, f"{method}: streaming requests are not parsed here"
-        parse = functools.partial(wire.parse_request, REQUEST_TYPES[method])
+        parse = functools.partial(wire.parse_request, REQUEST_TYPES[method], max_bytes=MAX_MESSAGE_BYTES)
 
         def checked(behaviour):
             def run(request, context):
@@ -171,7 +172,7 @@ class Server:
         # the queue and some room (health checks, refusals); past it gRPC answers RESOURCE_EXHAUSTED
         # rather than holding calls in an unbounded backlog that health checks would wait behind.
         max_workers = max_workers or model.engine.engine_config.max_num_seqs + max_queue + HANDLER_HEADROOM
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        options = [("grpc.max_receive_message_length", TRANSPORT_MAX_BYTES),
                    ("grpc.max_send_message_length", 64 << 20)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                                 interceptors=[*security.interceptors(), ParseRequests()],

@@ -34,20 +34,30 @@ class MalformedRequest:
     reason: str
 
 
-def parse_request(message_class, data: bytes):
-    """A parsed message, or a `MalformedRequest` naming the string field that is not UTF-8.
-
-    gRPC would answer a parse failure with INTERNAL ("Exception deserializing request!"); the
-    one a client can cause with a well-formed message is invalid UTF-8 in a string field.
-    """
+def parse_request(message_class, data: bytes, max_bytes: int):
+    """A parsed message, or a `MalformedRequest` naming the field at fault: the largest one of a
+    request over `max_bytes`, or a string field that is not UTF-8 (gRPC alone would answer those
+    with RESOURCE_EXHAUSTED and INTERNAL, naming nothing)."""
+    name = message_class.DESCRIPTOR.full_name
+    fields = _top_level_fields(message_class.DESCRIPTOR, data)
+    if len(data) > max_bytes:
+        largest = max(fields, key=lambda f: len(f[1]))[0].name if fields else "request"
+        return MalformedRequest(f"{largest}: the {name} is {len(data):,} bytes; allowed: at most {max_bytes:,}")
     try:
         return message_class.FromString(data)
     except DecodeError as exc:
-        name = message_class.DESCRIPTOR.full_name
-        field = _non_utf8_field(message_class.DESCRIPTOR, data)
-        if field is not None:
-            return MalformedRequest(f"{field}: not valid UTF-8; allowed: UTF-8 text (or token ids in token_ids)")
+        for field, payload in fields:
+            if field.type == field.TYPE_STRING and not _is_utf8(payload):
+                return MalformedRequest(f"{field.name}: not valid UTF-8; allowed: UTF-8 text (or token ids in token_ids)")
         return MalformedRequest(f"request: the bytes are not a valid {name} message ({exc})")
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -59,9 +69,10 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _non_utf8_field(descriptor, data: bytes) -> str | None:
-    """The first top-level string field whose bytes are not UTF-8 (requests nest no strings)."""
-    pos = 0
+def _top_level_fields(descriptor, data: bytes) -> list[tuple[object, bytes]]:
+    """(field, payload) of each known length-delimited top-level field, read from the wire format
+    itself (requests nest no strings); stops quietly where the bytes stop making sense."""
+    out, pos = [], 0
     try:
         while pos < len(data):
             key, pos = _varint(data, pos)
@@ -73,17 +84,14 @@ def _non_utf8_field(descriptor, data: bytes) -> str | None:
             elif wire_type == 2:
                 size, pos = _varint(data, pos)
                 field = descriptor.fields_by_number.get(number)
-                if field is not None and field.type == field.TYPE_STRING:
-                    try:
-                        data[pos : pos + size].decode("utf-8")
-                    except UnicodeDecodeError:
-                        return field.name
+                if field is not None:
+                    out.append((field, data[pos : pos + size]))
                 pos += size
             else:
-                return None  # groups: not in this API
+                break  # groups: not in this API
     except IndexError:
-        return None
-    return None
+        pass
+    return out
 
 
 def input_ids(message, tokenizer: Tokenizer, config: ModelConfig) -> list[int]:

@@ -43,7 +43,9 @@ class CacheAttention:
         for window in windows:
             k_lo = (starts - window).clamp(min=0)  # (B,) first key any query of the segment sees
             k_len = starts + lengths - k_lo  # (B,)
-            j = torch.arange(int(k_len.max()), device=device)
+            # the widest key span, from the host-side segments: no device sync in the decode step
+            k_max = max(s.start + s.length - max(s.start - window, 0) for s in segments)
+            j = torch.arange(k_max, device=device)
             k_valid = j < k_len[:, None]  # (B, K)
             k_pos = k_lo[:, None] + torch.where(k_valid, j, 0)  # (B, K)
             mask = k_valid[:, None, :] & window_mask(q_pos[:, :, None], k_pos[:, None, :], window)

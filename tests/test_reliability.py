@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from coordinator import PoEModel, load_tokenizer, wire
 from coordinator.client import PoEClient, build_request
 from coordinator.requests import MAX_K_DRAFT
-from coordinator.server import MAX_MESSAGE_BYTES, SERVICE_NAME, Server
+from coordinator.server import MAX_MESSAGE_BYTES, SERVICE_NAME, TRANSPORT_MAX_BYTES, Server
 from protos import poe_serving_pb2 as pb
 
 from grpc_modes import BOUNDS, MODES
@@ -240,15 +240,20 @@ def test_zero_values_mean_the_documented_defaults(served, expected, reference):
                                                              top_k=50, seed=7)[0, len(ids):].tolist()
 
 
-def test_a_message_over_the_receive_limit_is_resource_exhausted_before_any_handler(served, expected):
-    """gRPC itself refuses a message above MAX_MESSAGE_BYTES (4 MiB) before parsing it: the status is
-    RESOURCE_EXHAUSTED, not INVALID_ARGUMENT, and the servicer never sees it. Just under the limit
-    the message is parsed and refused by validation (too many tokens for the context)."""
-    over = gen(token_ids=None, prompt="x" * (MAX_MESSAGE_BYTES + 1)).SerializeToString()
+def test_an_oversize_message_is_invalid_argument_naming_its_largest_field(served, expected):
+    """Over MAX_MESSAGE_BYTES (4 MiB) the server refuses the request before parsing it, naming the
+    field that made it large; only past gRPC's transport limit is it RESOURCE_EXHAUSTED, from
+    gRPC itself. Just under the limit the message is parsed and refused by validation."""
+    for field, message in [("prompt", gen(token_ids=None, prompt="x" * (MAX_MESSAGE_BYTES + 1))),
+                           ("token_ids", gen(token_ids=[200] * (MAX_MESSAGE_BYTES // 2 + 1)))]:  # 2-byte varints
+        with pytest.raises(grpc.RpcError) as err:
+            call_raw(served.client, "Generate", message.SerializeToString())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and names(field, err.value.details())
+        assert f"at most {MAX_MESSAGE_BYTES:,}" in err.value.details()
+    beyond = gen(token_ids=None, prompt="x" * (TRANSPORT_MAX_BYTES + 1)).SerializeToString()
     with pytest.raises(grpc.RpcError) as err:
-        call_raw(served.client, "Generate", over)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in err.value.details()
+        call_raw(served.client, "Generate", beyond)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.value.details()
     under = gen(token_ids=None, prompt=" x" * ((MAX_MESSAGE_BYTES - 64) // 2)).SerializeToString()
     assert len(under) <= MAX_MESSAGE_BYTES
     with pytest.raises(grpc.RpcError) as err:
