@@ -7,6 +7,7 @@ bad flags or inputs are printed as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -217,6 +218,8 @@ def cmd_bench(args) -> None:
     from checkpoints.writer import init_checkpoint
     from coordinator.bench import SECTIONS, BenchConfig, run_bench
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail before a long run, not after
+        raise ValueError("--plot needs matplotlib: pip install matplotlib (or the 'test' extra)")
     checkpoint = args.checkpoint
     if checkpoint is None:  # the small preset, written once into the user's cache
         checkpoint = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "poe-serve" / "small"
