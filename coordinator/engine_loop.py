@@ -71,9 +71,7 @@ class EngineLoop:
         """Queue a request for the next step. With limit_queue, refuse when the queue is full."""
         if limit_queue and len(self.engine.waiting) + self._inbox.qsize() >= self.max_queue:
             raise QueueFull(f"server overloaded: {self.max_queue} requests already waiting; retry later")
-        with self._start_lock:
-            if not self._thread.is_alive() and not self._stop.is_set():
-                self._thread.start()
+        self._ensure_started()
         handle = RequestHandle(request)
         self._inbox.put(("add", handle))
         return handle
@@ -84,12 +82,17 @@ class EngineLoop:
 
     def call_in_loop(self, fn):
         """Run fn() on the loop thread between two steps (e.g. scaling a stage); returns its result."""
-        with self._start_lock:
-            if not self._thread.is_alive() and not self._stop.is_set():
-                self._thread.start()
+        if self._stop.is_set():
+            raise RuntimeError("the engine loop is stopped; nothing would run the call")
+        self._ensure_started()
         future = Future()
         self._inbox.put(("call", (fn, future)))
         return future.result()
+
+    def _ensure_started(self) -> None:
+        with self._start_lock:
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
 
     # ---- the loop thread --------------------------------------------------------------------
     def _run(self) -> None:
