@@ -71,9 +71,10 @@ class Engine:
         need = self._blocks(request)
         for k, (n, stage) in enumerate(zip(need, self.stages)):
             if n > stage.max_blocks:
+                what = "input" if isinstance(request, ScoreRequest) else "prompt + max_new_tokens"
                 raise ValueError(
-                    f"request needs {n * stage.block_size} KV positions on stage {k}, "
-                    f"whose cache holds {stage.max_blocks * stage.block_size}"
+                    f"{what}: the request needs {n * stage.block_size} KV positions on stage {k}, "
+                    f"whose cache holds {stage.max_blocks * stage.block_size} on one replica; allowed: at most that"
                 )
         tokens = list(request.token_ids if isinstance(request, ScoreRequest) else request.prompt_ids)
         seq = Sequence(next(self._ids), request, tokens, self.config.num_stages)

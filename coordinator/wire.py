@@ -113,7 +113,8 @@ def mode_of(message: pb.GenerateRequest, config: ModelConfig) -> rq.Mode:
         return rq.stage_mode(config, message.stage.stage)
     if which == "wand":
         bounds = list(message.wand.p99_bounds) or None
-        return rq.wand_mode(config, message.wand.safety or 1.0, bounds)
+        safety = message.wand.safety if message.wand.HasField("safety") else 1.0
+        return rq.wand_mode(config, safety, bounds)
     if which == "speculative":
         spec = message.speculative
         return rq.speculative_mode(config, spec.draft_stage, spec.k_draft or DEFAULT_K_DRAFT)

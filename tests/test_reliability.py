@@ -223,15 +223,21 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_the_server_keeps_ser
 
 
 def test_zero_values_mean_the_documented_defaults(served, expected, reference):
-    """proto3 cannot tell 0 from unset: k_draft 0 is 3, safety 0 is 1.0, max_new_tokens 0 is 16,
-    temperature 0 is greedy and top_p 0 or 1 is no top-p. None of them is an error."""
+    """proto3 cannot tell 0 from unset: k_draft 0 is 3, max_new_tokens 0 is 16, temperature 0 is
+    greedy and top_p 0 or 1 is no top-p. None of them is an error. WAND's safety has presence:
+    unset is 1.0, and an explicit 0 is 0 (exit at the first stage whose margin is positive)."""
     ids, c = prompt_ids(seed=11), served.client
     default_length = expected("full", ids, wire.DEFAULT_MAX_NEW_TOKENS)
     assert list(c.generate(token_ids=ids, max_new_tokens=0).token_ids) == default_length
     assert list(c.generate(token_ids=ids, max_new_tokens=5, mode="speculative", k_draft=0).token_ids) == \
         expected("speculative", ids, 5)
-    assert list(c.generate(token_ids=ids, max_new_tokens=5, mode="wand", safety=0.0, p99_bounds=BOUNDS).token_ids) == \
-        expected("wand", ids, 5)
+    unset_safety = edited(gen(token_ids=ids, max_new_tokens=5, mode="wand", p99_bounds=BOUNDS),
+                          lambda m: m.wand.ClearField("safety"))
+    assert list(c.stub.Generate(unset_safety, timeout=60).token_ids) == expected("wand", ids, 5)
+    zero_safety = c.generate(token_ids=ids, max_new_tokens=5, mode="wand", safety=0.0, p99_bounds=BOUNDS)
+    wand_zero, used = reference.generate_wand(torch.tensor([ids]), 5, 0.0, BOUNDS, return_stages_used=True)
+    assert list(zero_safety.token_ids) == wand_zero[0, len(ids):].tolist()
+    assert list(zero_safety.stages_used) == used[0].tolist()
     zero_temperature = edited(gen(token_ids=ids, max_new_tokens=5), lambda m: m.sampling.SetInParent())
     assert list(c.stub.Generate(zero_temperature, timeout=60).token_ids) == expected("full", ids, 5)
     for top_p in (0.0, 1.0):
