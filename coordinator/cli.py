@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=float, default=0.99)
     p.add_argument("--window", type=int, default=256, help="tokens per calibration chunk")
     p.add_argument("--max-chunks", type=int, default=64)
-    p.add_argument("--out", help=f"output file (default: CHECKPOINT/wand_bounds.json, read by the loader)")
+    p.add_argument("--out", help="output file (default: CHECKPOINT/wand_bounds.json, read by the loader)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_calibrate)

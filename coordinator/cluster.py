@@ -22,7 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stage_workers.config import load_config
-from stage_workers.messages import ExtendBatch, ExtendResult, TrunkState, WorkerInfo, WorkerLost
+from stage_workers.messages import ExtendBatch, ExtendResult, WorkerInfo, WorkerLost
 from stage_workers.worker import StageWorker, WorkerSpec
 
 from . import requests as rq
