@@ -209,9 +209,9 @@ def every_mode(cluster, ids: torch.Tensor, n: int) -> dict:
         call()
         seconds[name] = (time.perf_counter() - t0) / n
     workers = [
-        {"stage": info.stage, "layers": list(info.layers), "device": info.device, "dtype": info.dtype,
+        {"stage": info.stage, "replica": r, "layers": list(info.layers), "device": info.device, "dtype": info.dtype,
          "parameters": info.num_parameters, "weights_and_kv_mib": info.resident_bytes / 2**20, "rss_mib": rss / 2**20}
-        for info, rss in zip(cluster.worker_infos(), cluster.worker_rss())
+        for (r, info), rss in zip(cluster.replica_infos(), cluster.worker_rss())  # both: every worker, stage by stage
     ]
     return {"prompt_len": int(ids.shape[1]), "new_tokens": n, "s_per_token": seconds, "workers": workers}
 

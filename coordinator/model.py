@@ -56,6 +56,10 @@ class PoEModel:
         """One per stage (a replicated stage's KV and memory summed over its replicas)."""
         return [stage.info() for stage in self.engine.stages]
 
+    def replica_infos(self) -> list[tuple[int, object]]:
+        """(replica index, WorkerInfo) of every worker, stage by stage, in `workers` order."""
+        return [(r, w.info()) for stage in self.engine.stages for r, w in enumerate(list(stage.workers))]
+
     # ---- running requests ------------------------------------------------------------------
     def run(self, requests: list) -> list[Sequence]:
         """Run requests to completion, batched with whatever else is running; returns their sequences."""

@@ -127,6 +127,8 @@ def _split(work: list, num_micro_batches: int) -> list[list]:
     """At most `num_micro_batches` micro-batches of about equal work, the positions each sequence
     may compute over the stages it may reach (a prompt chunk weighs more than a decode token):
     heaviest first, each onto the lightest micro-batch; step order within a micro-batch."""
+    if num_micro_batches == 1 or len(work) <= 1:
+        return [work] if work else []  # the usual case: nothing to weigh in the decode step
     cost = [sum(seq.num_computed[0] + plan.num_feed - seq.num_computed[k] for k in range(plan.depth + 1))
             for seq, plan in work]
     loads, owner = [0] * min(num_micro_batches, len(work)), [0] * len(work)

@@ -123,12 +123,11 @@ class PoEServicer(pb_grpc.PoEServingServicer):
 
     def GetModelInfo(self, request, context):
         c = self.config
-        infos = [(r, worker.info()) for stage in self.model.engine.stages for r, worker in enumerate(list(stage.workers))]
         workers = [
             pb.WorkerPlacement(stage=w.stage, replica=r, first_layer=w.layers[0], last_layer=w.layers[1],
                                device=w.device, dtype=w.dtype, parameters=w.num_parameters,
                                resident_bytes=w.resident_bytes, kv_cache_tokens=w.kv_num_blocks * w.kv_block_size)
-            for r, w in infos
+            for r, w in self.model.replica_infos()
         ]
         return pb.ModelInfo(stage_layout=c.poe_stage_layout, boundary_layers=c.stage_boundaries,
                             vocab_size=c.vocab_size, context_length=c.sequence_len,
