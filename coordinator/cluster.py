@@ -22,7 +22,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stage_workers.config import load_config
-from stage_workers.messages import ExtendBatch, ExtendResult, WorkerInfo, WorkerLost
+from stage_workers.messages import ExtendBatch, ExtendResult, TrunkState, WorkerInfo, WorkerLost
+from stage_workers.transfer import to_host
 from stage_workers.worker import StageWorker, WorkerSpec
 
 from . import requests as rq
@@ -42,9 +43,11 @@ class StageActor:
 
     def extend(self, batch: ExtendBatch) -> ExtendResult:
         result = self.worker.extend(batch)
-        trunk = None if result.trunk is None else result.trunk.to("cpu", result.trunk.x.dtype)
-        logits = None if result.logits is None else result.logits.cpu()
-        return ExtendResult(trunk=trunk, logits=logits)
+        if result.trunk is None:
+            (logits,) = to_host([result.logits])
+            return ExtendResult(trunk=None, logits=logits)
+        x, x0, x_backout, logits = to_host([result.trunk.x, result.trunk.x0, result.trunk.x_backout, result.logits])
+        return ExtendResult(trunk=TrunkState(x, x0, x_backout), logits=logits)
 
     def rollback(self, seq_id: int, length: int) -> None:
         self.worker.rollback(seq_id, length)

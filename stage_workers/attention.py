@@ -1,9 +1,9 @@
 """Causal sliding-window GQA attention, over a paged KV cache or over a whole sequence.
 
-`CacheAttention` is built once per worker call from its segments: it says where each new
-key is written and, per distinct window, which cached keys each padded query may see. Every
-layer of the call then reuses it. The query heads of one KV head are folded into the query
-axis, so GQA needs no copy of K/V and works on any torch with SDPA. This module knows nothing
+`CacheAttention` is built once per worker call from its segments and `StepInputs`: it says
+where each new key is written and, per distinct window, which cached keys each padded query
+may see. Every layer of the call then reuses it. The query heads of one KV head are folded
+into the query axis, so GQA needs no copy of K/V and works on any torch with SDPA. This module knows nothing
 about weights, stages or requests.
 """
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .kv_cache import PagedKVCache
 from .messages import Segment
+from .step_inputs import StepInputs
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -22,36 +23,33 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
 
 
 class CacheAttention:
-    def __init__(self, cache: PagedKVCache, segments: list[Segment], windows: set[int], n_head: int):
+    def __init__(self, cache: PagedKVCache, segments: list[Segment], inputs: StepInputs, windows: set[int], n_head: int):
+        """`inputs` are on the cache's device; sizes come from the host-side `segments`, so building
+        the plan needs nothing back from the device."""
         device = cache.k.device
         self.cache = cache
-        self.B = B = len(segments)
+        self.B = len(segments)
         self.n_max = n_max = max(s.length for s in segments)
         self.n_rep = n_head // cache.k.shape[2]  # query heads per KV head
-        starts = torch.tensor([s.start for s in segments], device=device)  # (B,)
-        lengths = torch.tensor([s.length for s in segments], device=device)  # (B,)
-        tables = cache.padded_tables([s.seq_id for s in segments])  # (B, max_blocks)
+        self.pad_index, self.write_slots = inputs.pad_index, inputs.write_slots  # (N,), (N,)
+        starts, lengths = inputs.starts, inputs.lengths  # (B,), (B,)
 
         r = torch.arange(n_max, device=device)
         q_valid = r < lengths[:, None]  # (B, n_max)
         q_pos = starts[:, None] + torch.where(q_valid, r, 0)  # (B, n_max), pads repeat the start
-        self.pad_index = (torch.arange(B, device=device)[:, None] * n_max + r)[q_valid]  # (N,)
-        self.positions = q_pos[q_valid]  # (N,) absolute position of every packed query
-        self.write_slots = cache.slots(tables, q_pos)[q_valid]  # (N,)
 
         self.plans: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for window in windows:
             k_lo = (starts - window).clamp(min=0)  # (B,) first key any query of the segment sees
             k_len = starts + lengths - k_lo  # (B,)
-            # the widest key span, from the host-side segments: no device sync in the decode step
-            k_max = max(s.start + s.length - max(s.start - window, 0) for s in segments)
+            k_max = max(s.start + s.length - max(s.start - window, 0) for s in segments)  # widest key span
             j = torch.arange(k_max, device=device)
             k_valid = j < k_len[:, None]  # (B, K)
             k_pos = k_lo[:, None] + torch.where(k_valid, j, 0)  # (B, K)
             mask = k_valid[:, None, :] & window_mask(q_pos[:, :, None], k_pos[:, None, :], window)
             mask |= ~q_valid[:, :, None] & (j == 0)  # a padded query sees one key: no NaN rows
             mask = mask.repeat(1, self.n_rep, 1).unsqueeze(1)  # (B, 1, G*n_max, K)
-            self.plans[window] = (cache.slots(tables, k_pos), mask)  # gather (B, K), mask
+            self.plans[window] = (cache.slots(inputs.tables, k_pos), mask)  # gather (B, K), mask
 
     def attend(self, layer: int, window: int, q, k, v) -> torch.Tensor:
         """q: (N, H, D); k, v: (N, Hkv, D) for the new positions. Returns (N, H*D)."""

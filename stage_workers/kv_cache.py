@@ -68,13 +68,14 @@ class PagedKVCache:
         self.lengths.pop(seq_id, None)
 
     def padded_tables(self, seq_ids: list[int]) -> torch.Tensor:
-        """(B, max_blocks) int64 block ids, padded with block 0."""
+        """(B, max_blocks) int64 block ids on the host, padded with block 0."""
         tables = [self.block_tables[s] for s in seq_ids]
         width = max(len(t) for t in tables)
         rows = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        return torch.tensor(rows, dtype=torch.long)
 
     def slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tables: (B, max_blocks); positions: (B, P) valid positions. Returns (B, P) slots."""
+        """tables: (B, max_blocks); positions: (B, P) valid positions. Returns (B, P) slots, on
+        the device of its inputs (the host when planning a call, the cache's when attending)."""
         blocks = tables.gather(1, torch.div(positions, self.block_size, rounding_mode="floor"))
         return blocks * self.block_size + positions % self.block_size

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .transfer import to_device
+
 
 class WorkerLost(RuntimeError):
     """A stage worker's process went away (its KV cache with it)."""
@@ -38,7 +40,7 @@ class TrunkState:
     x_backout: torch.Tensor | None  # (N, C) residual after layer n_layer//2, once computed
 
     def to(self, device, dtype) -> "TrunkState":
-        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        move = lambda t: None if t is None else to_device(t, torch.device(device)).to(dtype)  # noqa: E731
         return TrunkState(move(self.x), move(self.x0), move(self.x_backout))
 
     def select(self, rows: torch.Tensor | slice) -> "TrunkState":

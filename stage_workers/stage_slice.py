@@ -3,7 +3,7 @@
 Stage 0 also owns the embedding. The head weight is stored pre-summed
 (`lm_head + lm_head_stages[k]`), one matmul instead of two. `load_stage_slice` reads exactly
 the slice's tensors from a checkpoint. The slice runs packed positions through its layers
-given a `CacheAttention`; it knows nothing about sequences beyond that.
+given their `StepInputs` and a `CacheAttention`; it knows nothing about sequences beyond that.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch import nn
 from .attention import CacheAttention
 from .checkpoint import CheckpointReader
 from .config import ModelConfig
-from .messages import ExtendBatch, ExtendResult, TrunkState
+from .messages import ExtendResult, TrunkState
+from .step_inputs import StepInputs
 from .trunk import Embedding, TrunkLayer, readout, stage_logits
 
 
@@ -37,44 +38,27 @@ class StageSlice(nn.Module):
     def windows(self) -> set[int]:
         return {self.config.layer_windows[i] for i in self.layer_ids}
 
-    def forward(self, batch: ExtendBatch, attention: CacheAttention, cos, sin) -> ExtendResult:
-        """cos, sin: (N, D/2) rotary rows of the packed positions."""
-        tokens = batch.token_ids  # (N,)
+    def forward(self, inputs: StepInputs, trunk: TrunkState | None, attention: CacheAttention, cos, sin) -> ExtendResult:
+        """inputs on this slice's device; trunk: upstream boundary state (None on stage 0);
+        cos, sin: (N, D/2) rotary rows of the packed positions."""
+        tokens = inputs.token_ids  # (N,)
         if self.embedding is not None:
-            x = x0 = self.embedding(tokens, self._prev_ids(batch))  # (N, C)
+            x = x0 = self.embedding(tokens, inputs.prev_ids)  # (N, C)
             x_backout = None
         else:
-            x, x0, x_backout = batch.trunk.x, batch.trunk.x0, batch.trunk.x_backout
+            x, x0, x_backout = trunk.x, trunk.x0, trunk.x_backout
         for local, layer in enumerate(self.layers):
             window = self.config.layer_windows[layer.layer_idx]
             x = layer(x, x0, tokens, cos, sin, partial(attention.attend, local, window))
             if layer.layer_idx == self.config.backout_layer:
                 x_backout = x
         logits = None
-        rows = self._head_rows(batch)
+        rows = inputs.head_rows  # (M,)
         if rows.numel():
             z = readout(x[rows], None if x_backout is None else x_backout[rows], self.backout_lambda)
             logits = stage_logits(z, self.head_weight, self.config.logit_softcap)  # (M, V)
         trunk = None if self.is_last else TrunkState(x, x0, x_backout)
         return ExtendResult(trunk=trunk, logits=logits)
-
-    @staticmethod
-    def _prev_ids(batch: ExtendBatch) -> torch.Tensor:
-        """(N,) the token before each packed position, for the smear."""
-        offsets = [0]
-        for seg in batch.segments[:-1]:
-            offsets.append(offsets[-1] + seg.length)
-        prev = torch.roll(batch.token_ids, 1)
-        prev[torch.tensor(offsets, device=prev.device)] = batch.prev_token_ids.to(prev.device)
-        return prev
-
-    @staticmethod
-    def _head_rows(batch: ExtendBatch) -> torch.Tensor:
-        rows, end = [], 0
-        for seg in batch.segments:
-            end += seg.length
-            rows.extend(range(end - seg.num_heads, end))
-        return torch.tensor(rows, dtype=torch.long, device=batch.token_ids.device)
 
 
 def _checkpoint_state(reader: CheckpointReader, stage: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from .config import ModelConfig, load_config
 from .kv_cache import KVCacheFull, PagedKVCache
 from .messages import ExtendBatch, ExtendResult, WorkerInfo
 from .stage_slice import StageSlice, load_stage_slice
+from .step_inputs import StepInputs
 from .trunk import rotary_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,10 +90,11 @@ class StageWorker:
         for seg in batch.segments:
             self.cache.reserve(seg.seq_id, seg.start + seg.length)
         try:
-            batch = self._to_device(batch)
-            attention = CacheAttention(self.cache, batch.segments, self.slice.windows, self.config.n_head)
-            pos = attention.positions
-            return self.slice(batch, attention, self.cos[pos], self.sin[pos])
+            inputs = StepInputs.build(batch, self.cache).to(self.device)  # one non-blocking copy
+            trunk = None if batch.trunk is None else batch.trunk.to(self.device, self.dtype)
+            attention = CacheAttention(self.cache, batch.segments, inputs, self.slice.windows, self.config.n_head)
+            pos = inputs.positions  # (N,)
+            return self.slice(inputs, trunk, attention, self.cos[pos], self.sin[pos])
         except BaseException:
             for seq_id, length in old.items():
                 self.cache.truncate(seq_id, length)
@@ -139,12 +141,3 @@ class StageWorker:
                 f"{where}: KV cache full: the batch needs {needed} blocks, {self.cache.num_free_blocks} "
                 f"of {self.cache.num_blocks} are free"
             )
-
-    def _to_device(self, batch: ExtendBatch) -> ExtendBatch:
-        trunk = None if batch.trunk is None else batch.trunk.to(self.device, self.dtype)
-        return ExtendBatch(
-            segments=batch.segments,
-            token_ids=batch.token_ids.to(self.device),
-            prev_token_ids=None if batch.prev_token_ids is None else batch.prev_token_ids.to(self.device),
-            trunk=trunk,
-        )
