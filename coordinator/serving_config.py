@@ -25,7 +25,7 @@ class StagePlacement:
     device: str = "cpu"  # cpu | cuda (Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU)
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     kv_cache_tokens: int | None = None  # KV pool per replica in positions; None: 8 * sequence_len
-    num_threads: int | None = None  # torch threads in the worker process
+    num_threads: int | None = None  # torch threads of a CPU worker; None: every core of its node
     replicas: int = 1  # workers serving this stage; a sequence stays on one
 
 
