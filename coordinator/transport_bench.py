@@ -2,7 +2,7 @@
 
 Four `Hop` actors stand in for the stage workers: each receives a trunk state (x, x0,
 x_backout: 3 x (B, C)), does no model work, and hands the state on with its stage's logits
-(B, V). Per token, for each transport, we time the round trip through all four:
+(B, V), in the workers' own message types, so they cross Ray as real calls do. Per token, for each transport, we time the round trip through all four:
 
 - `plain`: the coordinator calls each actor and waits (`ray.get`) before calling the next;
   every stage's logits come back to the coordinator, which does Log-OP (what `PoECluster` does).
@@ -22,26 +22,25 @@ import time
 import ray
 import torch
 
+from stage_workers.messages import ExtendResult, TrunkState
+
 TRANSPORTS = ("plain", "plain_no_logits", "chained", "compiled")
 
 
 class Hop:
+    """A stand-in stage worker: the trunk state passes through, with this stage's logits."""
+
     def __init__(self, vocab: int):
         self.logits = torch.randn(1, vocab)
 
-    def step(self, state: dict) -> dict:
+    def step(self, message: ExtendResult, with_logits: bool = True) -> ExtendResult:
         """Plain: the trunk state on, this stage's logits back."""
-        B = state["x"].shape[0]
-        out = {k: v for k, v in state.items() if k != "acc"}
-        if state.get("with_logits", True):
-            out["logits"] = self.logits.expand(B, -1).clone()
-        return out
+        B = message.trunk.x.shape[0]
+        return ExtendResult(message.trunk, self.logits.expand(B, -1).clone() if with_logits else None)
 
-    def step_acc(self, state: dict) -> dict:
-        """Chained: add this stage's log-probs into the travelling accumulator."""
-        out = dict(state)
-        out["acc"] = state["acc"] + self.logits
-        return out
+    def step_acc(self, message: ExtendResult) -> ExtendResult:
+        """Chained: add this stage's log-probs into the travelling accumulator (the logits field)."""
+        return ExtendResult(message.trunk, message.logits + self.logits)
 
 
 def _time_per_token(fn, tokens: int) -> float:
@@ -56,23 +55,22 @@ def measure(n_embd: int, vocab: int, batch: int = 1, tokens: int = 200, stages: 
     """Microseconds per token through `stages` actors for each transport (joins the running Ray)."""
     hops = [ray.remote(Hop).options(num_cpus=0).remote(vocab) for _ in range(stages)]
     ray.get([h.__ray_ready__.remote() for h in hops])
-    state = {name: torch.randn(batch, n_embd) for name in ("x", "x0", "x_backout")}
+    state = TrunkState(*(torch.randn(batch, n_embd) for _ in range(3)))  # x, x0, x_backout: (B, C)
     acc = torch.zeros(batch, vocab)
 
     def plain(with_logits: bool):
-        s = dict(state, with_logits=with_logits)
-        total = torch.zeros(batch, vocab)
+        message, total = ExtendResult(state, None), torch.zeros(batch, vocab)
         for h in hops:
-            s = ray.get(h.step.remote(s))
+            message = ray.get(h.step.remote(message, with_logits))
             if with_logits:
-                total += s.pop("logits")  # the coordinator's Log-OP
+                total += message.logits  # the coordinator's Log-OP
         return total
 
     def chained():
-        ref = dict(state, acc=acc)
+        ref = ExtendResult(state, acc)
         for h in hops:
             ref = h.step_acc.remote(ref)
-        return ray.get(ref)["acc"]
+        return ray.get(ref).logits
 
     results = {
         "plain": _time_per_token(lambda: plain(True), tokens),
@@ -87,7 +85,7 @@ def measure(n_embd: int, vocab: int, batch: int = 1, tokens: int = 200, stages: 
             node = h.step_acc.bind(node)
     compiled = node.experimental_compile()
     try:
-        results["compiled"] = _time_per_token(lambda: ray.get(compiled.execute(dict(state, acc=acc)))["acc"], tokens)
+        results["compiled"] = _time_per_token(lambda: ray.get(compiled.execute(ExtendResult(state, acc))).logits, tokens)
     finally:
         compiled.teardown()
         for h in hops:
