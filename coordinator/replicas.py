@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from stage_workers.messages import ExtendBatch, ExtendResult, TrunkState, WorkerInfo
+from stage_workers.transfer import to_device
 
 
 class StageReplicas:
@@ -131,7 +132,7 @@ class StageReplicas:
                 segments=[batch.segments[i] for i in idx],
                 token_ids=batch.token_ids[part_rows],
                 prev_token_ids=None if batch.prev_token_ids is None else batch.prev_token_ids[idx],
-                trunk=None if batch.trunk is None else batch.trunk.select(part_rows),
+                trunk=None if batch.trunk is None else batch.trunk.select(to_device(part_rows, batch.trunk.x.device)),
             )
             waits.append(_start_extend(self.workers[replica], part))
             row_order.append(part_rows)
@@ -173,10 +174,12 @@ def _merge(results: list[ExtendResult], rows: torch.Tensor, heads: torch.Tensor)
     trunk = logits = None
     if results[0].trunk is not None:
         device, dtype = results[0].trunk.x.device, results[0].trunk.x.dtype
-        trunk = TrunkState.cat([r.trunk.to(device, dtype) for r in results]).select(_inverse(rows))  # (N, C)
+        order = to_device(_inverse(rows), device)  # a host index would be a blocking copy
+        trunk = TrunkState.cat([r.trunk.to(device, dtype) for r in results]).select(order)  # (N, C)
     if len(heads):
         parts = [r.logits for r in results if r.logits is not None]
-        logits = torch.cat([p.to(parts[0].device) for p in parts])[_inverse(heads)]  # (M, V)
+        device = parts[0].device
+        logits = torch.cat([to_device(p, device) for p in parts])[to_device(_inverse(heads), device)]  # (M, V)
     return ExtendResult(trunk=trunk, logits=logits)
 
 

@@ -13,10 +13,12 @@ import torch
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, queued behind the device's work instead of waiting for it."""
+    """A tensor on `device`; from the host, queued behind the device's work instead of waiting for it."""
     if t.device == device:
         return t
-    if device.type == "cuda" and t.device.type == "cpu":
+    if t.device.type != "cpu":  # device -> host must wait for the data (to_host batches that wait)
+        return t.to(device)
+    if device.type == "cuda":
         t = t.pin_memory()  # a pinned source lets the copy run asynchronously
     return t.to(device, non_blocking=True)
 
