@@ -266,4 +266,5 @@ def _start_actor(checkpoint: str, serving: ServingConfig, dtype: str | None, sta
         runtime_env={"env_vars": CPU_WORKER_ENV} if p.device == "cpu" else None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
     ).remote(checkpoint, WorkerSpec(stage=stage, device=p.device, dtype=dtype or p.dtype,
-                                    kv_cache_tokens=p.kv_cache_tokens, num_threads=p.num_threads))
+                                    kv_cache_tokens=p.kv_cache_tokens, memory_fraction=p.memory_fraction,
+                                    num_threads=p.num_threads))

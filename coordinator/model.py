@@ -34,15 +34,19 @@ class PoEModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device=None, kv_cache_tokens: int | None = None,
-                        replicas: list[int] | None = None, engine_config: EngineConfig = EngineConfig()):
-        """`replicas`: workers per stage (default one each); each replica loads its own slice."""
+                        replicas: list[int] | None = None, engine_config: EngineConfig = EngineConfig(),
+                        memory_fraction: float | None = None):
+        """`replicas`: workers per stage (default one each); each replica loads its own slice.
+        KV pool per worker: `kv_cache_tokens` positions, else sized so each worker holds at most
+        `memory_fraction` of the device's memory (weights included), else 8 x sequence_len."""
         config = load_config(path)
         replicas = replicas or [1] * config.num_stages
         if len(replicas) != config.num_stages or not all(isinstance(n, int) and n >= 1 for n in replicas):
             raise ValueError(f"replicas={replicas!r} is invalid; allowed: {config.num_stages} integers >= 1")
         device = str(device or "cpu")
         dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
-        specs = [WorkerSpec(stage=k, device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens)
+        specs = [WorkerSpec(stage=k, device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens,
+                            memory_fraction=memory_fraction)
                  for k in range(config.num_stages)]
         workers = [[StageWorker.from_checkpoint(path, spec) for _ in range(n)] for spec, n in zip(specs, replicas)]
         return cls(config, workers, engine_config)

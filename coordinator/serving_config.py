@@ -24,7 +24,8 @@ class StagePlacement:
     num_gpus: float = 0.0  # fractional GPUs let one GPU hold several stages
     device: str = "cpu"  # cpu | cuda (Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU)
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
-    kv_cache_tokens: int | None = None  # KV pool per replica in positions; None: 8 * sequence_len
+    kv_cache_tokens: int | None = None  # KV pool per replica in positions; None: memory_fraction, else 8 * sequence_len
+    memory_fraction: float | None = None  # share of the device's total memory for weights + KV; None: unused
     num_threads: int | None = None  # torch threads of a CPU worker; None: every core of its node
     replicas: int = 1  # workers serving this stage; a sequence stays on one
 
@@ -69,6 +70,12 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
         value = getattr(p, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{where}: {key}={value!r} must be null or an integer >= 1")
+    fraction = p.memory_fraction
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction <= 1):
+        raise ValueError(f"{where}: memory_fraction={fraction!r} must be null or a number in (0, 1]")
+    if fraction is not None and p.kv_cache_tokens is not None:
+        raise ValueError(f"{where}: set kv_cache_tokens or memory_fraction, not both")
     if not isinstance(p.replicas, int) or p.replicas < 1:
         raise ValueError(f"{where}: replicas={p.replicas!r} must be an integer >= 1")
     return p

@@ -18,6 +18,7 @@ from .attention import CacheAttention
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, load_config
 from .kv_cache import KVCacheFull, PagedKVCache
+from .memory import device_memory, kv_tokens_for_memory
 from .messages import ExtendBatch, ExtendResult, WorkerInfo
 from .stage_slice import StageSlice, load_stage_slice
 from .step_inputs import StepInputs
@@ -46,7 +47,8 @@ class WorkerSpec:
     stage: int
     device: str = "cpu"
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
-    kv_cache_tokens: int | None = None  # KV pool size in positions; None: 8 * sequence_len
+    kv_cache_tokens: int | None = None  # KV pool size in positions; None: from memory_fraction, else 8 * sequence_len
+    memory_fraction: float | None = None  # share of the device's memory for weights + KV (stage_workers/memory.py)
     kv_block_size: int = 16
     num_threads: int | None = None  # torch intra-op threads for a CPU worker; None leaves torch's default
 
@@ -57,7 +59,7 @@ class StageWorker:
         self.device = torch.device(spec.device)
         self.dtype = resolve_dtype(spec.dtype, spec.device)
         self.slice = stage_slice
-        tokens = spec.kv_cache_tokens or 8 * config.sequence_len
+        tokens = spec.kv_cache_tokens or self._tokens_from_memory() or 8 * config.sequence_len
         self.cache = PagedKVCache(
             num_layers=len(stage_slice.layers),
             num_blocks=-(-tokens // spec.kv_block_size),
@@ -122,6 +124,17 @@ class StageWorker:
         )
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _tokens_from_memory(self) -> int | None:
+        """KV positions that fit the spec's memory_fraction of the device, after this slice's weights."""
+        if self.spec.memory_fraction is None:
+            return None
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_position = 2 * len(self.slice.layers) * self.config.n_kv_head * self.config.head_dim * itemsize  # K and V
+        weights = sum(p.nbytes for p in self.slice.parameters())
+        free, total = device_memory(self.device)
+        return kv_tokens_for_memory(self.spec.memory_fraction, free, total, weights, per_position,
+                                    self.spec.kv_block_size, self.stage)
+
     def _check(self, batch: ExtendBatch) -> None:
         where = f"stage {self.stage} worker"
         assert batch.segments, f"{where}: extend called with no segments"

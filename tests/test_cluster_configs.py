@@ -295,6 +295,10 @@ BAD_PLACEMENTS = {  # id: (file text, what the error must say after the file nam
     "bad-dtype": ("defaults:\n  dtype: int8\n", "defaults: dtype='int8'; allowed:"),
     "zero-replicas": ("stages:\n  - {replicas: 0}\n", "stages[0]: replicas=0 must be an integer >= 1"),
     "zero-queue": ("max_queue: 0\n", "max_queue=0 must be an integer >= 1"),
+    "memory-fraction-over-1": ("defaults:\n  memory_fraction: 1.5\n",
+                               "defaults: memory_fraction=1.5 must be null or a number in (0, 1]"),
+    "memory-fraction-and-tokens": ("stages:\n  - {memory_fraction: 0.2, kv_cache_tokens: 4096}\n",
+                                   "stages[0]: set kv_cache_tokens or memory_fraction, not both"),
     "not-a-mapping": ("- PACK\n", "expected a YAML mapping"),
     "not-yaml": ("defaults: [\n", "not valid YAML"),
 }
