@@ -32,11 +32,8 @@ class CacheAttention:
         self.n_max = n_max = max(s.length for s in segments)
         self.n_rep = n_head // cache.k.shape[2]  # query heads per KV head
         self.pad_index, self.write_slots = inputs.pad_index, inputs.write_slots  # (N,), (N,)
-        starts, lengths = inputs.starts, inputs.lengths  # (B,), (B,)
-
-        r = torch.arange(n_max, device=device)
-        q_valid = r < lengths[:, None]  # (B, n_max)
-        q_pos = starts[:, None] + torch.where(q_valid, r, 0)  # (B, n_max), pads repeat the start
+        starts, lengths, q_pos = inputs.starts, inputs.lengths, inputs.q_pos  # (B,), (B,), (B, n_max)
+        q_valid = torch.arange(n_max, device=device) < lengths[:, None]  # (B, n_max)
 
         self.plans: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for window in windows:

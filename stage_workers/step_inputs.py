@@ -22,13 +22,14 @@ from .transfer import pack_to_device
 @dataclass
 class StepInputs:
     token_ids: torch.Tensor  # (N,) the token at every packed position
-    prev_ids: torch.Tensor  # (N,) the token before each position, -1 at position 0 (the smear's input)
+    prev_ids: torch.Tensor | None  # stage 0: (N,) the token before each position, -1 at position 0 (the smear)
     positions: torch.Tensor  # (N,) absolute position of every packed position
     write_slots: torch.Tensor  # (N,) KV cache slot each new key and value goes to
     pad_index: torch.Tensor  # (N,) row of each packed position in the padded (B * n_max) layout
     head_rows: torch.Tensor  # (M,) packed rows whose stage logits are returned, segment order
     starts: torch.Tensor  # (B,) first new position of each segment
     lengths: torch.Tensor  # (B,) new positions of each segment
+    q_pos: torch.Tensor  # (B, n_max) absolute position of each padded query; pads repeat the start
     tables: torch.Tensor  # (B, max_blocks) block ids of each sequence, padded with block 0
 
     @classmethod
@@ -49,26 +50,28 @@ class StepInputs:
             head_rows.extend(range(end - s.num_heads, end))
         return cls(
             token_ids=batch.token_ids,
-            prev_ids=_previous_tokens(batch, firsts),
+            prev_ids=None if batch.prev_token_ids is None else _previous_tokens(batch, firsts),
             positions=q_pos[q_valid],
             write_slots=cache.slots(tables, q_pos)[q_valid],
             pad_index=(torch.arange(B)[:, None] * n_max + r)[q_valid],
             head_rows=torch.tensor(head_rows, dtype=torch.long),
             starts=starts,
             lengths=lengths,
+            q_pos=q_pos,
             tables=tables,
         )
 
     def to(self, device: torch.device) -> "StepInputs":
         """All of them on `device` in one non-blocking copy."""
-        moved = pack_to_device([getattr(self, f.name) for f in fields(self)], device)
-        return StepInputs(*moved)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        present = [name for name, t in values.items() if t is not None]
+        moved = pack_to_device([values[name] for name in present], device)
+        return StepInputs(**{**values, **dict(zip(present, moved))})
 
 
 def _previous_tokens(batch: ExtendBatch, firsts: list[int]) -> torch.Tensor:
     """(N,) the token before each packed position: the previous row's, or at a segment's first row
-    the token before its start (`prev_token_ids`, stage 0 only; downstream stages never smear)."""
+    the token before its start (`prev_token_ids`)."""
     prev = torch.roll(batch.token_ids, 1)
-    if batch.prev_token_ids is not None:
-        prev[firsts] = batch.prev_token_ids
+    prev[firsts] = batch.prev_token_ids
     return prev

@@ -128,8 +128,8 @@ class StageWorker:
         """KV positions that fit the spec's memory_fraction of the device, after this slice's weights."""
         if self.spec.memory_fraction is None:
             return None
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_position = 2 * len(self.slice.layers) * self.config.n_kv_head * self.config.head_dim * itemsize  # K and V
+        c = self.config
+        per_position = 2 * len(self.slice.layers) * c.n_kv_head * c.head_dim * self.dtype.itemsize  # K and V
         weights = sum(p.nbytes for p in self.slice.parameters())
         free, total = device_memory(self.device)
         return kv_tokens_for_memory(self.spec.memory_fraction, free, total, weights, per_position,
