@@ -101,7 +101,8 @@ class RemoteWorker:
             return ray.get(ref)
         except LOST as exc:
             back = self._wait_until_restarted()
-            raise WorkerLost(self.stage, f"{type(exc).__name__}; {'restarted' if back else 'not restarted'}") from exc
+            raise WorkerLost(self.stage, f"{type(exc).__name__}; {'restarted' if back else 'not restarted'}",
+                             restarted=back) from exc
 
     def _wait_until_restarted(self) -> bool:
         """Block while Ray restarts the actor (it reloads its slice); False if it stays dead."""

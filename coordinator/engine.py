@@ -40,6 +40,7 @@ class Engine:
         self.stages = pipeline.stages  # one StageReplicas per stage: KV placement and scaling
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.stages_down: set[int] = set()  # stages whose worker was lost for good (readiness reports them)
         self._ids = itertools.count()
 
     # ---- admission -------------------------------------------------------------------------
@@ -151,6 +152,8 @@ class Engine:
         restarted worker from scratch, the others alongside it), so the tokens that follow are
         the ones the sequence would have had. A sequence rebuilt too often fails with the error.
         """
+        if not exc.restarted:
+            self.stages_down.add(exc.stage)
         failed = []
         for seq in list(self.running):
             seq.recoveries += 1

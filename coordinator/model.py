@@ -60,6 +60,10 @@ class PoEModel:
         """One per stage (a replicated stage's KV and memory summed over its replicas)."""
         return [stage.info() for stage in self.engine.stages]
 
+    def stages_down(self) -> list[int]:
+        """Stages with no live worker left (a lost worker Ray could not restart); empty when all serve."""
+        return sorted(self.engine.stages_down)
+
     def replica_infos(self) -> list[tuple[int, object]]:
         """(replica index, WorkerInfo) of every worker, stage by stage, in `workers` order."""
         return [(r, w.info()) for stage in self.engine.stages for r, w in enumerate(list(stage.workers))]

@@ -26,9 +26,10 @@ from .transfer import to_device
 class WorkerLost(RuntimeError):
     """A stage worker's process went away (its KV cache with it)."""
 
-    def __init__(self, stage: int, detail: str):
+    def __init__(self, stage: int, detail: str, restarted: bool = True):
         super().__init__(f"stage {stage} worker lost: {detail}")
         self.stage = stage
+        self.restarted = restarted  # False: the worker stays dead (no restarts left); the stage is down
 
 
 class _Array(NamedTuple):
