@@ -1,10 +1,14 @@
 """`PoECluster`: the same surface as `PoEModel`, with each stage worker in its own Ray actor.
 
-This is the only module that knows Ray. `StageActor` is a thin shim over `StageWorker` that
-loads only its stage's slice in the actor's process; `RemoteWorker` gives the coordinator the
-worker interface over an actor handle. A stage may run several replicas (`replicas` in the
-serving config) and `scale_stage` changes that count while requests run. The engine,
-pipeline, replica routing and modes are the in-process ones.
+This is the only module that knows Ray. Ray places the workers, restarts them and reports
+them dead; the steps themselves do not go through it. `StageActor` is a thin shim that loads
+only its stage's slice in the actor's process and runs the same `StageRunner` loop as the
+in-process model, over shared-memory channels (`serve`): plans from the coordinator, boundary
+states straight to the next stage's actor, decisions back. `RayWorkers` is what the channel
+transport (coordinator/transport.py) needs from Ray: start a loop, find dead actors, wait for a
+restart, kill a stuck one. A stage may run several replicas (`replicas` in the serving config)
+and `scale_stage` changes that count while requests run. The engine, pipeline, replica
+placement and modes are the in-process ones.
 """
 
 from __future__ import annotations
@@ -21,25 +25,29 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from stage_workers.channels import ShmChannel
 from stage_workers.config import load_config
-from stage_workers.messages import ExtendBatch, ExtendResult, TrunkState, WorkerInfo, WorkerLost
-from stage_workers.transfer import to_host
+from stage_workers.messages import Rewire, WorkerInfo
+from stage_workers.step_runner import StageRunner, serve_forever
 from stage_workers.worker import StageWorker, WorkerSpec
 
 from . import requests as rq
 from .engine import EngineConfig
 from .model import PoEModel
 from .serving_config import ServingConfig, StagePlacement, load_serving_config
+from .transport import CONTROL_SLOT_BYTES, ChannelTransport
 
 PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
+STEP_TIMEOUT_S = 300  # a worker that reports nothing this long in a step is stuck: it is killed and restarted
+ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on the others
 # OpenMP threads that finished their work sleep instead of spinning, so a waiting CPU worker
 # leaves the cores to the one computing (spinning workers halved single-stream decode, 24 -> 16 tok/s)
 CPU_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class StageActor:
-    """Runs inside the actor process; results go back on the CPU."""
+    """Runs inside the actor process: a stage worker and, once `serve` is called, its step loop."""
 
     def __init__(self, checkpoint: str, spec: WorkerSpec):
         if spec.device == "cpu" and spec.num_threads is None:
@@ -47,20 +55,28 @@ class StageActor:
             # so the computing worker may take every core (idle ones sleep: CPU_WORKER_ENV)
             spec = replace(spec, num_threads=len(os.sched_getaffinity(0)))
         self.worker = StageWorker.from_checkpoint(checkpoint, spec)
+        self.channels: dict[str, ShmChannel] = {}  # data channels by name
 
-    def extend(self, batch: ExtendBatch) -> ExtendResult:
-        result = self.worker.extend(batch)
-        if result.trunk is None:
-            (logits,) = to_host([result.logits])
-            return ExtendResult(trunk=None, logits=logits)
-        x, x0, x_backout, logits = to_host([result.trunk.x, result.trunk.x0, result.trunk.x_backout, result.logits])
-        return ExtendResult(trunk=TrunkState(x, x0, x_backout), logits=logits)
+    def serve(self, worker_id: int, num_stages: int, control: str, results: str) -> None:
+        """Run this worker's step loop on the coordinator's channels; it returns only if it fails
+        (the coordinator watches this call to learn that the worker is gone)."""
+        runner = StageRunner(self.worker, worker_id, num_stages)
+        control_channel = ShmChannel.create(control, CONTROL_SLOT_BYTES, 4)
+        serve_forever(runner, control_channel, ShmChannel.attach(results, CONTROL_SLOT_BYTES, 4), self._connect)
 
-    def rollback(self, seq_id: int, length: int) -> None:
-        self.worker.rollback(seq_id, length)
-
-    def free(self, seq_id: int) -> None:
-        self.worker.free(seq_id)
+    def _connect(self, rewire: Rewire) -> tuple[dict, dict]:
+        """Open the channels a `Rewire` names (this worker creates those it reads) and close the rest."""
+        wanted = {e.name for e in rewire.inbound + rewire.outbound}
+        for name in [n for n in self.channels if n not in wanted]:
+            self.channels.pop(name).close()
+        for e in rewire.inbound:
+            if e.name not in self.channels:
+                self.channels[e.name] = ShmChannel.create(e.name, e.slot_bytes, e.num_slots)
+        for e in rewire.outbound:  # after creating every inbound one: no two workers wait on each other
+            if e.name not in self.channels:
+                self.channels[e.name] = ShmChannel.attach(e.name, e.slot_bytes, e.num_slots, timeout=RESTART_TIMEOUT_S)
+        return ({e.src: self.channels[e.name] for e in rewire.inbound},
+                {e.dst: self.channels[e.name] for e in rewire.outbound})
 
     def info(self) -> WorkerInfo:
         return self.worker.info()
@@ -77,39 +93,43 @@ class StageActor:
             return 0
 
 
-LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-
 class RemoteWorker:
-    """The worker interface over an actor. Rollback and free need no reply: an actor runs one
-    caller's calls in order, so the next extend sees them. A dead or restarting actor surfaces
-    as `WorkerLost`, which the engine answers by rebuilding the sequences' KV."""
+    """A stage worker's actor as the coordinator's placement code sees it: its stage and `info()`."""
 
     def __init__(self, actor, stage: int):
         self.actor, self.stage = actor, stage
 
-    def extend(self, batch: ExtendBatch) -> ExtendResult:
-        return self.submit_extend(batch)()
+    def info(self) -> WorkerInfo:
+        return ray.get(self.actor.info.remote())
 
-    def submit_extend(self, batch: ExtendBatch) -> Callable[[], ExtendResult]:
-        """Start an extend and return the wait for its result, so a stage's replicas run side by side."""
-        ref = self.actor.extend.remote(batch)
-        return lambda: self._result(ref)
 
-    def _result(self, ref) -> ExtendResult:
-        try:
-            return ray.get(ref)
-        except LOST as exc:
-            back = self._wait_until_restarted()
-            raise WorkerLost(self.stage, f"{type(exc).__name__}; {'restarted' if back else 'not restarted'}",
-                             restarted=back) from exc
+class RayWorkers:
+    """The worker processes behind `ChannelTransport`: start a worker's step loop, tell which
+    loops ended (the actor died), wait for Ray to restart one, kill one that is stuck."""
 
-    def _wait_until_restarted(self) -> bool:
+    def __init__(self):
+        self.workers: dict[int, RemoteWorker] = {}
+        self.serving: dict[int, object] = {}  # worker id -> its `serve` call, pending while it lives
+
+    def register(self, worker_id: int, worker: RemoteWorker) -> None:
+        self.workers[worker_id] = worker
+
+    def start(self, worker_id: int, num_stages: int, control: str, results: str) -> None:
+        self.serving[worker_id] = self.workers[worker_id].actor.serve.remote(worker_id, num_stages, control, results)
+
+    def dead(self, worker_ids: list[int]) -> list[int]:
+        refs = {self.serving[w]: w for w in worker_ids if w in self.serving}
+        ended, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
+        return [refs[ref] for ref in ended]
+
+    def wait_restarted(self, worker_id: int) -> bool:
         """Block while Ray restarts the actor (it reloads its slice); False if it stays dead."""
+        self.serving.pop(worker_id, None)
+        actor = self.workers[worker_id].actor
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                ray.get(self.actor.pid.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                ray.get(actor.pid.remote(), timeout=max(deadline - time.monotonic(), 0.1))
                 return True
             except ray.exceptions.ActorUnavailableError:
                 time.sleep(0.2)  # restarting
@@ -117,14 +137,12 @@ class RemoteWorker:
                 return False
         return False
 
-    def rollback(self, seq_id: int, length: int) -> None:
-        self.actor.rollback.remote(seq_id, length)
+    def kill(self, worker_id: int) -> None:
+        ray.kill(self.workers[worker_id].actor, no_restart=False)
 
-    def free(self, seq_id: int) -> None:
-        self.actor.free.remote(seq_id)
-
-    def info(self) -> WorkerInfo:
-        return ray.get(self.actor.info.remote())
+    def forget(self, worker_id: int) -> None:
+        self.workers.pop(worker_id, None)
+        self.serving.pop(worker_id, None)
 
 
 def _bundle(p: StagePlacement) -> dict[str, float]:
@@ -178,9 +196,11 @@ class PoECluster(PoEModel):
         workers = [[RemoteWorker(r.actor, k) for r in rs] for k, rs in enumerate(replicas)]
         engine_config = EngineConfig(max_num_seqs=serving.max_num_seqs, max_recoveries=serving.max_worker_restarts,
                                      max_prefill_chunk=serving.max_prefill_chunk, pipeline_micro_batches=serving.pipeline_micro_batches)
+        transport = ChannelTransport(RayWorkers(), STEP_TIMEOUT_S, _data_slot_bytes(model_config, serving))
         try:
-            model = cls(model_config, workers, engine_config)
+            model = cls(model_config, workers, engine_config, transport)
         except ray.exceptions.RayActorError as exc:
+            transport.close()
             for r in (r for rs in replicas for r in rs):
                 ray.kill(r.actor)
             remove_placement_group(group)
@@ -245,8 +265,10 @@ class PoECluster(PoEModel):
         return ray.get([a.rss_bytes.remote() for a in self.actors])
 
     def shutdown(self) -> None:
+        self.loop.stop()
         for actor in self.actors:
             ray.kill(actor)
+        self.engine.pipeline.transport.close()
         for replica in (r for rs in self.replicas for r in rs if r.own_group):
             remove_placement_group(replica.group)
         remove_placement_group(self.placement_group)
@@ -264,8 +286,16 @@ def _start_actor(checkpoint: str, serving: ServingConfig, dtype: str | None, sta
     p = serving.placement(stage)
     return ray.remote(StageActor).options(
         num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=serving.max_worker_restarts,
+        max_concurrency=ACTOR_THREADS,
         runtime_env={"env_vars": CPU_WORKER_ENV} if p.device == "cpu" else None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
     ).remote(checkpoint, WorkerSpec(stage=stage, device=p.device, dtype=dtype or p.dtype,
                                     kv_cache_tokens=p.kv_cache_tokens, memory_fraction=p.memory_fraction,
                                     num_threads=p.num_threads))
+
+
+def _data_slot_bytes(config, serving: ServingConfig) -> int:
+    """A data channel slot holds a decode step's boundary message for the whole batch (x, x0, the
+    backout residual and a Log-OP sum per sequence); prompt chunks larger than that spill."""
+    per_sequence = 3 * config.n_embd * 4 + config.vocab_size * 4 + 64
+    return min(64 << 20, max(1 << 20, serving.max_num_seqs * per_sequence + (64 << 10)))

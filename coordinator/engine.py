@@ -2,23 +2,24 @@
 
 Requests wait until every stage they may reach has KV room for their whole length
 (prompt + max_new_tokens) on one of its replicas, so a running sequence never runs out of
-cache. Long prompts enter in chunks while other sequences keep decoding. Replicas are added and
-removed between steps. The engine knows sequences, decoders and the pipeline; it knows nothing
-of tensors' contents, Ray or gRPC.
+cache. Long prompts enter in chunks while other sequences keep decoding, within a per-step
+token budget. Replicas are added and removed between steps. A lost worker costs only the
+sequences it held: they are rebuilt from their committed tokens, the others go on. The engine
+knows sequences, decoders and the pipeline; it knows nothing of tensors' contents, Ray or gRPC.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stage_workers.config import ModelConfig
 from stage_workers.messages import WorkerLost
 
 from .modes import make_decoder
-from .pipeline import Pipeline, StepPlan
-from .requests import Composition, GenerationRequest, ScoreRequest
+from .pipeline import Outcome, Pipeline, SeqPlan
+from .requests import Composition, GenerationRequest, LogitsRequest, ScoreRequest
 from .sequence import Sequence
 
 
@@ -27,11 +28,15 @@ class EngineConfig:
     max_num_seqs: int = 256  # sequences running at once
     max_recoveries: int = 2  # times one sequence may be rebuilt after a lost worker before it fails
     max_prefill_chunk: int = 256  # positions of one sequence fed to stage 0 per step (longer prompts: chunks)
-    pipeline_micro_batches: int = 1  # a step's sequences move through the stages in this many wavefront groups
+    max_num_batched_tokens: int = 2048  # positions fed to stage 0 per step over all sequences (vLLM's name)
+    pipeline_micro_batches: int = 1  # a step's sequences move through the stages in this many groups
 
     def __post_init__(self):
-        assert self.max_prefill_chunk >= 1, f"max_prefill_chunk={self.max_prefill_chunk} must be >= 1"
-        assert self.pipeline_micro_batches >= 1, f"pipeline_micro_batches={self.pipeline_micro_batches} must be >= 1"
+        for name in ("max_num_seqs", "max_prefill_chunk", "max_num_batched_tokens", "pipeline_micro_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 1")
+        if not isinstance(self.max_recoveries, int) or self.max_recoveries < 0:
+            raise ValueError(f"max_recoveries={self.max_recoveries!r} is invalid; allowed: an integer >= 0")
 
 
 class Engine:
@@ -45,7 +50,7 @@ class Engine:
 
     # ---- admission -------------------------------------------------------------------------
     def _depth(self, request) -> int:
-        if isinstance(request, ScoreRequest):
+        if isinstance(request, (ScoreRequest, LogitsRequest)):
             return max(request.stages)
         if isinstance(request.mode, Composition):
             return max(request.mode.stages)
@@ -53,7 +58,7 @@ class Engine:
 
     def _blocks(self, request) -> list[int]:
         """KV blocks the request may need on each stage (0 past its deepest stage)."""
-        length = len(request.token_ids) if isinstance(request, ScoreRequest) else (
+        length = len(request.token_ids) if isinstance(request, (ScoreRequest, LogitsRequest)) else (
             len(request.prompt_ids) + request.max_new_tokens
         )
         depth = self._depth(request)
@@ -68,17 +73,20 @@ class Engine:
     def capacity(self) -> list[int]:
         return [stage.num_blocks for stage in self.stages]
 
-    def add(self, request: GenerationRequest | ScoreRequest) -> Sequence:
+    def add(self, request: GenerationRequest | ScoreRequest | LogitsRequest) -> Sequence:
         need = self._blocks(request)
+        down = sorted(k for k in self.stages_down if need[k])
+        if down:
+            raise WorkerLost(down[0], "the stage has no live worker (restarts exhausted)", restarted=False)
         for k, (n, stage) in enumerate(zip(need, self.stages)):
             if n > stage.max_blocks:
-                what = "input" if isinstance(request, ScoreRequest) else "prompt + max_new_tokens"
+                what = "input" if isinstance(request, (ScoreRequest, LogitsRequest)) else "prompt + max_new_tokens"
                 raise ValueError(
                     f"{what}: the request needs {n * stage.block_size} KV positions on stage {k}, "
                     f"whose cache holds {stage.max_blocks * stage.block_size} on one replica; allowed: at most that"
                 )
-        tokens = list(request.token_ids if isinstance(request, ScoreRequest) else request.prompt_ids)
-        seq = Sequence(next(self._ids), request, tokens, self.config.num_stages)
+        tokens = list(request.token_ids if isinstance(request, (ScoreRequest, LogitsRequest)) else request.prompt_ids)
+        seq = Sequence(next(self._ids), request, tokens, self.config.num_stages, self._depth(request))
         seq.decoder = make_decoder(request, self.config.num_stages, self.config.poe_alpha)
         seq.kv_blocks = need
         self.waiting.append(seq)
@@ -98,33 +106,44 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self):
+    def schedule(self) -> list[tuple[Sequence, SeqPlan]]:
         """Invariant: no prefill or decode phase. Per sequence and per stage there are positions
         computed and positions needed; each step every running sequence gets the work its
-        decoder plans next (one decode token, a WAND catch-up, a speculative draft or
-        verification, a prompt), and the pipeline catches each stage up. At most
-        max_prefill_chunk positions of a sequence enter stage 0 per step: a longer feed (a
-        prompt, or a rebuild) goes in chunks through every stage the sequence may reach, so
-        the others keep decoding meanwhile and no later step owes a prompt-sized catch-up."""
+        decoder plans next (one decode token, a speculative draft or verification, a prompt),
+        and each stage catches up what it owes (WAND's deferred positions included). At most
+        max_prefill_chunk positions of a sequence, and max_num_batched_tokens in all, enter
+        stage 0 per step: the smallest feeds are served first, so decoding sequences get their
+        token every step while a long feed (a prompt, or a rebuild) goes in chunks through
+        every stage the sequence may reach; a sequence the budget does not reach waits a step."""
         self._admit()
-        return [(seq, self._chunk(seq, seq.decoder.plan(seq))) for seq in self.running]
+        plans = [(seq, seq.decoder.plan(seq)) for seq in self.running]
+        budget, work = self.engine_config.max_num_batched_tokens, []
+        for seq, plan in sorted(plans, key=lambda item: item[1].num_feed):  # stable: ties keep running order
+            size = min(plan.num_feed, self.engine_config.max_prefill_chunk, budget)
+            if size:
+                work.append((seq, self._chunk(seq, plan, size)))
+                budget -= size
+        order = {seq.seq_id: i for i, seq in enumerate(self.running)}
+        return sorted(work, key=lambda item: order[item[0].seq_id])
 
-    def _chunk(self, seq: Sequence, plan: StepPlan) -> StepPlan:
-        """The plan's first max_prefill_chunk fed positions. Heads are the last n fed positions,
-        so only those that fall inside the chunk are kept (a scorer's); no early exit."""
-        chunk = self.engine_config.max_prefill_chunk
-        rest = plan.num_feed - chunk  # positions left for later steps
-        if rest <= 0:
+    def _chunk(self, seq: Sequence, plan: SeqPlan, size: int) -> SeqPlan:
+        """The plan's first `size` fed positions. Distributions are asked from `head_from` on, so
+        only a scorer's fall inside a chunk; a chunk runs every stage the sequence may reach and
+        decides nothing else (no WAND exit, no draft)."""
+        if size >= plan.num_feed:
             return plan
-        heads = {k: n - rest for k, n in plan.heads.items() if n > rest}
-        return StepPlan(chunk, self._depth(seq.request), heads, is_chunk=True)
+        decides = plan.head_from < seq.num_computed[0] + size
+        return replace(plan, num_feed=size, depth=seq.reach, action="decide" if decides else "none",
+                       targets=plan.targets[:size])
 
     def step(self) -> list[Sequence]:
         """One pass. If it fails, the sequences in it end with `error` set; others are untouched."""
         work = self.schedule()
+        if not work:
+            self.pipeline.flush()
+            return []
         try:
-            logits = self.pipeline.run(work, self.engine_config.pipeline_micro_batches)
-            return self.update(work, logits)
+            outcomes = self.pipeline.run(work, self.engine_config.pipeline_micro_batches)
         except WorkerLost as exc:
             return self._recover(exc)
         except Exception as exc:
@@ -133,35 +152,52 @@ class Engine:
                     seq.error = exc
                     self.abort(seq, f"error: {exc}")
             return [seq for seq, _ in work]
+        return self.update(work, outcomes)
 
-    def update(self, work, logits) -> list[Sequence]:
+    def update(self, work: list[tuple[Sequence, SeqPlan]], outcomes: dict[int, Outcome]) -> list[Sequence]:
         for seq, plan in work:
-            if plan.is_chunk and not plan.heads:
+            if plan.action == "none":
                 continue  # a prompt chunk: the decoder decides nothing until its last one
-            rollback_to = seq.decoder.update(seq, logits[seq.seq_id])
+            rollback_to = seq.decoder.update(seq, outcomes[seq.seq_id])
             if rollback_to is not None and not seq.finished:
                 self.pipeline.rollback(seq, rollback_to)
             if seq.finished:
                 self._release(seq)
+        if not self.running:
+            self.pipeline.flush()
         return [seq for seq, _ in work]
 
     def _recover(self, exc: WorkerLost) -> list[Sequence]:
-        """A worker lost its KV: rebuild every running sequence from its committed tokens.
+        """A worker lost its KV: rebuild the sequences it held from their committed tokens.
 
-        Drafts in flight are dropped and every stage recomputes the committed positions (the
-        restarted worker from scratch, the others alongside it), so the tokens that follow are
-        the ones the sequence would have had. A sequence rebuilt too often fails with the error.
+        The failed step was undone on every other worker, so sequences elsewhere go on as if it
+        never ran. The lost worker's sequences drop their drafts in flight and recompute their
+        committed positions on every stage, so the tokens that follow are the ones they would
+        have had. A sequence rebuilt too often fails with the error; when the worker is gone for
+        good (no restarts left) and its stage has no other replica, the stage is down and every
+        sequence that needs it fails at once.
         """
-        if not exc.restarted:
-            self.stages_down.add(exc.stage)
+        stage = self.stages[exc.stage]
+        held = [seq for seq in self.running
+                if seq.reach >= exc.stage and (exc.worker_id is None or stage.home_id(seq.seq_id) == exc.worker_id)]
         failed = []
-        for seq in list(self.running):
+        if exc.restarted:
+            self.pipeline.reconnect()
+        elif len(stage.workers) > 1 and exc.worker_id in stage.worker_ids:
+            failed = held  # the stage goes on with its other replicas
+        else:
+            self.stages_down.add(exc.stage)
+            failed = held + [seq for seq in self.waiting if seq.reach >= exc.stage]  # they could never run
+        for seq in held:
             seq.recoveries += 1
-            if seq.recoveries > self.engine_config.max_recoveries:
-                seq.error = exc
-                self.abort(seq, f"error: {exc}")
+            if seq.recoveries > self.engine_config.max_recoveries and seq not in failed:
                 failed.append(seq)
-        self.rebuild(self.running)
+        for seq in failed:
+            seq.error = exc
+            self.abort(seq, f"error: {exc}")
+        if not exc.restarted and exc.stage not in self.stages_down:
+            self.pipeline.remove_replica(exc.stage, stage.worker_ids.index(exc.worker_id))  # nothing left on it
+        self.rebuild([seq for seq in held if not seq.finished])
         return failed
 
     def rebuild(self, seqs: list[Sequence]) -> None:
@@ -174,12 +210,12 @@ class Engine:
 
     # ---- scaling: call between steps (on the engine loop's thread) ----------------------------
     def add_replica(self, stage: int, worker) -> None:
-        self.stages[stage].add_replica(worker)
+        self.pipeline.add_replica(stage, worker)
 
     def remove_replica(self, stage: int, index: int | None = None):
         """Take a replica of `stage` out of service (default: its least loaded); its sequences move
         to the others and are rebuilt there. Returns the removed worker, which nothing calls again."""
-        worker, moved = self.stages[stage].remove_replica(index)
+        worker, moved = self.pipeline.remove_replica(stage, index)
         self.rebuild([seq for seq in self.running if seq.seq_id in moved])
         return worker
 
@@ -195,6 +231,8 @@ class Engine:
             self.waiting.remove(seq)
         elif seq in self.running:
             self._release(seq)
+            if not self.running:
+                self.pipeline.flush()
         if not seq.finished:
             seq.finish_reason = reason
 

@@ -18,18 +18,20 @@ from stage_workers.worker import StageWorker, WorkerSpec
 from . import requests as rq
 from .engine import Engine, EngineConfig
 from .engine_loop import EngineLoop
-from .logop import combine, log_probs, normalize
+from stage_workers.logop import combine, log_probs, normalize
 from .pipeline import Pipeline
 from .sequence import Sequence
 from .wand import bounds_from_gaps, exit_gaps
 
 
 class PoEModel:
-    def __init__(self, config: ModelConfig, workers: list, engine_config: EngineConfig = EngineConfig()):
-        """`workers`: per stage, one worker or a list of that stage's replicas."""
+    def __init__(self, config: ModelConfig, workers: list, engine_config: EngineConfig = EngineConfig(),
+                 transport=None):
+        """`workers`: per stage, one worker or a list of that stage's replicas; `transport`: how a
+        step reaches them (None: in process, coordinator/transport.py)."""
         assert len(workers) == config.num_stages, "one worker (or list of replicas) per stage"
         self.config = config
-        self.engine = Engine(config, Pipeline(workers), engine_config)
+        self.engine = Engine(config, Pipeline(workers, transport), engine_config)
         self.loop = EngineLoop(self.engine)  # the one thread that drives the engine; shared by all callers
 
     @classmethod
@@ -134,7 +136,7 @@ class PoEModel:
     def stage_logits(self, input_ids, stages: tuple[int, ...]) -> list[dict[int, torch.Tensor]]:
         """Per row: stage -> (T, V) fp32 logits at every position."""
         rows = rq.check_prompts(self.config, input_ids)
-        seqs = self.run([rq.ScoreRequest(tuple(row), stages) for row in rows])
+        seqs = self.run([rq.LogitsRequest(tuple(row), stages) for row in rows])
         return [{k: seq.decoder.stage_logits(k) for k in stages} for seq in seqs]
 
     def forward_stage(self, input_ids, stage) -> torch.Tensor:

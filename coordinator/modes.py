@@ -1,88 +1,97 @@
 """The decode rule of each mode, as a small per-sequence decoder.
 
-A decoder answers two questions for the engine: `plan(seq)`, what the next pipeline pass
-must compute for this sequence, and `update(seq, logits)`, what that pass means (tokens to
-commit, and for speculation the length to roll back to). Full, prefix, single-stage and
-composition share `CompositionDecoder`; WAND and speculation have their own; `ScoreDecoder`
-returns logits at every position. Decoders know Log-OP and sampling, never workers.
+A decoder answers three questions for the engine: `spec(seq, homes)`, what every worker keeps
+about the sequence (its stage weights and what its deciding stage does; sent once);
+`plan(seq)`, what the next step must compute for it; and `update(seq, outcome)`, what that
+step's decision means (tokens to commit, and for speculation the length to roll back to). The
+math itself (Log-OP sums, argmax, sampling, WAND's margin test, verification) runs in the
+worker that decides (stage_workers/decisions.py); decoders see tokens and a few numbers.
+Full, prefix, single-stage and composition share `CompositionDecoder`; WAND and speculation
+have their own; `ScoreDecoder` scores a fixed sequence. Decoders never see workers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .logop import combine, log_probs, normalize
-from .pipeline import StepPlan
-from .requests import Composition, Speculative, Wand
-from .sampling import SamplingParams, make_generator, sample
+from stage_workers.decisions import wand_threshold
+from stage_workers.messages import SeqSpec
+from stage_workers.sampling import SamplingParams, draw_uniform, make_generator
+
+from .pipeline import Outcome, SeqPlan
+from .requests import Composition, LogitsRequest, ScoreRequest, Speculative, Wand
 from .sequence import Sequence
-from .wand import should_exit
+
+
+def _weights(stages: tuple[int, ...], weights: tuple[float, ...], num_stages: int) -> tuple[float, ...]:
+    """Per stage: its weight in the combination, 0 for stages left out."""
+    out = [0.0] * num_stages
+    for stage, weight in zip(stages, weights):
+        out[stage] = weight
+    return tuple(out)
 
 
 class CompositionDecoder:
-    """One token per pass from the Log-OP of a weighted stage set; greedy or sampled."""
+    """One token per step from the Log-OP of a weighted stage set; greedy or sampled."""
 
-    def __init__(self, mode: Composition, alpha: float, sampling: SamplingParams | None):
-        self.mode, self.alpha, self.sampling = mode, alpha, sampling
+    def __init__(self, mode: Composition, num_stages: int, alpha: float, sampling: SamplingParams | None):
+        self.mode, self.num_stages, self.alpha, self.sampling = mode, num_stages, alpha, sampling
         self.generator = make_generator(sampling.seed) if sampling else None
+        self.uniform: float | None = None  # the next token's draw, kept until a step commits that token
 
-    def plan(self, seq: Sequence) -> StepPlan:
-        return StepPlan(seq.num_unfed, max(self.mode.stages), {k: 1 for k in self.mode.stages})
+    def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
+        weights = _weights(self.mode.stages, self.mode.weights, self.num_stages)
+        return SeqSpec(seq.seq_id, "sample", homes, weights, self.alpha, self.sampling)
+
+    def plan(self, seq: Sequence) -> SeqPlan:
+        if self.sampling is not None and self.uniform is None:
+            self.uniform = draw_uniform(self.generator)
+        return SeqPlan(seq.num_unfed, max(self.mode.stages), len(seq.tokens) - 1, uniform=self.uniform)
 
     def reset(self) -> None:
-        """After a rebuild: nothing pending (the sampler's state lives with committed tokens)."""
+        """After a rebuild: nothing to forget (the draw stays with the token it is for)."""
 
-    def update(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> None:
-        score = combine([log_probs(logits[k][-1]) for k in self.mode.stages], self.mode.weights, self.alpha)
-        if self.sampling is None:
-            token = int(score.argmax())
-        else:
-            token = sample(normalize(score), self.sampling, self.generator)
-        seq.commit([token])
+    def update(self, seq: Sequence, outcome: Outcome) -> None:
+        seq.commit([outcome.decision.token])
+        self.uniform = None
 
 
 class WandDecoder:
-    """Stages in order; the pipeline stops at the first stage whose margin clears its bound."""
+    """Stages in order; the worker of the first stage whose margin clears its bound emits the token."""
 
     def __init__(self, mode: Wand, num_stages: int, alpha: float):
         self.mode, self.num_stages, self.alpha = mode, num_stages, alpha
-        self.logprobs: list[torch.Tensor] = []  # (V,) per stage evaluated for the current token
-        self.choice: tuple[int, int] | None = None  # (token, exit stage)
+
+    def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
+        thresholds = tuple(wand_threshold(bound, self.mode.safety) for bound in self.mode.bounds)
+        return SeqSpec(seq.seq_id, "wand", homes, (1.0,) * self.num_stages, self.alpha, exit_thresholds=thresholds)
+
+    def plan(self, seq: Sequence) -> SeqPlan:
+        return SeqPlan(seq.num_unfed, self.num_stages - 1, len(seq.tokens) - 1)
 
     def reset(self) -> None:
-        self.logprobs, self.choice = [], None
+        """After a rebuild: nothing pending."""
 
-    def plan(self, seq: Sequence) -> StepPlan:
-        self.reset()
-        heads = {k: 1 for k in range(self.num_stages)}
-        return StepPlan(seq.num_unfed, self.num_stages - 1, heads, stop_after=self._stop_after)
-
-    def _stop_after(self, stage: int, logits: torch.Tensor) -> bool:
-        assert stage == len(self.logprobs), "WAND must see stages in order"
-        self.logprobs.append(log_probs(logits[-1]))
-        score = combine(self.logprobs, [1.0] * len(self.logprobs), self.alpha)
-        if should_exit(score, stage, self.num_stages, self.mode.bounds[stage], self.mode.safety):
-            self.choice = (int(score.argmax()), stage)
-            return True
-        return False
-
-    def update(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> None:
-        token, stage = self.choice
-        seq.commit([token])
-        seq.stages_used.append(stage)
+    def update(self, seq: Sequence, outcome: Outcome) -> None:
+        seq.commit([outcome.decision.token])
+        seq.stages_used.append(outcome.decision.stage)
 
 
 class SpeculativeDecoder:
-    """Rounds of k drafts from one stage, then one full-PoE pass over all drafted positions.
+    """Rounds of k drafts from one stage, then one full-PoE step over all drafted positions.
 
-    Draft passes run stages 0..d and keep their log-probs (the verifier needs them, and the
-    drafted positions' trunk states wait in `pending`, so nothing is recomputed). The verify
-    pass catches stages d+1.. up over every drafted position at once.
+    Draft steps run stages 0..d; stage d drafts with its own distribution, and the drafted
+    positions' boundary states and Log-OP sums wait in stage d+1's worker (stage d's own if it
+    is the last), so nothing is recomputed. The verify step catches stages d+1.. up over every
+    drafted position at once, and the last stage returns how many drafts the full PoE accepts.
     """
 
     def __init__(self, mode: Speculative, num_stages: int, alpha: float):
         self.d, self.k, self.num_stages, self.alpha = mode.draft_stage, mode.k_draft, num_stages, alpha
         self._new_round()
+
+    def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
+        return SeqSpec(seq.seq_id, "speculative", homes, (1.0,) * self.num_stages, self.alpha, draft_stage=self.d)
 
     def reset(self) -> None:
         self._new_round()
@@ -90,63 +99,64 @@ class SpeculativeDecoder:
     def _new_round(self) -> None:
         self.k_round: int | None = None  # drafts this round: k, or fewer near max_new_tokens
         self.drafts: list[int] = []
-        self.draft_logprobs: list[list[torch.Tensor]] = []  # per drafted position: (V,) for stages 0..d
 
-    def plan(self, seq: Sequence) -> StepPlan:
+    def plan(self, seq: Sequence) -> SeqPlan:
         if self.k_round is None:
             remaining = seq.request.max_new_tokens - (seq.num_committed - seq.num_prompt)
             self.k_round = min(self.k, remaining - 1)
         if len(self.drafts) < self.k_round:
-            return StepPlan(seq.num_unfed, self.d, {s: 1 for s in range(self.d + 1)})
-        heads = {s: 1 if s <= self.d else self.k_round + 1 for s in range(self.num_stages)}
-        return StepPlan(seq.num_unfed, self.num_stages - 1, heads)
+            return SeqPlan(seq.num_unfed, self.d, len(seq.tokens) - 1, action="draft")
+        return SeqPlan(seq.num_unfed, self.num_stages - 1, seq.num_committed - 1)  # the last committed + drafts
 
-    def update(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> int | None:
+    def update(self, seq: Sequence, outcome: Outcome) -> int | None:
         """Returns the length to roll every stage back to after a verification, else None."""
+        decision = outcome.decision
         if len(self.drafts) < self.k_round:
-            stage_lps = [log_probs(logits[s][-1]) for s in range(self.d + 1)]
-            self.draft_logprobs.append(stage_lps)
-            self.drafts.append(int(stage_lps[self.d].argmax()))
-            seq.tokens.append(self.drafts[-1])
+            self.drafts.append(decision.token)
+            seq.tokens.append(decision.token)
             return None
-        k = self.k_round
-        drafted = [torch.stack(lps) for lps in zip(*self.draft_logprobs)] if k else []  # per stage <= d: (k, V)
-        rows = []
-        for s in range(self.num_stages):
-            if s <= self.d:
-                last = log_probs(logits[s][-1:])  # (1, V) at the last drafted position
-                rows.append(torch.cat([drafted[s], last]) if k else last)
-            else:
-                rows.append(log_probs(logits[s]))  # (k+1, V)
-        targets = combine(rows, [1.0] * self.num_stages, self.alpha).argmax(dim=-1).tolist()  # (k+1,)
-        accepted = 0
-        while accepted < k and self.drafts[accepted] == targets[accepted]:
-            accepted += 1
-        seq.num_proposed += k
+        accepted = decision.accepted
+        seq.num_proposed += self.k_round
         seq.num_accepted += accepted
         keep = seq.num_committed + accepted  # positions 0..keep-1 hold committed tokens
-        seq.commit(self.drafts[:accepted] + [targets[accepted]])
+        seq.commit(self.drafts[:accepted] + [decision.token])
         self._new_round()
         return keep
 
 
 class ScoreDecoder:
-    """Logits of the chosen stages at every position of a fixed sequence, then done (a long
-    sequence's logits arrive over several passes, one per prefill chunk)."""
+    """A fixed sequence, scored in one or more steps (one per prefill chunk). A `ScoreRequest`
+    gets the full-PoE log-prob of each token after the first (and top_n alternatives per
+    position), computed by the deepest stage's worker; a `LogitsRequest` gets the chosen
+    stages' logits at every position (forward, forward_stage, calibration)."""
 
-    def __init__(self, stages: tuple[int, ...]):
-        self.stages = stages
+    def __init__(self, request: ScoreRequest | LogitsRequest, num_stages: int, alpha: float):
+        self.request, self.num_stages, self.alpha = request, num_stages, alpha
         self.reset()
 
+    def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
+        weights = _weights(self.request.stages, (1.0,) * len(self.request.stages), self.num_stages)
+        if isinstance(self.request, LogitsRequest):
+            return SeqSpec(seq.seq_id, "logits", homes, weights, self.alpha)
+        return SeqSpec(seq.seq_id, "score", homes, weights, self.alpha, top_n=self.request.top_n)
+
     def reset(self) -> None:
-        self.logits: dict[int, list[torch.Tensor]] = {k: [] for k in self.stages}
+        self.logits: dict[int, list[torch.Tensor]] = {k: [] for k in self.request.stages}
+        self.logprobs: list[float] = []  # log p of the token after each position (NaN after the last)
+        self.top: list[tuple[tuple[int, float], ...]] = []  # top_n (token, log p) at each position
 
-    def plan(self, seq: Sequence) -> StepPlan:
-        return StepPlan(seq.num_unfed, max(self.stages), {k: seq.num_unfed for k in self.stages})
+    def plan(self, seq: Sequence) -> SeqPlan:
+        start, tokens = seq.num_computed[0], seq.tokens
+        targets = tuple(tokens[p + 1] if p + 1 < len(tokens) else -1 for p in range(start, len(tokens)))
+        return SeqPlan(seq.num_unfed, max(self.request.stages), start, targets=targets)
 
-    def update(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> None:
-        for k in self.stages:
-            self.logits[k].append(logits[k])
+    def update(self, seq: Sequence, outcome: Outcome) -> None:
+        if isinstance(self.request, LogitsRequest):
+            for k in self.request.stages:
+                self.logits[k].append(outcome.logits[k])
+        else:
+            self.logprobs.extend(outcome.decision.logprobs)
+            self.top.extend(outcome.decision.top)
         if seq.num_unfed == 0:
             seq.finish_reason = "scored"
 
@@ -157,9 +167,9 @@ class ScoreDecoder:
 def make_decoder(request, num_stages: int, alpha: float):
     mode = getattr(request, "mode", None)
     if isinstance(mode, Composition):
-        return CompositionDecoder(mode, alpha, request.sampling)
+        return CompositionDecoder(mode, num_stages, alpha, request.sampling)
     if isinstance(mode, Wand):
         return WandDecoder(mode, num_stages, alpha)
     if isinstance(mode, Speculative):
         return SpeculativeDecoder(mode, num_stages, alpha)
-    return ScoreDecoder(request.stages)
+    return ScoreDecoder(request, num_stages, alpha)

@@ -1,126 +1,186 @@
-"""Moving positions through the stages, in stage order, for a batch of sequences.
+"""Turning a step's per-sequence plans into one `StepPlan`, and its workers' reports back into
+each sequence's outcome.
 
-Each sequence comes with a `StepPlan`: how many of its unfed tokens enter stage 0, the deepest
-stage to run, and which stage logits to return. A stage computes every position its upstream
-has computed and it has not (catch-up), so decode, prefill chunks, WAND's deferred catch-up and
-speculative verification are all the same call. Boundary states wait in `Sequence.pending`
-until their downstream stage runs. Each stage is a `StageReplicas` (one worker or several).
+Each sequence comes with a `SeqPlan`: how many of its unfed tokens enter stage 0, the deepest
+stage to run, from which position on a distribution is needed, and what to decide. The pipeline
+sends every worker the same `StepPlan` (the workers hand boundary states and Log-OP sums to each
+other directly; stage_workers/step_runner.py) and gets back only decisions: tokens, exit stages,
+acceptance, Score log-probs. It keeps, per sequence and stage, how many positions are computed
+(`Sequence.num_computed`), which it learns from the plan and, for WAND, from the exit stage; the
+boundary states a skipped stage still owes wait in that stage's worker.
 
-Within a step the sequences are cut into micro-batches that move through the stages as a
-wavefront: at wavefront t, micro-batch m runs stage t - m. All extends of a wavefront start
-before any is waited on, so workers in other processes (Ray actors) compute side by side
-instead of one stage at a time; in-process workers compute as each extend starts. A sequence
-meets its stages in order with the same positions however the step is cut, so its results do
-not depend on the number of micro-batches.
-The pipeline knows the worker interface and nothing of modes, Log-OP or where the workers live.
+Rollbacks and frees are queued and travel with the next plan (or alone, via `flush`, when the
+engine has nothing else to run). The sequences of a step are cut into micro-batches that every
+worker runs in the same order, so stage k+1 works on micro-batch m while stage k works on m+1.
+The pipeline knows messages and replicas, nothing of modes' math, Ray or where workers run.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from stage_workers.messages import ExtendBatch, ExtendResult, Segment, TrunkState
+from stage_workers.messages import Decision, SeqSpec, SeqStep, StepPlan, StepResult
+from stage_workers.step_runner import takes_part
 
 from .replicas import StageReplicas
 from .sequence import Sequence
+from .transport import LocalTransport
+
+
+class StepFailed(RuntimeError):
+    """A worker raised while running its part of a step (the step is undone on every worker)."""
 
 
 @dataclass
-class StepPlan:
-    num_feed: int  # unfed tokens entering stage 0 this step (0: stage 0 has nothing new)
+class SeqPlan:
+    num_feed: int  # unfed tokens entering stage 0 this step (at least one)
     depth: int  # deepest stage that runs
-    heads: dict[int, int] = field(default_factory=dict)  # stage -> logits for its last n new positions
-    # early exit (WAND): asked after each stage that returned logits; True stops this sequence there
-    stop_after: Callable[[int, torch.Tensor], bool] | None = None
-    is_chunk: bool = False  # the first part of a longer feed, cut by the engine (see Engine.schedule)
+    head_from: int  # positions >= head_from get a distribution
+    action: str = "decide"  # "decide" | "draft" (speculative) | "none" (a prompt chunk: nothing decided)
+    uniform: float | None = None  # a sampled token's draw
+    targets: tuple[int, ...] = ()  # Score: the token after each fed position (-1: none)
+
+
+@dataclass
+class Outcome:
+    """What a step gave one sequence."""
+
+    decision: Decision | None = None
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # rule "logits": stage -> (n, V)
 
 
 class Pipeline:
-    def __init__(self, workers: list):
-        """`workers`: per stage, one worker or a list of that stage's replicas."""
-        self.stages = [StageReplicas(w if isinstance(w, list) else [w]) for w in workers]
+    def __init__(self, workers: list, transport=None):
+        """`workers`: per stage, one worker or a list of that stage's replicas. In process
+        (`transport` None) these are `StageWorker`s (or fakes) run by `StageRunner`s over
+        in-memory channels; a Ray transport passes handles whose `info()` reaches the actor."""
         self.num_stages = len(workers)
+        self.stages: list[StageReplicas] = []
+        self.transport = transport if transport is not None else LocalTransport()
+        self._ids = itertools.count()
+        for k, stage in enumerate(workers):
+            replicas = stage if isinstance(stage, list) else [stage]
+            self.stages.append(StageReplicas(replicas, [self._new_worker(k, w) for w in replicas]))
+        self.step = 0
+        self.epoch = 0
+        self.transport.connect(self.topology, self.epoch)
+        self.specs: dict[int, SeqSpec] = {}  # sequences the workers know
+        self._frees: list[int] = []
+        self._rollbacks: list[tuple[int, int]] = []
+        self._aborted = -1
 
-    def run(self, work: list[tuple[Sequence, StepPlan]], num_micro_batches: int = 1
-            ) -> dict[int, dict[int, torch.Tensor]]:
-        """Returns seq_id -> stage -> (n, V) fp32 logits for the planned heads. Wavefront t runs
-        stage t - m of micro-batch m, for every micro-batch that still has sequences that deep."""
-        logits: dict[int, dict[int, torch.Tensor]] = {seq.seq_id: {} for seq, _ in work}
-        batches = _split(work, num_micro_batches)  # each keeps the sequences still going deeper
-        for t in range(len(batches) + self.num_stages - 1):
-            wave = [(t - m, m) for m in range(len(batches)) if 0 <= t - m < self.num_stages]
-            for k, m in wave:
-                batches[m] = [(seq, plan) for seq, plan in batches[m] if plan.depth >= k]
-            started = [self._start_stage(k, batches[m]) for k, m in wave]  # every extend starts ...
-            results = [wait() for _, wait in started]  # ... before any is waited on
-            for (k, m), (placed, _), result in zip(wave, started, results):
-                self._apply(k, placed, result, logits)
-                batches[m] = [(seq, plan) for seq, plan in batches[m] if not _exits(k, seq, plan, logits)]
-        return logits
+    def _new_worker(self, stage: int, worker) -> int:
+        worker_id = next(self._ids)
+        self.transport.add(worker_id, stage, worker, self.num_stages)
+        return worker_id
 
-    def _start_stage(self, k: int, active) -> tuple[list[tuple[Segment, Sequence]], Callable]:
-        """Start stage k on what it owes these sequences; returns (segment, sequence) pairs and the wait."""
-        placed, tokens, prev, inputs = [], [], [], []
-        for seq, plan in active:
-            start = seq.num_computed[k]
-            length = plan.num_feed if k == 0 else seq.num_computed[k - 1] - start
-            num_heads = plan.heads.get(k, 0)
-            assert num_heads <= length, f"stage {k}: sequence {seq.seq_id} wants {num_heads} logits but computes {length} positions"
-            if length == 0:
-                continue
-            placed.append((Segment(seq.seq_id, start, length, num_heads), seq))
-            tokens.extend(seq.tokens[start : start + length])
-            prev.append(seq.tokens[start - 1] if start else -1)
-            inputs.extend(seq.pending[k])
-        if not placed:
-            return placed, lambda: None
-        batch = ExtendBatch(
-            segments=[seg for seg, _ in placed],
-            token_ids=torch.tensor(tokens, dtype=torch.long),  # (N,)
-            prev_token_ids=torch.tensor(prev, dtype=torch.long) if k == 0 else None,  # (B,)
-            trunk=TrunkState.cat(inputs) if k else None,  # (N, C)
-        )
-        return placed, self.stages[k].submit_extend(batch)
+    @property
+    def topology(self) -> list[list[int]]:
+        """Worker ids per stage."""
+        return [stage.worker_ids for stage in self.stages]
 
-    def _apply(self, k: int, placed: list[tuple[Segment, Sequence]], result: ExtendResult | None, logits) -> None:
-        """Record stage k's result: positions computed, boundary states for stage k+1, logits."""
-        row = head = 0
-        for seg, seq in placed:
-            seq.num_computed[k] += seg.length
-            seq.pending[k].clear()
-            if result.trunk is not None:
-                seq.pending[k + 1].append(result.trunk.select(slice(row, row + seg.length)))
-            if seg.num_heads:
-                logits[seq.seq_id][k] = result.logits[head : head + seg.num_heads]  # (n, V)
-            row, head = row + seg.length, head + seg.num_heads
+    # ---- the step --------------------------------------------------------------------------
+    def run(self, work: list[tuple[Sequence, SeqPlan]], num_micro_batches: int = 1) -> dict[int, Outcome]:
+        """Run one step over these sequences; returns seq_id -> its outcome."""
+        self.step += 1
+        new, steps = [], {}
+        for seq, plan in work:
+            if seq.seq_id not in self.specs:
+                self.specs[seq.seq_id] = seq.decoder.spec(seq, self.homes(seq))
+                new.append(self.specs[seq.seq_id])
+            steps[seq.seq_id] = self._seq_step(seq, plan)
+        batches = tuple(tuple(steps[seq.seq_id] for seq, _ in batch) for batch in _split(work, num_micro_batches))
+        plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), tuple(new), batches,
+                        self._aborted)
+        self._frees, self._rollbacks, self._aborted = [], [], -1
+        try:
+            results = self.transport.run(plan, self._participants(batches))
+        except BaseException:
+            self._aborted = plan.step  # every worker undoes the step before the next one
+            raise
+        failed = [r for r in results if r.error]
+        if failed:
+            self._aborted = plan.step
+            raise StepFailed(f"stage worker {failed[0].worker_id} failed in step {plan.step}: {failed[0].error}")
+        return self._apply(work, results)
 
+    def _seq_step(self, seq: Sequence, plan: SeqPlan) -> SeqStep:
+        assert plan.num_feed >= 1, f"sequence {seq.seq_id}: a step feeds at least one token"
+        start = seq.num_computed[0]
+        return SeqStep(seq.seq_id, start, tuple(seq.tokens[start : start + plan.num_feed]),
+                       seq.tokens[start - 1] if start else -1, plan.depth, plan.head_from, plan.action,
+                       plan.uniform, plan.targets)
+
+    def _participants(self, batches) -> set[int]:
+        """Every worker with a part in the step (each sends a report)."""
+        ids = set()
+        for batch in batches:
+            for s in batch:
+                spec = self.specs[s.seq_id]
+                ids.update(w for k, w in enumerate(spec.homes) if takes_part(spec, s, k, w))
+        return ids
+
+    def _apply(self, work, results: list[StepResult]) -> dict[int, Outcome]:
+        """Decisions and logits per sequence; positions computed per stage."""
+        outcomes = {seq.seq_id: Outcome() for seq, _ in work}
+        for result in results:
+            for decision in result.decisions:
+                outcomes[decision.seq_id].decision = decision
+            for seq_id, stage, logits in result.logits:
+                outcomes[seq_id].logits[stage] = logits
+        for seq, plan in work:
+            decision = outcomes[seq.seq_id].decision
+            wand_exit = decision.stage if decision is not None and self.specs[seq.seq_id].rule == "wand" else plan.depth
+            fed = seq.num_computed[0] + plan.num_feed
+            for k in range(min(plan.depth, wand_exit) + 1):  # a stage that runs computes all it owes
+                seq.num_computed[k] = fed
+        return outcomes
+
+    def homes(self, seq: Sequence) -> tuple[int, ...]:
+        """The worker holding the sequence's KV on each stage it may reach."""
+        return tuple(stage.home_id(seq.seq_id) for stage in self.stages[: seq.reach + 1])
+
+    # ---- changes that travel with the next plan -----------------------------------------------
     def rollback(self, seq: Sequence, length: int) -> None:
         """Forget positions >= length on every stage (rejected speculative drafts)."""
-        for k in range(self.num_stages):
-            if seq.num_computed[k] > length:
-                self.stages[k].rollback(seq.seq_id, length)
-                seq.num_computed[k] = length
-        for k in range(1, self.num_stages):
-            keep = seq.num_computed[k - 1] - seq.num_computed[k]
-            kept = []
-            for part in seq.pending[k]:
-                n = min(part.x.shape[0], keep - sum(p.x.shape[0] for p in kept))
-                if n > 0:
-                    kept.append(part if n == part.x.shape[0] else part.select(slice(0, n)))
-            seq.pending[k] = kept
+        self._rollbacks.append((seq.seq_id, length))
+        seq.num_computed = [min(n, length) for n in seq.num_computed]
 
     def free(self, seq: Sequence) -> None:
-        for k in range(self.num_stages):
-            self.stages[k].free(seq.seq_id)  # a no-op on a stage that never saw the sequence
-            seq.pending[k].clear()
+        """Forget the sequence on every worker (its KV and anything parked for it)."""
+        if self.specs.pop(seq.seq_id, None) is not None:
+            self._frees.append(seq.seq_id)
 
+    def flush(self) -> None:
+        """Send queued frees and rollbacks now (the engine is idle, so no plan would carry them)."""
+        if self._frees or self._rollbacks or self._aborted >= 0:
+            self.step += 1
+            plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), (), (), self._aborted)
+            self._frees, self._rollbacks, self._aborted = [], [], -1
+            self.transport.run(plan, set())
 
-def _exits(k: int, seq: Sequence, plan: StepPlan, logits) -> bool:
-    """Whether the sequence stops after stage k (a WAND exit), asked once stage k gave its logits."""
-    return plan.stop_after is not None and k in logits[seq.seq_id] and plan.stop_after(k, logits[seq.seq_id][k])
+    # ---- topology ----------------------------------------------------------------------------
+    def add_replica(self, stage: int, worker) -> None:
+        """One more worker for `stage`; only the channels of its neighbours change."""
+        self.stages[stage].add_replica(worker, self._new_worker(stage, worker))
+        self.epoch += 1
+        self.transport.connect(self.topology, self.epoch)
+
+    def reconnect(self) -> None:
+        """After a worker restarted: start its loop again and rebuild the channels touching it."""
+        self.epoch += 1
+        self.transport.connect(self.topology, self.epoch)
+
+    def remove_replica(self, stage: int, index: int | None = None):
+        """Take a replica out of service; returns (its worker, the seq_ids it held)."""
+        worker, worker_id, moved = self.stages[stage].remove_replica(index)
+        self.transport.remove(worker_id)
+        self.epoch += 1
+        self.transport.connect(self.topology, self.epoch)
+        return worker, moved
 
 
 def _split(work: list, num_micro_batches: int) -> list[list]:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from stage_workers.config import ModelConfig
-
-from .sampling import SamplingParams
+from stage_workers.sampling import SamplingParams
 
 MAX_K_DRAFT = 16  # drafts per speculative round; more only wastes verification work
 # Log-OP and sampling run in fp32: a stage weight or temperature below MIN_SCALE rounds to 0, a
@@ -56,7 +55,18 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """Logits of the given stages at every position of a fixed sequence (forward, scoring)."""
+    """The Log-OP of `stages` at every position of a fixed sequence, read by the deepest stage's
+    worker: each next token's log-prob, and the top_n alternatives per position (Score)."""
+
+    token_ids: tuple[int, ...]
+    stages: tuple[int, ...]
+    top_n: int = 0
+
+
+@dataclass(frozen=True)
+class LogitsRequest:
+    """The given stages' logits at every position of a fixed sequence (forward, forward_stage,
+    calibration): the one request whose results have the vocabulary's size."""
 
     token_ids: tuple[int, ...]
     stages: tuple[int, ...]

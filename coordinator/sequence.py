@@ -1,15 +1,14 @@
 """A live sequence: its tokens, what each stage has computed, and what the caller gets back.
 
-The pipeline owns `num_computed` and `pending`; the mode decoder owns the token list and the
-results. Invariant, per sequence: num_computed[0] >= num_computed[1] >= ... and `pending[k]`
-holds stage k-1's boundary states for exactly positions num_computed[k]..num_computed[k-1]-1.
+The pipeline owns `num_computed`; the mode decoder owns the token list and the results.
+Invariant, per sequence: num_computed[0] >= num_computed[1] >= ..., and the worker of stage k
+holds stage k-1's boundary states for exactly positions num_computed[k]..num_computed[k-1]-1
+(parked there by a WAND exit or a speculative draft) until stage k next runs for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from stage_workers.messages import TrunkState
 
 from .requests import GenerationRequest, ScoreRequest
 
@@ -20,6 +19,7 @@ class Sequence:
     request: GenerationRequest | ScoreRequest
     tokens: list[int]  # prompt, committed tokens, then speculative drafts in flight
     num_stages: int
+    reach: int  # the deepest stage it may run (its KV is placed on stages 0..reach)
     num_committed: int = 0  # prompt + accepted new tokens; set to the prompt length at creation
     stages_used: list[int] = field(default_factory=list)  # WAND: exit stage per new token
     num_proposed: int = 0  # speculative drafts proposed / accepted
@@ -27,7 +27,6 @@ class Sequence:
     finish_reason: str | None = None  # "length" | "stop" | "cancelled" | "error: ..." once finished
     error: BaseException | None = None  # why a step failed for this sequence
     num_computed: list[int] = field(default_factory=list)
-    pending: list[list[TrunkState]] = field(default_factory=list)
     decoder: object = None  # the mode's decoder (coordinator.modes), set by the engine
     kv_blocks: list[int] = field(default_factory=list)  # KV blocks promised on each stage
     recoveries: int = 0  # times rebuilt after a lost worker
@@ -36,13 +35,11 @@ class Sequence:
         self.num_committed = self.num_committed or len(self.tokens)
         self.num_prompt = len(self.tokens)
         self.num_computed = [0] * self.num_stages
-        self.pending = [[] for _ in range(self.num_stages)]
 
     def restart_from_committed(self) -> None:
         """Forget all computed state (KV is freed by the caller); keep the committed tokens."""
         del self.tokens[self.num_committed :]
         self.num_computed = [0] * self.num_stages
-        self.pending = [[] for _ in range(self.num_stages)]
 
     @property
     def num_unfed(self) -> int:

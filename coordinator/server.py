@@ -117,8 +117,7 @@ class PoEServicer(pb_grpc.PoEServingServicer):
         handle = self._submit(rq.ScoreRequest(tuple(ids), stages), context)
         for _ in self._events(handle, context):
             pass
-        logits = {k: handle.seq.decoder.stage_logits(k) for k in stages}
-        return wire.score_response(ids, logits, self.config, self.tokenizer,
+        return wire.score_response(ids, handle.seq.decoder.logprobs, self.tokenizer,
                                    count_bytes=request.WhichOneof("input") == "prompt")
 
     def GetModelInfo(self, request, context):

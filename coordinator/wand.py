@@ -1,27 +1,15 @@
-"""WAND adaptive depth (spec section 4): the early-exit rule and its calibration, pure math.
+"""WAND calibration (spec section 4), pure math.
 
 After stage j the prefix combination `score_j` may emit its argmax when its top-2 margin
-exceeds `safety * bound_j`. Calibration measures, per position, how far the remaining stages
-could move the winner relative to the runner-up (`U_j`) and takes a quantile. Nothing here
-knows about workers or sequences.
+exceeds `safety * bound_j` (that test runs in the stage's worker: stage_workers/decisions.py).
+Calibration measures, per position, how far the remaining stages could move the winner
+relative to the runner-up (`U_j`) and takes a quantile. Nothing here knows about workers or
+sequences.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-from .logop import top2_margin
-
-
-def should_exit(score: torch.Tensor, stage: int, num_stages: int, bound: float, safety: float) -> bool:
-    """score: (V,) prefix combination of stages 0..stage."""
-    if stage == num_stages - 1:
-        return True
-    if math.isinf(bound):
-        return False
-    return bool(top2_margin(score) > safety * bound)
 
 
 def exit_gaps(prefix_score: torch.Tensor, full_score: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,9 @@ from google.protobuf.message import DecodeError
 
 from protos import poe_serving_pb2 as pb
 from stage_workers.config import ModelConfig
+from stage_workers.sampling import SamplingParams
 
 from . import requests as rq
-from .logop import combine, log_probs, normalize
-from .sampling import SamplingParams
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -168,13 +167,11 @@ class TextStream:
         return delta
 
 
-def score_response(ids: list[int], stage_logits: dict[int, torch.Tensor], config: ModelConfig,
-                   tokenizer: Tokenizer, count_bytes: bool) -> pb.ScoreResponse:
-    """Full-PoE log p of each token after the first, and bits per byte over those tokens."""
-    K = config.num_stages
-    score = combine([log_probs(stage_logits[k][:-1]) for k in range(K)], [1.0] * K, config.poe_alpha)  # (T-1, V)
-    targets = torch.tensor(ids[1:], dtype=torch.long)
-    logprobs = normalize(score).gather(1, targets[:, None])[:, 0].double()
+def score_response(ids: list[int], token_logprobs: list[float], tokenizer: Tokenizer,
+                   count_bytes: bool) -> pb.ScoreResponse:
+    """Full-PoE log p of each token after the first (as the deepest stage's worker computed them:
+    one per position, NaN after the last), and bits per byte over those tokens."""
+    logprobs = torch.tensor(token_logprobs[: len(ids) - 1], dtype=torch.float64)  # (T-1,)
     bpb = 0.0
     if count_bytes:
         enc = tokenizer.encoding

@@ -1,35 +1,45 @@
-"""Every message between the coordinator and a stage worker, as typed dataclasses.
+"""Every message of the data plane, as typed dataclasses: coordinator -> workers, worker ->
+worker, worker -> coordinator, and a worker's call into its own slice.
 
-A worker call extends some sequences by a run of new positions each. Positions of all
-sequences in a call are *packed*: row `n` of every `(N, ...)` tensor belongs to the segment
-that covers it, segments in order. The same messages travel in-process and through Ray; they
-hold tensors, never Python lists of numbers. Nothing here computes.
+A step goes out as one `StepPlan`, the same for every worker: the sequences of each
+micro-batch with what enters stage 0 and what to decide. Sequences are described once
+(`SeqSpec`, when they first run); after that a plan carries only what changed. Stage k hands
+its boundary states straight to stage k+1's worker as a `Boundary`, with the running Log-OP
+sums of the positions that need a distribution; the stage that decides a token returns only
+`Decision`s (token ids, an exit stage, acceptance, Score log-probs) in a `StepResult`. No
+tensor with a vocabulary or hidden dimension is in a `StepResult` of a generation step.
+Inside a worker, a call into the slice extends some sequences by a run of new positions each
+(`ExtendBatch` -> `ExtendResult`); positions of all sequences in a call are *packed*: row `n`
+of every `(N, ...)` tensor belongs to the segment that covers it, segments in order.
+Nothing here computes.
 
 Crossing processes, a message pickles its tensors as numpy arrays, which pickle protocol 5
-(and so Ray) carries as out-of-band buffers, without copying: a Ray round trip of a trunk
-state took 1.3 ms against 2.4 ms as pickled torch tensors. What arrives may be a read-only view
-of the transport's buffer, so nothing writes into a received message's tensors.
+carries as out-of-band buffers, without copying into the pickle stream; the channels
+(stage_workers/channels.py) lay those buffers into shared memory. What arrives may be a
+read-only view of the transport's buffer, so nothing writes into a received message's tensors.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from .sampling import SamplingParams
 from .transfer import to_device
 
 
 class WorkerLost(RuntimeError):
-    """A stage worker's process went away (its KV cache with it)."""
+    """A stage worker's process went away (its KV cache with it), or stopped answering."""
 
-    def __init__(self, stage: int, detail: str, restarted: bool = True):
+    def __init__(self, stage: int, detail: str, restarted: bool = True, worker_id: int | None = None):
         super().__init__(f"stage {stage} worker lost: {detail}")
         self.stage = stage
-        self.restarted = restarted  # False: the worker stays dead (no restarts left); the stage is down
+        self.restarted = restarted  # False: the worker stays dead (no restarts left)
+        self.worker_id = worker_id  # which of the stage's workers (None: unknown, so all of them)
 
 
 class _Array(NamedTuple):
@@ -40,7 +50,7 @@ class _Array(NamedTuple):
 
     @staticmethod
     def of(t: torch.Tensor) -> "_Array":
-        t = t.detach().contiguous()
+        t = t.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: carry the bits
             return _Array(t.view(torch.int16).numpy(), "bfloat16")
         return _Array(t.numpy(), str(t.dtype).removeprefix("torch."))
@@ -133,3 +143,184 @@ class WorkerInfo:
     kv_num_blocks: int
     kv_free_blocks: int
     resident_bytes: int  # weights plus preallocated KV cache
+
+
+# ---- the step: coordinator -> every worker --------------------------------------------------
+# The step's records are NamedTuples: they cross processes as plain tuples (`encode` below), about
+# ten times cheaper than pickled dataclasses, so a plan of hundreds of sequences costs microseconds.
+Rule = Literal["sample", "wand", "speculative", "score", "logits"]
+Action = Literal["none", "decide", "draft"]
+
+
+class SeqSpec(NamedTuple):
+    """What every worker keeps about a sequence while it runs; sent when it first runs (and again
+    after a rebuild). The rule says what its deciding stage does:
+    - "sample": argmax or sample of the Log-OP of the weighted stages, at the step's deepest stage;
+    - "wand": after each stage, exit when the prefix score's margin clears `exit_thresholds`;
+    - "speculative": stage `draft_stage` drafts with its own distribution; the last stage verifies;
+    - "score": the full-PoE log-prob of given tokens (and top_n alternatives) at every position;
+    - "logits": each weighted stage's logits (forward, forward_stage, calibration: never decode).
+    """
+
+    seq_id: int
+    rule: Rule
+    homes: tuple[int, ...]  # the worker holding this sequence's KV on each stage 0..reach
+    weights: tuple[float, ...]  # Log-OP weight of every stage (0: not combined)
+    alpha: float  # the checkpoint's poe_alpha
+    sampling: SamplingParams | None = None  # "sample": None is greedy
+    exit_thresholds: tuple[float, ...] = ()  # "wand": safety * bound per stage (+inf: never exit there)
+    draft_stage: int = -1  # "speculative"
+    top_n: int = 0  # "score": alternatives returned per position
+
+    @property
+    def reach(self) -> int:
+        """The deepest stage this sequence ever runs (its KV is placed on stages 0..reach)."""
+        return len(self.homes) - 1
+
+
+class SeqStep(NamedTuple):
+    """One sequence's part of a step, the same for every worker. Stage 0 computes `tokens`; stage
+    k > 0 computes what stage k-1 handed it; each stage up to `depth` runs, and rows computed at
+    `depth` (or at a WAND exit) wait in the next stage's worker until it runs for the sequence."""
+
+    seq_id: int
+    start: int  # position of tokens[0]
+    tokens: tuple[int, ...]  # entering stage 0 this step (at least one)
+    prev_token: int  # the token at start - 1 (-1 at position 0): stage 0's smear
+    depth: int  # deepest stage that computes this step
+    head_from: int  # positions >= head_from get a distribution this step
+    action: Action = "decide"  # "none": a prompt chunk; "draft": a speculative draft pass
+    uniform: float | None = None  # "sample" with sampling: this token's draw from the request's generator
+    targets: tuple[int, ...] = ()  # "score": the token after each head position (-1: none)
+
+
+class StepPlan(NamedTuple):
+    """One step, broadcast to every worker: first the changes (forget, roll back, new sequences),
+    then the micro-batches in the order every worker runs them."""
+
+    step: int
+    epoch: int  # bumped whenever the topology changes or a step is aborted
+    frees: tuple[int, ...] = ()  # sequences to forget on every stage
+    rollbacks: tuple[tuple[int, int], ...] = ()  # (seq_id, length): forget positions >= length
+    new: tuple[SeqSpec, ...] = ()
+    micro_batches: tuple[tuple[SeqStep, ...], ...] = ()
+    aborted: int = -1  # a step every worker undoes first (it failed somewhere); -1: none
+
+
+class Edge(NamedTuple):
+    """A channel's address: data from worker `src` to worker `dst` (-1: the coordinator)."""
+
+    name: str  # unique: channels are rebuilt, never reused
+    src: int
+    dst: int
+    slot_bytes: int = 1 << 20
+    num_slots: int = 4
+
+
+class Rewire(NamedTuple):
+    """A worker's new set of data channels (a replica came or went, or a neighbour restarted)."""
+
+    epoch: int
+    inbound: tuple[Edge, ...]  # from upstream workers (this worker creates them)
+    outbound: tuple[Edge, ...]  # to downstream workers
+
+
+# ---- worker -> worker ------------------------------------------------------------------------
+class Handoff(NamedTuple):
+    """One sequence's rows in a `Boundary`: positions start..start+length-1."""
+
+    seq_id: int
+    start: int
+    length: int
+    num_acc: int  # the last num_acc rows carry a Log-OP accumulator
+    park: bool  # True: the downstream stage keeps the rows for later (WAND exit, draft); False: compute now
+
+
+class Boundary(NamedTuple):
+    """What stage k hands one stage k+1 worker in one micro-batch of a step (possibly nothing)."""
+
+    step: int
+    micro_batch: int
+    handoffs: tuple[Handoff, ...]
+    token_ids: torch.Tensor  # (N,) the token at every row
+    trunk: TrunkState | None  # (N, C) boundary states; None when there are no rows
+    acc: torch.Tensor | None  # (M, V) fp32 Log-OP sums, M = sum of num_acc, handoff order
+
+
+# ---- worker -> coordinator -------------------------------------------------------------------
+class Decision(NamedTuple):
+    """What a deciding stage returns for a sequence: a handful of numbers."""
+
+    seq_id: int
+    stage: int  # the stage that decided (WAND's exit stage)
+    token: int = -1  # the chosen token: the next token, a draft, or the bonus token after verification
+    accepted: int = -1  # speculative verification: drafts accepted
+    logprobs: tuple[float, ...] = ()  # "score": log p of each target (NaN: no target)
+    top: tuple[tuple[tuple[int, float], ...], ...] = ()  # "score": top_n (token, log p) per position
+
+
+class StepResult(NamedTuple):
+    """One worker's report of a step (sent by every worker that took part)."""
+
+    step: int
+    epoch: int
+    worker_id: int
+    decisions: tuple[Decision, ...] = ()
+    # rule "logits" only (forward, forward_stage, calibration; never a decode step): (seq_id, stage, (n, V))
+    logits: tuple[tuple[int, int, torch.Tensor], ...] = ()
+    busy_s: float = 0.0  # time this worker spent computing in the step
+    error: str | None = None  # the step failed here: every worker undoes it
+
+
+# ---- the wire format of the step's messages ----------------------------------------------------
+def encode(message) -> tuple[tuple, list[torch.Tensor]]:
+    """A step message as (plain tuple for `marshal`, tensors laid out raw after it)."""
+    kind = type(message)
+    if kind is Boundary:
+        trunk = message.trunk
+        tensors = [message.token_ids] + ([] if trunk is None else [trunk.x, trunk.x0])
+        flags = (trunk is not None, trunk is not None and trunk.x_backout is not None, message.acc is not None)
+        tensors += [t for t in (None if trunk is None else trunk.x_backout, message.acc) if t is not None]
+        return (_BOUNDARY, message.step, message.micro_batch, tuple(map(tuple, message.handoffs)), flags), tensors
+    if kind is StepPlan:
+        new = tuple(spec[:5] + (None if spec.sampling is None else tuple(vars(spec.sampling).values()),) + spec[6:]
+                    for spec in message.new)
+        batches = tuple(tuple(map(tuple, mb)) for mb in message.micro_batches)
+        return (_PLAN, message.step, message.epoch, tuple(message.frees), tuple(message.rollbacks), new, batches,
+                message.aborted), []
+    if kind is StepResult:
+        logits = tuple((seq_id, stage) for seq_id, stage, _ in message.logits)
+        return (_RESULT, message.step, message.epoch, message.worker_id, tuple(map(tuple, message.decisions)),
+                logits, message.busy_s, message.error), [t for _, _, t in message.logits]
+    if kind is Rewire:
+        return (_REWIRE, message.epoch, tuple(map(tuple, message.inbound)), tuple(map(tuple, message.outbound))), []
+    raise TypeError(f"{kind.__name__} is not a step message")
+
+
+def decode(plain: tuple, tensors: list[torch.Tensor]):
+    """The inverse of `encode`."""
+    kind = plain[0]
+    if kind == _BOUNDARY:
+        _, step, micro_batch, handoffs, (has_trunk, has_backout, has_acc) = plain
+        it = iter(tensors)
+        token_ids = next(it)
+        trunk = TrunkState(next(it), next(it), next(it) if has_backout else None) if has_trunk else None
+        return Boundary(step, micro_batch, tuple(Handoff(*h) for h in handoffs), token_ids, trunk,
+                        next(it) if has_acc else None)
+    if kind == _PLAN:
+        _, step, epoch, frees, rollbacks, new, batches, aborted = plain
+        specs = tuple(SeqSpec(*spec[:5], None if spec[5] is None else SamplingParams(*spec[5]), *spec[6:])
+                      for spec in new)
+        return StepPlan(step, epoch, frees, rollbacks, specs,
+                        tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted)
+    if kind == _RESULT:
+        _, step, epoch, worker_id, decisions, logits, busy_s, error = plain
+        return StepResult(step, epoch, worker_id, tuple(Decision(*d) for d in decisions),
+                          tuple((seq_id, stage, t) for (seq_id, stage), t in zip(logits, tensors)), busy_s, error)
+    if kind == _REWIRE:
+        _, epoch, inbound, outbound = plain
+        return Rewire(epoch, tuple(Edge(*e) for e in inbound), tuple(Edge(*e) for e in outbound))
+    raise ValueError(f"unknown step message kind {kind!r}")
+
+
+_BOUNDARY, _PLAN, _RESULT, _REWIRE = range(4)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from coordinator import requests as rq
 from coordinator.engine import Engine, EngineConfig
-from coordinator.logop import combine, log_probs, top2_margin
+from stage_workers.logop import combine, log_probs, normalize, top2_margin
 from coordinator.pipeline import Pipeline
 from stage_workers.config import config_from_dict
 from stage_workers.messages import WorkerLost
@@ -234,15 +236,30 @@ def test_chunked_prefill_gives_the_unchunked_sampled_tokens():
     assert run(make_engine(max_prefill_chunk=4)[0], req).new_tokens == run(make_engine()[0], req).new_tokens
 
 
-def test_scoring_in_chunks_returns_logits_at_every_position():
+def test_logits_in_chunks_return_stage_logits_at_every_position():
     tokens = tuple((5 * i + 1) % VOCAB for i in range(19))
     engine, workers = make_engine(max_prefill_chunk=6)
-    seq = run(engine, rq.ScoreRequest(tokens, (0, 2)))
+    seq = run(engine, rq.LogitsRequest(tokens, (0, 2)))
     assert [c[0][1:] for c in workers[2].calls] == [(0, 6, 6), (6, 6, 6), (12, 6, 6), (18, 1, 1)]
     assert workers[3].calls == []
     for k in (0, 2):
         expected = torch.stack([fake_logits(k, tokens[: p + 1]) for p in range(len(tokens))])  # (T, V)
         assert torch.equal(seq.decoder.stage_logits(k), expected)
+
+
+def test_scoring_in_chunks_returns_each_tokens_logprob_and_alternatives_from_the_workers():
+    tokens = tuple((5 * i + 1) % VOCAB for i in range(19))
+    engine, workers = make_engine(max_prefill_chunk=6)
+    seq = run(engine, rq.ScoreRequest(tokens, (0, 2), top_n=3))
+    assert workers[3].calls == [] and len(workers[2].calls) == 4
+    for p in range(len(tokens)):
+        lp = normalize(expected_score(tokens[: p + 1], (0, 2)))  # (V,)
+        if p + 1 < len(tokens):
+            assert seq.decoder.logprobs[p] == pytest.approx(float(lp[tokens[p + 1]]), abs=1e-6)
+        top = lp.topk(3)
+        assert [t for t, _ in seq.decoder.top[p]] == top.indices.tolist()
+        assert [v for _, v in seq.decoder.top[p]] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert math.isnan(seq.decoder.logprobs[-1]), "no token follows the last position"
 
 
 def test_chunked_prefill_on_the_tiny_model_gives_the_same_tokens_and_logits(tiny_dir, tiny_model):

@@ -1,4 +1,4 @@
-"""The pure math: Log-OP, sampling filters, and the WAND rule and its calibration."""
+"""The pure math: Log-OP, sampling filters, the deciding stage's rules, and WAND's calibration."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from coordinator.logop import combine, log_probs, normalize, top2_margin
-from coordinator.sampling import SamplingParams, filtered_logits, make_generator, sample
-from coordinator.wand import bounds_from_gaps, exit_gaps, should_exit
+from coordinator.wand import bounds_from_gaps, exit_gaps
+from stage_workers.decisions import (accumulate, divisor, token_logprobs, verify_drafts, wand_exits,
+                                     wand_threshold)
+from stage_workers.logop import combine, log_probs, normalize, top2_margin
+from stage_workers.sampling import SamplingParams, draw_uniform, filtered_logits, make_generator, sample
 
 
 def random_logprobs(*shape, seed=0):
@@ -49,7 +51,8 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 
 def test_sampling_is_reproducible_with_a_seed_and_follows_the_distribution():
     lp = torch.log(torch.tensor([0.1, 0.6, 0.3]))
-    draws = lambda seed: [sample(lp, SamplingParams(), g) for g in [make_generator(seed)] for _ in range(2000)]  # noqa: E731
+    draws = lambda seed: [sample(lp, SamplingParams(), draw_uniform(g)) for g in [make_generator(seed)]  # noqa: E731
+                          for _ in range(2000)]
     first = draws(7)
     assert first == draws(7)
     freq = torch.bincount(torch.tensor(first), minlength=3).float() / len(first)
@@ -59,15 +62,40 @@ def test_sampling_is_reproducible_with_a_seed_and_follows_the_distribution():
 def test_low_temperature_sampling_is_greedy():
     lp = random_logprobs(100, seed=8)
     g = make_generator(0)
-    assert all(sample(lp, SamplingParams(temperature=1e-4), g) == int(lp.argmax()) for _ in range(20))
+    assert all(sample(lp, SamplingParams(temperature=1e-4), draw_uniform(g)) == int(lp.argmax()) for _ in range(20))
 
 
 def test_wand_rule():
-    score = torch.tensor([0.0, 2.0, 1.0])  # margin 1.0
-    assert should_exit(score, 0, 4, bound=0.9, safety=1.0)
-    assert not should_exit(score, 0, 4, bound=0.9, safety=2.0)
-    assert not should_exit(score, 1, 4, bound=math.inf, safety=1.0)
-    assert should_exit(score, 3, 4, bound=math.inf, safety=1.0)  # the last stage always emits
+    scores = torch.tensor([[0.0, 2.0, 1.0]] * 4)  # margin 1.0 in every row
+    thresholds = torch.tensor([wand_threshold(0.9, 1.0), wand_threshold(0.9, 2.0), wand_threshold(math.inf, 1.0),
+                               wand_threshold(math.inf, 0.0)])
+    assert wand_exits(scores, thresholds).tolist() == [True, False, False, False]  # an infinite bound never exits
+
+
+def test_a_running_sum_of_weighted_stage_logprobs_is_the_logop_score():
+    lps = [random_logprobs(3, 9, seed=s) for s in range(3)]
+    weights, alpha = (0.5, 0.0, 2.0), 0.3
+    acc = None
+    for lp, w in zip(lps, weights):
+        acc = acc if w == 0 else accumulate(acc, lp, torch.full((3,), w))
+    expected = combine([lps[0], lps[2]], [0.5, 2.0], alpha)
+    assert torch.equal(acc / divisor(weights, 2, alpha), expected), "bit for bit what the coordinator computed"
+
+
+def test_verification_keeps_drafts_up_to_the_first_disagreement():
+    assert verify_drafts([5, 6, 7, 8], [5, 6, 9]) == 2
+    assert verify_drafts([4, 6, 7, 8], [5, 6, 7]) == 0
+    assert verify_drafts([5, 6, 7, 8], [5, 6, 7]) == 3
+    assert verify_drafts([5], []) == 0
+
+
+def test_token_logprobs_pick_each_target_and_the_top_alternatives():
+    scores = random_logprobs(4, 10, seed=9) * 2
+    logprobs, top = token_logprobs(scores, [3, 0, 9, -1], top_n=2)
+    lp = normalize(scores)
+    assert logprobs[:3] == pytest.approx([float(lp[0, 3]), float(lp[1, 0]), float(lp[2, 9])])
+    assert math.isnan(logprobs[3])
+    assert [[t for t, _ in row] for row in top] == lp.topk(2).indices.tolist()
 
 
 def test_exit_gaps_guarantee_the_full_argmax():

@@ -1,11 +1,16 @@
-"""Pipelined micro-batches: a step's sequences move through the stages as a wavefront.
+"""Pipelined micro-batches: every worker runs a step's micro-batches in the same order, so
+stage k+1 works on micro-batch m while stage k works on m+1.
 
-Fakes whose extends start without computing (as a Ray actor's do) log every start and wait, so
-the tests see which calls were in flight together; tokens, stage exits and logits must not
-depend on the number of micro-batches, on fakes, the tiny model in process and on Ray.
+Tokens, stage exits and logits must not depend on the number of micro-batches (fakes, the tiny
+model in process and on Ray). Runners in threads over real shared-memory channels show the
+overlap itself: stage 0 cannot finish its second micro-batch unless stage 1 has started the
+first.
 """
 
 from __future__ import annotations
+
+import threading
+import uuid
 
 import pytest
 import torch
@@ -14,51 +19,23 @@ from coordinator import requests as rq
 from coordinator.engine import Engine, EngineConfig
 from coordinator.pipeline import Pipeline
 from coordinator.serving_config import config_from_yaml_dict
+from stage_workers.channels import ShmChannel
+from stage_workers.messages import SeqSpec, SeqStep, StepPlan
+from stage_workers.step_runner import StageRunner
 
 from fakes import VOCAB, FakeWorker
 from test_engine import CONFIG, K, LosingWorker, request
 from test_replicas import MIXED, reference_tokens
 
 
-class DeferredWorker(FakeWorker):
-    """Starts an extend and computes it only when waited on; logs ("start" | "wait", stage, seq_ids)."""
-
-    def __init__(self, stage: int, log: list):
-        super().__init__(stage, K)
-        self.log = log
-
-    def submit_extend(self, batch):
-        seq_ids = tuple(seg.seq_id for seg in batch.segments)
-        self.log.append(("start", self.stage, seq_ids))
-
-        def wait():
-            self.log.append(("wait", self.stage, seq_ids))
-            return self.extend(batch)
-
-        return wait
-
-
-def deferred_engine(num_micro_batches: int, **engine_kwargs):
-    log: list = []
-    workers = [DeferredWorker(k, log) for k in range(K)]
+def engine_with(num_micro_batches: int, **engine_kwargs):
+    workers = [FakeWorker(k, K) for k in range(K)]
     config = EngineConfig(pipeline_micro_batches=num_micro_batches, **engine_kwargs)
-    return Engine(CONFIG, Pipeline(workers), config), log
-
-
-def wavefronts(log: list) -> list[list[tuple[int, tuple[int, ...]]]]:
-    """The log cut into wavefronts: the calls started together, each waited on before the next start."""
-    waves = []
-    while log:
-        num_starts = next((i for i, event in enumerate(log) if event[0] == "wait"), len(log))
-        starts, waits = log[:num_starts], log[num_starts : 2 * num_starts]
-        assert [e[1:] for e in waits] == [e[1:] for e in starts], "a wavefront waits on exactly what it started"
-        waves.append([e[1:] for e in starts])
-        log = log[2 * num_starts :]
-    return waves
+    return Engine(CONFIG, Pipeline(workers), config), workers
 
 
 def score_request() -> rq.ScoreRequest:
-    return rq.ScoreRequest(tuple((5 * i + 1) % VOCAB for i in range(19)), (0, 2))
+    return rq.LogitsRequest(tuple((5 * i + 1) % VOCAB for i in range(19)), (0, 2))
 
 
 def mixed_requests() -> list:
@@ -86,64 +63,90 @@ def test_tokens_exits_and_logits_do_not_depend_on_the_number_of_micro_batches():
     wand_exits = [e[1] for e in expected[2:-1] if e[1]]
     assert any(min(u) < K - 1 == max(u) for u in wand_exits), "WAND exits both early and at the last stage"
     for num_micro_batches in (1, 2, 3):
-        engine, log = deferred_engine(num_micro_batches, max_prefill_chunk=8)
+        engine, workers = engine_with(num_micro_batches, max_prefill_chunk=8)
         got = outcomes(engine)
         for a, b in zip(got[:-1], expected[:-1]):
             assert a == b, f"{num_micro_batches} micro-batches"
         assert all(torch.equal(a, b) for a, b in zip(got[-1], expected[-1]))
-        largest = max(len(wave) for wave in wavefronts(log))
-        assert largest == min(num_micro_batches, K), "that many extends were in flight at once"
+        calls_per_step = max(len(w.calls) for w in workers) / max(len(plain.pipeline.stages[0].workers[0].calls), 1)
+        assert num_micro_batches == 1 or calls_per_step > 1, "stage 0 ran several micro-batches per step"
         assert engine.free_blocks == engine.capacity
 
 
-def test_stage_1_gets_micro_batch_0_in_the_wavefront_where_stage_0_gets_micro_batch_1():
-    engine, log = deferred_engine(2)
-    a, b = engine.add(request([1, 2, 3], 4, rq.full_mode(CONFIG))), engine.add(request([4, 5, 6], 4, rq.full_mode(CONFIG)))
-    for _ in range(3):
-        del log[:]
-        engine.step()
-        A, B = (a.seq_id,), (b.seq_id,)
-        assert wavefronts(log) == [
-            [(0, A)],
-            [(1, A), (0, B)],
-            [(2, A), (1, B)],
-            [(3, A), (2, B)],
-            [(3, B)],
-        ]
-
-
-def test_a_micro_batch_runs_a_stage_only_when_one_of_its_sequences_reaches_it():
-    engine, log = deferred_engine(3)
+def test_each_stage_runs_the_micro_batches_in_order_and_only_those_that_reach_it():
+    engine, workers = engine_with(3)
     reach = {  # seq_id -> the stages it runs: all, a prefix of two, or a WAND exit at stage 0 every token
         engine.add(request([1, 2], 5, rq.full_mode(CONFIG))).seq_id: {0, 1, 2, 3},
         engine.add(request([3, 4], 5, rq.prefix_mode(CONFIG, 2))).seq_id: {0, 1},
         engine.add(request([5, 6], 5, rq.wand_mode(CONFIG, 0.0, (0.0,) * K))).seq_id: {0},
     }
-    while engine.running or engine.waiting:
-        del log[:]
-        engine.step()
-        first: dict[int, int] = {}  # seq_id -> wavefront of its stage-0 call, its micro-batch's index
-        stages: dict[int, set[int]] = {s: set() for s in reach}
-        for t, wave in enumerate(wavefronts(log)):
-            assert len({k for k, _ in wave}) == len(wave), "one call per stage per wavefront"
-            for k, seq_ids in wave:
-                assert len(seq_ids) == 1, "three sequences, three micro-batches"
-                first.setdefault(seq_ids[0], t)
-                assert t == first[seq_ids[0]] + k, "micro-batch m runs stage k at wavefront m + k"
-                stages[seq_ids[0]].add(k)
-        assert sorted(first.values()) == [0, 1, 2]
-        assert stages == {s: r for s, r in reach.items() if s in stages}
+    engine.step()  # the prompts
+    for w in workers:
+        del w.calls[:]
+    engine.step()  # one decode step: three micro-batches of one sequence each
+    order = [call[0][0] for call in workers[0].calls]  # one sequence per micro-batch, in micro-batch order
+    assert sorted(order) == sorted(reach) and all(len(call) == 1 for call in workers[0].calls)
+    for k, w in enumerate(workers):
+        ran = [call[0][0] for call in w.calls]
+        assert ran == [s for s in order if k in reach[s]], f"stage {k} ran {ran}"
 
 
 def test_micro_batches_balance_positions_a_prompt_against_decode_tokens():
-    engine, log = deferred_engine(2)
+    engine, workers = engine_with(2)
     decoding = [engine.add(request([i, i + 1], 6, rq.full_mode(CONFIG))) for i in range(3)]
     engine.step()
     prompt = engine.add(request([i % VOCAB for i in range(20)], 2, rq.full_mode(CONFIG)))
-    del log[:]
+    del workers[0].calls[:]
     engine.step()
-    stage0 = [seq_ids for wave in wavefronts(log) for k, seq_ids in wave if k == 0]
+    stage0 = [tuple(seg[0] for seg in call) for call in workers[0].calls]
     assert stage0 == [(prompt.seq_id,), tuple(s.seq_id for s in decoding)], "the prompt alone, then the decodes"
+
+
+class Gate(FakeWorker):
+    """Stage 0's second extend of a step waits (up to a timeout) until stage 1 has started its first."""
+
+    def __init__(self, stage: int, started: threading.Event):
+        super().__init__(stage, K)
+        self.started, self.waited = started, None
+
+    def extend(self, batch):
+        if self.stage == 1:
+            self.started.set()
+        elif len(self.calls) == 1:
+            self.waited = self.started.wait(timeout=10)
+        return super().extend(batch)
+
+
+def test_stage_1_computes_micro_batch_0_while_stage_0_computes_micro_batch_1():
+    """Runners in threads over shared-memory channels, as Ray actors run them in processes."""
+    started = threading.Event()
+    fakes = [Gate(0, started), Gate(1, started)] + [FakeWorker(k, K) for k in (2, 3)]
+    runners = [StageRunner(fake, worker_id=k, num_stages=K) for k, fake in enumerate(fakes)]
+    tag = uuid.uuid4().hex[:8]
+    channels = []
+    for a, b in zip(runners, runners[1:]):
+        reader = ShmChannel.create(f"test-{tag}-{a.worker_id}", 1 << 16, 2)
+        writer = ShmChannel.attach(f"test-{tag}-{a.worker_id}", 1 << 16, 2)
+        a.outbound[b.worker_id], b.inbound[a.worker_id] = writer, reader
+        channels += [reader, writer]
+    homes = tuple(range(K))
+    specs = tuple(SeqSpec(seq_id, "sample", homes, (1.0,) * K, 0.0) for seq_id in (0, 1))
+    batches = tuple((SeqStep(seq_id, 0, (seq_id + 1, 2, 3), -1, K - 1, 2),) for seq_id in (0, 1))
+    plan = StepPlan(1, 0, new=specs, micro_batches=batches)
+    results = [None] * K
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r.worker_id, r.run_step(plan)))
+               for r in runners]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        for channel in channels:
+            channel.close()
+    assert fakes[0].waited, "stage 0 waited in micro-batch 1 for stage 1 to start micro-batch 0"
+    assert [d.seq_id for d in results[K - 1].decisions] == [0, 1]
+    assert all(r is not None for r in results)
 
 
 def test_a_worker_lost_mid_wavefront_is_rebuilt_and_tokens_are_unchanged():
@@ -151,6 +154,7 @@ def test_a_worker_lost_mid_wavefront_is_rebuilt_and_tokens_are_unchanged():
     workers[2] = LosingWorker(2, K, lose_on={4, 9})
     engine = Engine(CONFIG, Pipeline(workers), EngineConfig(pipeline_micro_batches=2))
     seqs = [engine.add(request(*job)) for job in MIXED]
+    assert len(seqs) > 2, "two micro-batches of several sequences"
     engine.run_to_completion(seqs)
     assert all(seq.recoveries == 2 for seq in seqs), "both losses were recovered"
     assert [(s.new_tokens, s.stages_used) for s in seqs] == reference_tokens()

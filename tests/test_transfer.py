@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from stage_workers.messages import ExtendBatch, ExtendResult, Segment, TrunkState, WorkerInfo
+from stage_workers.messages import ExtendBatch, Segment, TrunkState
 from stage_workers.transfer import pack_to_device, to_device, to_host
 from stage_workers.worker import StageWorker, WorkerSpec
 
@@ -149,31 +149,3 @@ def test_to_device_and_to_host_are_no_ops_on_the_cpu():
     assert to_device(t, torch.device("cpu")) is t
     back = to_host([t, None])
     assert back[1] is None and torch.equal(back[0], t)
-
-
-def test_splitting_and_merging_over_replicas_on_a_device_needs_no_host_sync():
-    """A stage with replicas in one process: its boundary states stay on the device."""
-    from coordinator.replicas import StageReplicas
-
-    class DeviceEcho:
-        """A replica whose results live on the device: trunk in, the same trunk and logits out."""
-
-        def extend(self, batch):
-            heads = sum(s.num_heads for s in batch.segments)
-            return ExtendResult(batch.trunk, batch.trunk.x[:heads] * 2)
-
-        def info(self):
-            return WorkerInfo(1, (0, 0), "meta", "float32", 0, kv_block_size=16, kv_num_blocks=8,
-                              kv_free_blocks=8, resident_bytes=0)
-
-    stage = StageReplicas([DeviceEcho(), DeviceEcho()])
-    for seq_id in range(3):
-        stage.place(seq_id, 1)  # sequences 0 and 2 on one replica, 1 on the other
-    assert {seq_id: stage.placed[seq_id][0] for seq_id in range(3)} == {0: 0, 1: 1, 2: 0}
-    x = torch.empty(6, 4, device="meta")
-    batch = ExtendBatch([Segment(0, 0, 2, 1), Segment(1, 0, 3, 1), Segment(2, 0, 1, 1)],
-                        torch.arange(6), trunk=TrunkState(x, x, None))
-    with HostSyncAudit("meta", [x]) as audit:
-        result = stage.extend(batch)
-    assert audit.stalls == []
-    assert result.trunk.x.shape == (6, 4) and result.logits.shape == (3, 4)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from coordinator import PoEModel, load_tokenizer
-from coordinator.logop import combine, log_probs, normalize, top2_margin
+from stage_workers.logop import combine, log_probs, normalize, top2_margin
 from stage_workers.config import CONFIG_FILE
 
 from .data import encode_documents, read_split

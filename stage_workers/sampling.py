@@ -1,15 +1,17 @@
 """Choosing the next token from normalized log-probabilities: greedy, or seeded sampling.
 
 Sampling applies temperature, then top-k, then top-p, and draws by inverse CDF over token ids
-in ascending order with one float64 uniform per token from the request's own generator, so a
-request's tokens do not depend on what else is in the batch. Pure functions; nothing here
-knows about stages or workers.
+in ascending order with one float64 uniform per token. The uniform comes from the request's own
+generator, drawn by the coordinator and sent with the step, so a request's tokens do not depend
+on what else is in the batch nor on which worker samples. Pure functions; nothing here knows
+about stages or workers.
 """
 
 from __future__ import annotations
 
-import torch
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,10 @@ def filtered_logits(logprobs: torch.Tensor, params: SamplingParams) -> torch.Ten
     return logits
 
 
-def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """(V,) normalized log-probs -> one token id, drawing one uniform from `generator`."""
+def sample(logprobs: torch.Tensor, params: SamplingParams, uniform: float) -> int:
+    """(V,) normalized log-probs -> one token id, at `uniform` (in [0, 1)) of the filtered CDF."""
     cdf = torch.softmax(filtered_logits(logprobs, params), dim=-1).double().cpu().cumsum(0)
-    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    u = torch.tensor([uniform], dtype=torch.float64)
     index = torch.searchsorted(cdf, u * cdf[-1], right=True)
     return int(index.clamp(max=cdf.numel() - 1))
 
@@ -50,3 +52,8 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+def draw_uniform(generator: torch.Generator) -> float:
+    """The next float64 uniform of a request's stream (one per sampled token)."""
+    return float(torch.rand(1, generator=generator, dtype=torch.float64))

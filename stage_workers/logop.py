@@ -1,8 +1,10 @@
 """Log-OP, the PoE combiner (spec section 4), as pure functions on log-probabilities.
 
 `score = sum_k w_k * log p_k / (sum_k w_k) ** (1 - alpha)` is a ranking score; `normalize`
-turns it into log-probabilities for sampling, scoring and bits-per-byte. Nothing here knows
-about workers, sequences or where the log-probs came from.
+turns it into log-probabilities for sampling, scoring and bits-per-byte. A stage worker adds its
+stage's term to a running sum that travels with the hidden state; the coordinator combines
+returned stage logits for `forward` and calibration. Nothing here knows about workers,
+sequences or where the log-probs came from.
 """
 
 from __future__ import annotations

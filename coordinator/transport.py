@@ -1,0 +1,201 @@
+"""How a step reaches the stage workers: in process, or in other processes over shared memory.
+
+`LocalTransport` wraps each in-process worker in a `StageRunner` and wires the runners with
+in-memory channels, one per pair of workers on adjacent stages; a step runs the runners one
+after another in stage order (whatever a runner receives, its upstream has sent already).
+`ChannelTransport` drives the same runners inside worker processes (Ray actors, started by
+coordinator/cluster.py) over shared-memory channels. Both take a `StepPlan` and return the
+participants' `StepResult`s. This module knows runners, channels and worker ids; nothing of
+sequences, modes or Ray.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+import uuid
+
+from stage_workers.channels import ChannelTimeout, LocalChannel, ShmChannel
+from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
+from stage_workers.step_runner import StageRunner
+
+LIVENESS_TICK_S = 0.2  # how often a waiting coordinator checks that its workers are alive
+CONTROL_SLOT_BYTES = 1 << 20  # plans and reports; larger ones (stage logits) spill to a file of their own
+
+
+class LocalTransport:
+    def __init__(self):
+        self.runners: dict[int, StageRunner] = {}  # worker id -> its runner
+
+    def add(self, worker_id: int, stage: int, worker, num_stages: int) -> None:
+        self.runners[worker_id] = StageRunner(worker, worker_id, num_stages)
+
+    def remove(self, worker_id: int) -> None:
+        del self.runners[worker_id]
+
+    def connect(self, topology: list[list[int]], epoch: int) -> None:
+        """A fresh channel between every two workers of adjacent stages (`topology`: worker ids per stage)."""
+        for runner in self.runners.values():
+            runner.rewire({}, {})
+        for upstream, downstream in zip(topology, topology[1:]):
+            for a in upstream:
+                for b in downstream:
+                    channel = LocalChannel(f"{a}->{b}@{epoch}")
+                    self.runners[a].outbound[b] = channel
+                    self.runners[b].inbound[a] = channel
+
+    def run(self, plan: StepPlan, participants: set[int]) -> list[StepResult]:
+        """Every runner's part of the step, in stage order; if one raises, the step is undone on all."""
+        ordered = sorted(self.runners.values(), key=lambda r: r.stage)
+        results = []
+        for i, runner in enumerate(ordered):
+            try:
+                result = runner.run_step(plan)
+            except BaseException as exc:
+                lost = None
+                if isinstance(exc, WorkerLost):
+                    exc.worker_id = lost = runner.worker_id if exc.worker_id is None else exc.worker_id
+                for later in ordered[i + 1 :]:
+                    later.apply_changes(plan)
+                for r in ordered:
+                    if r.worker_id == lost:
+                        r.restart()  # as a restarted process would, it starts afresh
+                    else:
+                        r.undo(plan.step)
+                raise
+            if result is not None:
+                results.append(result)
+        return results
+
+
+class ChannelTransport:
+    """How a step reaches stage workers in other processes (Ray actors) over shared memory.
+
+    Each worker has a control channel from the coordinator (plans, rewirings) and a result
+    channel back; each pair of workers on adjacent stages has a data channel. A step is one
+    plan written to every control channel, then the participants' reports read back: nothing
+    else passes through the coordinator. `processes` starts a worker's loop and tells which
+    have died (cluster.py does it with Ray); a worker found dead raises `WorkerLost`, and one
+    that reports nothing within `step_timeout_s` is killed, so a step never waits forever.
+    Channels are named after both ends' incarnations: when a worker restarts or replicas come
+    and go, only the channels touching them are rebuilt, and the next plan's `aborted` tells
+    the others to undo what the failed step did.
+    """
+
+    def __init__(self, processes, step_timeout_s: float, data_slot_bytes: int):
+        self.processes = processes
+        self.step_timeout_s, self.data_slot_bytes = step_timeout_s, data_slot_bytes
+        self.tag = uuid.uuid4().hex[:10]
+        self.stage_of: dict[int, int] = {}  # worker id -> stage
+        self.incarnation: dict[int, int] = {}  # worker id -> times started (a restart is a new incarnation)
+        self.control: dict[int, ShmChannel] = {}  # worker id -> the coordinator's channel to it (writer side)
+        self.results: dict[int, ShmChannel] = {}  # worker id -> its channel back (reader side)
+        self.wiring: dict[int, Rewire] = {}  # worker id -> the data channels it was last told to use
+        self.lost: set[int] = set()  # workers found dead and not (yet) restarted
+        self.names: dict[str, int] = {}  # every channel made -> its reader (-1: the coordinator), for unlinking
+
+    def add(self, worker_id: int, stage: int, worker, num_stages: int) -> None:
+        self.stage_of[worker_id] = stage
+        self.incarnation[worker_id] = 0
+        self.num_stages = num_stages
+        self.processes.register(worker_id, worker)
+
+    def remove(self, worker_id: int) -> None:
+        self._drop(worker_id)
+        self.processes.forget(worker_id)
+        del self.stage_of[worker_id], self.incarnation[worker_id]
+        self.wiring.pop(worker_id, None)
+        self.lost.discard(worker_id)
+
+    def _drop(self, worker_id: int) -> None:
+        for channels in (self.control, self.results):
+            channel = channels.pop(worker_id, None)
+            if channel is not None:
+                channel.close()
+
+    # ---- wiring ----------------------------------------------------------------------------
+    def connect(self, topology: list[list[int]], epoch: int) -> None:
+        """Start the loop of every worker that has none (new, or restarted), then send each worker
+        whose data channels changed its new set."""
+        for worker_id in (w for stage in topology for w in stage):
+            if worker_id not in self.control and worker_id not in self.lost:
+                self._start(worker_id)
+        for stage, worker_id in ((k, w) for k, ws in enumerate(topology) for w in ws):
+            if worker_id in self.lost:
+                continue
+            upstream = topology[stage - 1] if stage else []
+            downstream = topology[stage + 1] if stage + 1 < len(topology) else []
+            rewire = Rewire(epoch, tuple(self._edge(a, worker_id) for a in upstream if a not in self.lost),
+                            tuple(self._edge(worker_id, b) for b in downstream if b not in self.lost))
+            if worker_id not in self.wiring or self.wiring[worker_id][1:] != rewire[1:]:
+                self.control[worker_id].send(rewire, -1, epoch, deadline=time.monotonic() + self.step_timeout_s)
+                self.wiring[worker_id] = rewire
+
+    def _edge(self, src: int, dst: int) -> Edge:
+        name = f"{self.tag}-{src}.{self.incarnation[src]}-{dst}.{self.incarnation[dst]}"
+        self.names[name] = dst
+        return Edge(name, src, dst, self.data_slot_bytes, 2)
+
+    def _start(self, worker_id: int) -> None:
+        name = f"{self.tag}-w{worker_id}.{self.incarnation[worker_id]}"
+        self.names.update({f"{name}-ctl": worker_id, f"{name}-res": -1})
+        self.results[worker_id] = ShmChannel.create(f"{name}-res", CONTROL_SLOT_BYTES, 4)
+        self.processes.start(worker_id, self.num_stages, f"{name}-ctl", f"{name}-res")
+        self.control[worker_id] = ShmChannel.attach(f"{name}-ctl", CONTROL_SLOT_BYTES, 4, timeout=self.step_timeout_s)
+        self.wiring.pop(worker_id, None)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def run(self, plan: StepPlan, participants: set[int]) -> list[StepResult]:
+        """Send the plan to every worker; return the participants' reports."""
+        deadline = time.monotonic() + self.step_timeout_s
+        for worker_id, channel in self.control.items():
+            self._wait(lambda: channel.send(plan, plan.step, plan.epoch, deadline=time.monotonic() + LIVENESS_TICK_S),
+                       deadline, {worker_id})
+        pending = {worker_id: self.results[worker_id] for worker_id in participants}
+        reports = []
+        while pending:
+            ready = select.select(list(pending.values()), [], [], LIVENESS_TICK_S)[0]
+            for channel in ready:
+                worker_id = next(w for w, c in pending.items() if c is channel)
+                envelope = channel.recv(deadline=time.monotonic() + LIVENESS_TICK_S)
+                if envelope.step == plan.step:  # else a report of an aborted step
+                    reports.append(envelope.message)
+                    del pending[worker_id]
+            if not ready:
+                self._check(deadline, set(pending))
+        return reports
+
+    def _wait(self, fn, deadline: float, waiting_on: set[int]) -> None:
+        """Retry `fn` (which times out after a tick) until it succeeds, checking the workers meanwhile."""
+        while True:
+            try:
+                return fn()
+            except ChannelTimeout:
+                self._check(deadline, waiting_on)
+
+    def _check(self, deadline: float, waiting_on: set[int]) -> None:
+        """Raise `WorkerLost` for a dead worker; past the deadline, kill the first one still owed
+        (a worker that is alive but stuck) and raise it as lost."""
+        dead, why = self.processes.dead(list(self.control)), "its process died"
+        if not dead and time.monotonic() > deadline:
+            dead = [min(waiting_on, key=lambda w: self.stage_of[w])]
+            why = f"it reported nothing within the step timeout of {self.step_timeout_s:.0f}s and was killed"
+            self.processes.kill(dead[0])
+        for worker_id in dead:
+            self._drop(worker_id)
+            for name in [n for n, reader in self.names.items() if reader == worker_id]:
+                ShmChannel.unlink(name)  # what the dead process created and can no longer remove
+                del self.names[name]
+            restarted = self.processes.wait_restarted(worker_id)
+            self.incarnation[worker_id] += 1
+            if not restarted:
+                self.lost.add(worker_id)
+            raise WorkerLost(self.stage_of[worker_id], f"{why}; " + ("Ray restarted it" if restarted else
+                             "no restarts left"), restarted=restarted, worker_id=worker_id)
+
+    def close(self) -> None:
+        for worker_id in list(self.control) + list(self.results):
+            self._drop(worker_id)
+        for name in self.names:
+            ShmChannel.unlink(name)
+        self.names.clear()

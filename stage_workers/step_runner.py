@@ -1,0 +1,389 @@
+"""`StageRunner`: one stage worker's part of every step, with its neighbours on channels.
+
+The coordinator broadcasts one `StepPlan` per step; every runner reads the same plan and does
+its own part, micro-batch by micro-batch:
+
+1. receive what each upstream worker hands over (`Boundary`: boundary states, token ids, and
+   the running Log-OP sums of positions that need a distribution);
+2. compute every position the stage owes a sequence (rows parked here earlier, then the new
+   ones), in one call into the slice (`StageWorker.extend`);
+3. add this stage's `w_k * log p_k` to the sums, and where this stage decides (the step's
+   deepest stage, a WAND exit, a draft, a verification) decide on the spot;
+4. hand the computed rows to each downstream worker: to compute now, or to park until that
+   stage next runs for the sequence (a WAND exit, a speculative draft).
+
+Only `Decision`s go back to the coordinator. Which channels carry a message in a micro-batch
+follows from the plan alone, so every runner knows what to wait for: edge k -> k+1 of a
+sequence carries one when k <= depth and k + 1 <= reach (possibly with no rows).
+
+The runner also keeps what a stage owes across steps (parked rows; at the last stage, the
+accumulators of drafted positions awaiting verification) and what to undo if a step is
+aborted elsewhere. It knows the worker interface, the messages and the decision rules; it does
+not know where its neighbours run (in-process runners use in-memory channels, Ray actors
+shared memory).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from . import decisions as rules
+from .channels import Interrupted
+from .logop import log_probs
+from .messages import (Boundary, Decision, ExtendBatch, Handoff, Rewire, Segment, SeqSpec, SeqStep, StepPlan,
+                       StepResult, TrunkState)
+from .sampling import sample
+
+RECV_TIMEOUT_S = 600.0  # a neighbour that sends nothing this long is stuck; the coordinator also watches
+
+
+@dataclass
+class Rows:
+    """Consecutive positions of one sequence between stages: start..start+len-1."""
+
+    start: int
+    token_ids: torch.Tensor  # (n,)
+    trunk: TrunkState | None  # (n, C) boundary states; None before stage 0 computed them (or when held)
+    acc: torch.Tensor | None  # (m, V) Log-OP sums of the last m rows (m <= n)
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def num_acc(self) -> int:
+        return 0 if self.acc is None else self.acc.shape[0]
+
+    def then(self, later: "Rows") -> "Rows":
+        """These rows followed by `later` (which must start where these end)."""
+        assert later.start == self.start + len(self), f"rows {self.start}+{len(self)} then rows at {later.start}"
+        assert self.acc is None or later.num_acc == len(later), "Log-OP sums must cover a suffix of the rows"
+        trunk = None if self.trunk is None else TrunkState.cat([self.trunk, later.trunk])
+        acc = later.acc if self.acc is None else torch.cat([self.acc, later.acc])
+        return Rows(self.start, torch.cat([self.token_ids, later.token_ids]), trunk, acc)
+
+    def before(self, length: int) -> "Rows | None":
+        """The rows at positions < length (None if none)."""
+        keep = length - self.start
+        if keep <= 0:
+            return None
+        if keep >= len(self):
+            return self
+        num_acc = max(0, keep - (len(self) - self.num_acc))
+        return Rows(self.start, self.token_ids[:keep], None if self.trunk is None else self.trunk.select(slice(0, keep)),
+                    None if self.acc is None or num_acc == 0 else self.acc[:num_acc])
+
+
+class StageRunner:
+    def __init__(self, worker, worker_id: int, num_stages: int):
+        self.worker, self.worker_id, self.num_stages = worker, worker_id, num_stages
+        self.stage: int = worker.stage
+        self.inbound: dict[int, object] = {}  # upstream worker id -> channel (this runner reads)
+        self.outbound: dict[int, object] = {}  # downstream worker id -> channel (this runner writes)
+        self.control = None  # the coordinator's channel to this runner, watched while waiting (Ray)
+        self.specs: dict[int, SeqSpec] = {}  # the sequences this worker holds (it is among their homes)
+        self.computed: dict[int, int] = {}  # seq_id -> positions in this stage's KV cache
+        self.parked: dict[int, Rows] = {}  # rows computed upstream that this stage owes (WAND, drafts)
+        self.held: dict[int, Rows] = {}  # last stage: drafted positions' sums awaiting verification
+        self._undo: tuple[int, dict] | None = None  # (step, seq_id -> state before it)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def run_step(self, plan: StepPlan) -> StepResult | None:
+        """Do this worker's part of the step; a `StepResult` if it took part, else None."""
+        self.apply_changes(plan)
+        report = _Report()
+        took_part = False
+        for index, micro_batch in enumerate(plan.micro_batches):
+            mine = [s for s in micro_batch if s.seq_id in self.specs
+                    and takes_part(self.specs[s.seq_id], s, self.stage, self.worker_id)]
+            if mine:
+                took_part = True
+                self._micro_batch(plan, index, mine, report)
+        if not took_part:
+            return None
+        return StepResult(plan.step, plan.epoch, self.worker_id, tuple(report.decisions), tuple(report.logits),
+                          report.busy_s)
+
+    def apply_changes(self, plan: StepPlan) -> None:
+        """What the plan changes before its micro-batches: undo an aborted step, forget and roll
+        back sequences, learn new ones."""
+        if plan.aborted >= 0:
+            self.undo(plan.aborted)
+        for seq_id in plan.frees:
+            self._forget(seq_id)
+        for seq_id, length in plan.rollbacks:
+            self._roll_back(seq_id, length)
+        self.specs.update((spec.seq_id, spec) for spec in plan.new if self.worker_id in spec.homes)
+        self._undo = (plan.step, {})
+
+    def _micro_batch(self, plan: StepPlan, index: int, steps: list[SeqStep], report: "_Report") -> None:
+        k = self.stage
+        for s in steps:
+            self._remember(s.seq_id)
+        arrived = self._receive(plan, index, steps) if k else {}
+        work = []  # (step, rows) computed here now
+        for s in steps:
+            if k == 0:
+                work.append((s, Rows(s.start, torch.tensor(s.tokens, dtype=torch.long), None, None)))
+                continue
+            handoff, rows = arrived.get(s.seq_id, (None, None))
+            if handoff is None:
+                continue  # it exited upstream (WAND), or is a draft parked upstream
+            parked = self.parked.pop(s.seq_id, None)
+            rows = rows if parked is None else parked.then(rows)
+            if handoff.park:
+                self.parked[s.seq_id] = rows
+            else:
+                work.append((s, rows))
+        started = time.perf_counter()
+        onward = self._compute_and_decide(work, report) if work else []
+        report.busy_s += time.perf_counter() - started
+        self._send(plan, index, steps, onward)
+
+    # ---- compute and decide --------------------------------------------------------------------
+    def _compute_and_decide(self, work: list[tuple[SeqStep, Rows]], report: "_Report"
+                            ) -> list[tuple[SeqStep, Rows, bool]]:
+        """Run the slice over every row owed, then apply each sequence's rule. Returns what goes
+        downstream: (step, rows, park)."""
+        k = self.stage
+        segments, heads = [], []
+        for s, rows in work:
+            if rows.start != self.computed.get(s.seq_id, 0):
+                raise RuntimeError(f"stage {k} worker {self.worker_id}: sequence {s.seq_id} continues at position "
+                                   f"{rows.start} but {self.computed.get(s.seq_id, 0)} are computed here")
+            spec = self.specs[s.seq_id]
+            num_heads = max(0, min(len(rows), rows.start + len(rows) - s.head_from)) if spec.weights[k] > 0 else 0
+            if rows.num_acc not in (0, num_heads) and num_heads:
+                raise RuntimeError(f"stage {k}: sequence {s.seq_id} has {rows.num_acc} Log-OP sums for "
+                                   f"{num_heads} positions that need a distribution")
+            segments.append(Segment(s.seq_id, rows.start, len(rows), num_heads))
+            heads.append(num_heads)
+        batch = ExtendBatch(
+            segments=segments,
+            token_ids=torch.cat([rows.token_ids for _, rows in work]),  # (N,)
+            prev_token_ids=torch.tensor([s.prev_token for s, _ in work], dtype=torch.long) if k == 0 else None,
+            trunk=TrunkState.cat([rows.trunk for _, rows in work]) if k else None,  # (N, C)
+        )
+        result = self.worker.extend(batch)
+        for s, rows in work:
+            self.computed[s.seq_id] = rows.start + len(rows)
+        logprobs = None if result.logits is None else log_probs(result.logits)  # (M, V)
+        onward, row, head = [], 0, 0
+        for (s, rows), n_head in zip(work, heads):
+            n = len(rows)
+            trunk = None if result.trunk is None else result.trunk.select(slice(row, row + n))  # (n, C)
+            spec = self.specs[s.seq_id]
+            acc = rows.acc
+            if n_head and spec.rule == "logits":
+                report.logits.append((s.seq_id, k, result.logits[head : head + n_head]))
+            elif n_head:
+                acc = rules.accumulate(acc, logprobs[head : head + n_head], torch.full((n_head,), spec.weights[k]))
+            out = Rows(rows.start, rows.token_ids, trunk, acc)
+            park = self._decide(s, spec, out, None if logprobs is None else logprobs[head : head + n_head], report)
+            if park is not None and k + 1 <= spec.reach:
+                onward.append((s, out if park != "final" else Rows(out.start, out.token_ids, out.trunk, None),
+                               park != "continue"))
+            row, head = row + n, head + n_head
+        return onward
+
+    def _decide(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor | None, report) -> str | None:
+        """Apply the sequence's rule at this stage. Returns how its rows go on: "continue" (the next
+        stage computes them now), "park" (the next stage keeps them, with their sums), "final"
+        (a token was decided: the next stage keeps them, without sums), or None (held here)."""
+        k, last = self.stage, self.num_stages - 1
+        if s.action == "none" or spec.rule == "logits":
+            return "continue" if k < s.depth else "park"
+        if spec.rule == "wand":
+            score = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
+            threshold = torch.tensor([spec.exit_thresholds[k]])
+            if k == last or bool(rules.wand_exits(score, threshold)):
+                report.decisions.append(Decision(s.seq_id, k, int(score[0].argmax())))
+                return "final"
+            return "continue"
+        if k < s.depth:
+            return "continue"
+        if spec.rule == "sample":
+            score = rows.acc[-1] / rules.divisor(spec.weights, k, spec.alpha)  # (V,)
+            token = int(score.argmax()) if spec.sampling is None else sample(
+                score - torch.logsumexp(score, dim=-1), spec.sampling, s.uniform)
+            report.decisions.append(Decision(s.seq_id, k, token))
+            return "final"
+        if spec.rule == "score":
+            scores = rows.acc / rules.divisor(spec.weights, k, spec.alpha)  # (n, V)
+            logprobs, top = rules.token_logprobs(scores, list(s.targets), spec.top_n)
+            report.decisions.append(Decision(s.seq_id, k, logprobs=tuple(logprobs), top=tuple(map(tuple, top))))
+            return "final"
+        if s.action == "draft":  # speculative: this stage's own distribution drafts the next token
+            report.decisions.append(Decision(s.seq_id, k, int(own[-1].argmax())))
+            if k == last:
+                held = self.held.get(s.seq_id)
+                kept = Rows(rows.start, rows.token_ids, None, rows.acc)
+                self.held[s.seq_id] = kept if held is None else held.then(kept)
+                return None
+            return "park"
+        return self._verify(s, spec, rows, report)
+
+    def _verify(self, s: SeqStep, spec: SeqSpec, rows: Rows, report) -> str:
+        """Speculative verification at the last stage: the full-PoE choice at the last committed
+        position and each drafted one; drafts kept up to the first disagreement, plus one token."""
+        held = self.held.pop(s.seq_id, None)
+        kept = Rows(rows.start, rows.token_ids, None, rows.acc)
+        rows = kept if held is None else held.then(kept)
+        scores = rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha)  # (k+1, V)
+        targets = scores.argmax(dim=-1).tolist()
+        drafts = rows.token_ids[len(rows) - len(targets) + 1 :].tolist()
+        accepted = rules.verify_drafts(targets, drafts)
+        report.decisions.append(Decision(s.seq_id, self.stage, targets[accepted], accepted))
+        return "final"
+
+    # ---- neighbours ----------------------------------------------------------------------------
+    def _receive(self, plan: StepPlan, index: int, steps: list[SeqStep]) -> dict[int, tuple[Handoff, Rows]]:
+        """What every upstream worker of these sequences hands over in this micro-batch."""
+        sources = sorted({self.specs[s.seq_id].homes[self.stage - 1] for s in steps})
+        deadline = time.monotonic() + RECV_TIMEOUT_S
+        arrived = {}
+        for src in sources:
+            channel = self.inbound[src]
+            while True:
+                envelope = channel.recv(deadline, interrupt=self.control)
+                message = envelope.message
+                if (envelope.step, message.micro_batch) == (plan.step, index):
+                    break
+                assert (envelope.step, message.micro_batch) < (plan.step, index), (
+                    f"stage {self.stage}: worker {src} sent step {envelope.step}.{message.micro_batch} "
+                    f"while this worker runs {plan.step}.{index}")  # else: left over from an aborted step
+            arrived.update(_split(message))
+        return arrived
+
+    def _send(self, plan: StepPlan, index: int, steps: list[SeqStep], onward) -> None:
+        """A `Boundary` to every downstream worker of these sequences (possibly with no rows)."""
+        k = self.stage
+        out: dict[int, list] = {}
+        for s in steps:
+            spec = self.specs[s.seq_id]
+            if k <= s.depth and k + 1 <= spec.reach:
+                out.setdefault(spec.homes[k + 1], [])
+        for s, rows, park in onward:
+            out[self.specs[s.seq_id].homes[k + 1]].append((s.seq_id, rows, park))
+        deadline = time.monotonic() + RECV_TIMEOUT_S
+        for dst, items in out.items():
+            message = _boundary(plan.step, index, items)
+            self.outbound[dst].send(message, plan.step, plan.epoch, rows=message.token_ids.shape[0],
+                                    deadline=deadline, interrupt=self.control)
+
+    def rewire(self, inbound: dict, outbound: dict) -> None:
+        """Use these channels from now on (the caller closes the ones dropped)."""
+        self.inbound, self.outbound = inbound, outbound
+
+    # ---- what a stage keeps between steps ------------------------------------------------------
+    def _remember(self, seq_id: int) -> None:
+        """Note a sequence's state before this step first touches it (for `undo`)."""
+        saved = self._undo[1]
+        if seq_id not in saved:
+            saved[seq_id] = (self.computed.get(seq_id, 0), self.parked.get(seq_id), self.held.get(seq_id))
+
+    def undo(self, step: int) -> None:
+        """Put every sequence the step touched back as it was (the step failed somewhere)."""
+        if self._undo is None or self._undo[0] != step:
+            return  # this worker did not run that step, or has undone it already
+        for seq_id, (computed, parked, held) in self._undo[1].items():
+            if self.computed.get(seq_id, 0) > computed:
+                self.worker.rollback(seq_id, computed)
+            self.computed[seq_id] = computed
+            for store, rows in ((self.parked, parked), (self.held, held)):
+                if rows is None:
+                    store.pop(seq_id, None)
+                else:
+                    store[seq_id] = rows
+        self._undo = None
+
+    def restart(self) -> None:
+        """Forget everything: the worker lost its state (its process restarted)."""
+        for store in (self.specs, self.computed, self.parked, self.held):
+            store.clear()
+        self._undo = None
+
+    def _forget(self, seq_id: int) -> None:
+        self.worker.free(seq_id)
+        for store in (self.specs, self.computed, self.parked, self.held):
+            store.pop(seq_id, None)
+
+    def _roll_back(self, seq_id: int, length: int) -> None:
+        """Forget positions >= length (rejected drafts)."""
+        if self.computed.get(seq_id, 0) > length:
+            self.worker.rollback(seq_id, length)
+            self.computed[seq_id] = length
+        for store in (self.parked, self.held):
+            rows = store.get(seq_id)
+            if rows is not None and (kept := rows.before(length)) is not rows:
+                if kept is None:
+                    del store[seq_id]
+                else:
+                    store[seq_id] = kept
+
+
+@dataclass
+class _Report:
+    """A step's report while it is made."""
+
+    decisions: list = None
+    logits: list = None
+    busy_s: float = 0.0
+
+    def __post_init__(self):
+        self.decisions, self.logits = [], []
+
+
+def takes_part(spec: SeqSpec, s: SeqStep, stage: int, worker_id: int) -> bool:
+    """Whether `worker_id` (serving `stage`) has work for this sequence in this step: computing
+    (stages 0..depth) or keeping rows parked by stage depth (stage depth + 1)."""
+    return stage <= min(s.depth + 1, spec.reach) and spec.homes[stage] == worker_id
+
+
+def _split(message: Boundary) -> dict[int, tuple[Handoff, Rows]]:
+    """A boundary message's rows, per sequence."""
+    out, row, acc_row = {}, 0, 0
+    for h in message.handoffs:
+        rows = slice(row, row + h.length)
+        acc = None if h.num_acc == 0 else message.acc[acc_row : acc_row + h.num_acc]
+        out[h.seq_id] = (h, Rows(h.start, message.token_ids[rows], message.trunk.select(rows), acc))
+        row, acc_row = row + h.length, acc_row + h.num_acc
+    return out
+
+
+def _boundary(step: int, index: int, items: list[tuple[int, Rows, bool]]) -> Boundary:
+    handoffs = tuple(Handoff(seq_id, rows.start, len(rows), rows.num_acc, park) for seq_id, rows, park in items)
+    if not items:
+        return Boundary(step, index, handoffs, torch.empty(0, dtype=torch.long), None, None)
+    accs = [rows.acc for _, rows, _ in items if rows.acc is not None]
+    return Boundary(step, index, handoffs, torch.cat([rows.token_ids for _, rows, _ in items]),
+                    TrunkState.cat([rows.trunk for _, rows, _ in items]), torch.cat(accs) if accs else None)
+
+
+def serve_forever(runner: StageRunner, control, results, connect) -> None:
+    """A worker process's loop: read the coordinator's messages in order and answer each step.
+    `connect(rewire)` opens the channels of a `Rewire` and returns (inbound, outbound) dicts.
+    A step that fails here is undone and reported; one interrupted by a newer message (the
+    coordinator aborted it) is undone and dropped."""
+    runner.control = control
+    while True:
+        message = control.recv().message
+        if isinstance(message, Rewire):
+            runner.rewire(*connect(message))
+            continue
+        try:
+            result = runner.run_step(message)
+        except Interrupted:
+            runner.undo(message.step)
+            continue
+        except Exception:  # reported to the coordinator, which aborts the step everywhere
+            runner.undo(message.step)
+            result = StepResult(message.step, message.epoch, runner.worker_id, error=traceback.format_exc())
+        if result is not None:
+            try:
+                results.send(result, message.step, message.epoch, interrupt=control)
+            except Interrupted:
+                pass  # the coordinator moved on; the step is undone when its plan says so
