@@ -6,7 +6,8 @@ Sections, in order (each a dict in the JSON report):
 - `single_stream`: decode tok/s of `PoEModel` (full, prefix(1), speculative) and of
   `PoECluster` (full, speculative) on one prompt, their ratio, and the per-token pipeline
   overhead in ms (cluster ms/token - in-process ms/token).
-- `transport`: microseconds per token through four Ray actors for each transport
+- `transport`: microseconds per token through four worker processes with no model work: the
+  data plane (`channels`, and per hop) and, in the same run, the Ray-call designs it replaced
   (`coordinator.transport_bench`).
 - `concurrency`: at each level, that many concurrent streaming gRPC requests against a server
   over `PoECluster`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
@@ -260,9 +261,9 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
                 report["modes"] = every_mode(cluster, ids, cfg.new_tokens)
                 progress.update(1, note="every mode")
             if "transport" in wanted:
+                us_per_token = measure(config.n_embd, config.vocab_size, tokens=cfg.transport_tokens)
                 report["transport"] = {"n_embd": config.n_embd, "vocab_size": config.vocab_size,
-                                       "us_per_token": measure(config.n_embd, config.vocab_size,
-                                                               tokens=cfg.transport_tokens)}
+                                       "us_per_token": us_per_token, "per_hop_us": us_per_token["channels"] / 4}
                 progress.update(1, note="transport")
             if "concurrency" in wanted:
                 report["concurrency"] = concurrency_levels(cfg, cluster, config.vocab_size, progress)
@@ -324,7 +325,8 @@ def render(r: dict) -> str:
                   f"weights+KV {w['weights_and_kv_mib']:.0f} MiB, process RSS {w['rss_mib']:.0f} MiB" for w in m["workers"]]
     if "transport" in r:
         lines.append("transport through 4 actors (us/token): " + "  ".join(
-            f"{k} {v:.0f}" for k, v in r["transport"]["us_per_token"].items()))
+            f"{k} {v:.0f}" for k, v in r["transport"]["us_per_token"].items())
+            + f"; the data plane per hop: {r['transport']['per_hop_us']:.0f} us")
     if "concurrency" in r:
         lines += ["", f"{'concurrent':>10} {'tok/s':>8} {'x single':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} "
                       f"{'ttft99':>7} {'errors':>6} {'RSS MiB':>8}"]

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from stage_workers.messages import Decision, SeqSpec, SeqStep, StepPlan, StepResult
-from stage_workers.step_runner import takes_part
-
 from .replicas import StageReplicas
 from .sequence import Sequence
 from .transport import LocalTransport
@@ -97,7 +95,7 @@ class Pipeline:
                         self._aborted)
         self._frees, self._rollbacks, self._aborted = [], [], -1
         try:
-            results = self.transport.run(plan, self._participants(batches))
+            results = self.transport.run(plan, self._expected_items(work))
         except BaseException:
             self._aborted = plan.step  # every worker undoes the step before the next one
             raise
@@ -114,14 +112,14 @@ class Pipeline:
                        seq.tokens[start - 1] if start else -1, plan.depth, plan.head_from, plan.action,
                        plan.uniform, plan.targets)
 
-    def _participants(self, batches) -> set[int]:
-        """Every worker with a part in the step (each sends a report)."""
-        ids = set()
-        for batch in batches:
-            for s in batch:
-                spec = self.specs[s.seq_id]
-                ids.update(w for k, w in enumerate(spec.homes) if takes_part(spec, s, k, w))
-        return ids
+    def _expected_items(self, work) -> int:
+        """Decisions and stage logits the step's reports will hold: one decision per sequence,
+        and for stage logits one entry per weighted stage it runs."""
+        items = 0
+        for seq, plan in work:
+            spec = self.specs[seq.seq_id]
+            items += 1 + (sum(w > 0 for w in spec.weights[: plan.depth + 1]) if spec.rule == "logits" else 0)
+        return items
 
     def _apply(self, work, results: list[StepResult]) -> dict[int, Outcome]:
         """Decisions and logits per sequence; positions computed per stage."""
@@ -160,7 +158,7 @@ class Pipeline:
             self.step += 1
             plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), (), (), self._aborted)
             self._frees, self._rollbacks, self._aborted = [], [], -1
-            self.transport.run(plan, set())
+            self.transport.run(plan, 0)
 
     # ---- topology ----------------------------------------------------------------------------
     def add_replica(self, stage: int, worker) -> None:

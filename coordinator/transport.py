@@ -44,7 +44,7 @@ class LocalTransport:
                     self.runners[a].outbound[b] = channel
                     self.runners[b].inbound[a] = channel
 
-    def run(self, plan: StepPlan, participants: set[int]) -> list[StepResult]:
+    def run(self, plan: StepPlan, expected_items: int) -> list[StepResult]:
         """Every runner's part of the step, in stage order; if one raises, the step is undone on all."""
         ordered = sorted(self.runners.values(), key=lambda r: r.stage)
         results = []
@@ -145,24 +145,29 @@ class ChannelTransport:
         self.wiring.pop(worker_id, None)
 
     # ---- the step ----------------------------------------------------------------------------
-    def run(self, plan: StepPlan, participants: set[int]) -> list[StepResult]:
-        """Send the plan to every worker; return the participants' reports."""
+    def run(self, plan: StepPlan, expected_items: int) -> list[StepResult]:
+        """Send the plan to every worker; return reports until they hold `expected_items`
+        decisions and stage logits (a failed worker's report ends the wait too)."""
         deadline = time.monotonic() + self.step_timeout_s
+        packed = ShmChannel.pack(plan, plan.step, plan.epoch)  # encoded once for every worker
         for worker_id, channel in self.control.items():
-            self._wait(lambda: channel.send(plan, plan.step, plan.epoch, deadline=time.monotonic() + LIVENESS_TICK_S),
+            self._wait(lambda: channel.send_packed(packed, deadline=time.monotonic() + LIVENESS_TICK_S),
                        deadline, {worker_id})
-        pending = {worker_id: self.results[worker_id] for worker_id in participants}
-        reports = []
-        while pending:
-            ready = select.select(list(pending.values()), [], [], LIVENESS_TICK_S)[0]
+        readers = {channel: worker_id for worker_id, channel in self.results.items()}
+        reports, items = [], 0
+        while items < expected_items:
+            ready = select.select(list(readers), [], [], LIVENESS_TICK_S)[0]
             for channel in ready:
-                worker_id = next(w for w, c in pending.items() if c is channel)
                 envelope = channel.recv(deadline=time.monotonic() + LIVENESS_TICK_S)
-                if envelope.step == plan.step:  # else a report of an aborted step
-                    reports.append(envelope.message)
-                    del pending[worker_id]
+                if envelope.step != plan.step:
+                    continue  # a report of an aborted step
+                report = envelope.message
+                reports.append(report)
+                items += len(report.decisions) + len(report.logits)
+                if report.error:
+                    return reports
             if not ready:
-                self._check(deadline, set(pending))
+                self._check(deadline, set(self.results))
         return reports
 
     def _wait(self, fn, deadline: float, waiting_on: set[int]) -> None:

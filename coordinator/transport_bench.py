@@ -1,18 +1,21 @@
-"""How a decode step's messages cross four Ray actors: the measurement behind `RemoteWorker`.
+"""How a decode step crosses four stage workers in their own processes, with no model work.
 
-Four `Hop` actors stand in for the stage workers: each receives a trunk state (x, x0,
-x_backout: 3 x (B, C)), does no model work, and hands the state on with its stage's logits
-(B, V), in the workers' own message types, so they cross Ray as real calls do. Per token, for each transport, we time the round trip through all four:
+`channels` is the data plane `PoECluster` uses: four Ray actors run the real `StageRunner`
+loop over shared-memory channels, driven by the real engine and `ChannelTransport`; each
+stage's stand-in worker returns its input state and fixed logits of the vocabulary's size
+instead of computing, so the time per token is the data plane's own cost (the plan broadcast,
+three stage-to-stage hops with x, x0, the backout residual and the Log-OP sum, four reports,
+and the Log-OP and decision math). `per_hop_us` is that over the four workers.
 
+The other figures are the designs it replaced, measured in the same run: four `Hop` actors
+take a trunk state (x, x0, x_backout: 3 x (B, C)) and hand it on with their stage's logits
+(B, V), in the workers' message types, as Ray calls:
 - `plain`: the coordinator calls each actor and waits (`ray.get`) before calling the next;
-  every stage's logits come back to the coordinator, which does Log-OP (what `PoECluster` does).
-- `chained`: the coordinator passes each actor's `ObjectRef` straight to the next and waits
-  once; a running Log-OP accumulator (B, V) travels with the state, so one (B, V) returns.
-- `compiled`: the same chain as a Ray Compiled Graph (shared-memory channels, no per-call
-  task submission), accumulator travelling with the state.
-
-Also measured: `plain` without logits in the replies, which is the cost of reducing in the
-coordinator rather than in an accumulator. Results are microseconds per token.
+  every stage's logits come back to the coordinator, which does Log-OP (the old `PoECluster`);
+- `plain_no_logits`: the same without logits in the replies;
+- `chained`: each actor's `ObjectRef` goes straight to the next, a Log-OP sum travelling along;
+- `compiled`: that chain as a Ray Compiled Graph.
+Results are microseconds per token.
 """
 
 from __future__ import annotations
@@ -22,9 +25,17 @@ import time
 import ray
 import torch
 
-from stage_workers.messages import ExtendResult, TrunkState
+from stage_workers.config import config_from_dict
+from stage_workers.messages import ExtendResult, TrunkState, WorkerInfo
 
-TRANSPORTS = ("plain", "plain_no_logits", "chained", "compiled")
+from . import requests as rq
+from .cluster import CPU_WORKER_ENV, RayWorkers, RemoteWorker, StageActor, _data_slot_bytes
+from .engine import Engine
+from .pipeline import Pipeline
+from .serving_config import ServingConfig
+from .transport import ChannelTransport
+
+TRANSPORTS = ("channels", "plain", "plain_no_logits", "chained", "compiled")
 
 
 class Hop:
@@ -43,6 +54,57 @@ class Hop:
         return ExtendResult(message.trunk, message.logits + self.logits)
 
 
+class EchoWorker:
+    """A stage worker that computes nothing: its input state goes on, with fixed stage logits."""
+
+    def __init__(self, stage: int, n_embd: int, vocab: int):
+        self.stage, self.n_embd = stage, n_embd
+        self.logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(stage))  # (1, V)
+
+    def extend(self, batch) -> ExtendResult:
+        N, M = batch.token_ids.shape[0], sum(s.num_heads for s in batch.segments)
+        trunk = batch.trunk if batch.trunk is not None else TrunkState(*(torch.zeros(N, self.n_embd) for _ in range(3)))
+        return ExtendResult(trunk, self.logits.expand(M, -1).clone() if M else None)
+
+    def rollback(self, seq_id: int, length: int) -> None:
+        pass
+
+    def free(self, seq_id: int) -> None:
+        pass
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.stage, (self.stage, self.stage), "cpu", "float32", 0, 16, 1 << 16, 1 << 16, 0)
+
+
+class EchoStageActor(StageActor):
+    """`StageActor` with an `EchoWorker` in place of a model slice."""
+
+    def __init__(self, stage: int, n_embd: int, vocab: int):
+        self.worker, self.channels = EchoWorker(stage, n_embd, vocab), {}
+
+
+def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4) -> float:
+    """Microseconds per token of one greedy sequence through the real engine and data plane."""
+    config = config_from_dict(dict(vocab_size=vocab, n_layer=stages, n_embd=n_embd, n_head=n_embd // 64 or 1,
+                                   sequence_len=tokens + 64, poe_stage_layout=[1] * stages))
+    actors = [ray.remote(EchoStageActor).options(num_cpus=0, max_concurrency=4,
+                                                 runtime_env={"env_vars": CPU_WORKER_ENV}).remote(k, n_embd, vocab)
+              for k in range(stages)]
+    transport = ChannelTransport(RayWorkers(), 60.0, _data_slot_bytes(config, ServingConfig()))
+    try:
+        engine = Engine(config, Pipeline([RemoteWorker(a, k) for k, a in enumerate(actors)], transport))
+        engine.run_to_completion([engine.add(rq.GenerationRequest((1, 2, 3), 4, rq.full_mode(config)))])  # warm-up
+        seq = engine.add(rq.GenerationRequest((1, 2, 3), tokens, rq.full_mode(config)))
+        engine.step()  # the prompt
+        started = time.perf_counter()
+        engine.run_to_completion([seq])
+        return (time.perf_counter() - started) / (tokens - 1) * 1e6
+    finally:
+        transport.close()
+        for a in actors:
+            ray.kill(a)
+
+
 def _time_per_token(fn, tokens: int) -> float:
     fn()  # warm-up
     started = time.perf_counter()
@@ -52,7 +114,9 @@ def _time_per_token(fn, tokens: int) -> float:
 
 
 def measure(n_embd: int, vocab: int, batch: int = 1, tokens: int = 200, stages: int = 4) -> dict[str, float]:
-    """Microseconds per token through `stages` actors for each transport (joins the running Ray)."""
+    """Microseconds per token through `stages` actors for each transport (joins the running Ray),
+    and `per_hop_us`: the data plane's (`channels`) over its `stages` workers."""
+    new = channels_per_token(n_embd, vocab, tokens, stages)
     hops = [ray.remote(Hop).options(num_cpus=0).remote(vocab) for _ in range(stages)]
     ray.get([h.__ray_ready__.remote() for h in hops])
     state = TrunkState(*(torch.randn(batch, n_embd) for _ in range(3)))  # x, x0, x_backout: (B, C)
@@ -73,6 +137,7 @@ def measure(n_embd: int, vocab: int, batch: int = 1, tokens: int = 200, stages: 
         return ray.get(ref).logits
 
     results = {
+        "channels": new,
         "plain": _time_per_token(lambda: plain(True), tokens),
         "plain_no_logits": _time_per_token(lambda: plain(False), tokens),
         "chained": _time_per_token(chained, tokens),

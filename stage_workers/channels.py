@@ -233,22 +233,29 @@ class ShmChannel:
                 raise Interrupted(f"channel {self.name}: interrupted while waiting ({what})")
 
     # ---- the writer --------------------------------------------------------------------------
-    def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
-             interrupt=None) -> None:
-        assert not self.is_reader, f"channel {self.name}: the reader cannot send"
+    @staticmethod
+    def pack(message, step: int, epoch: int, rows: int = 0) -> tuple:
+        """A message encoded once, to send on several channels (`send_packed`)."""
         stream, tensors = _encode(message)
         total, offsets = _layout(stream, tensors)
-        flags = 0
-        if HEADER.size + total > self.slot_bytes:  # too large for a slot: a file of its own, named in the slot
+        return (0, step, epoch, rows, stream, tensors, total, offsets)
+
+    def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
+             interrupt=None) -> None:
+        self.send_packed(self.pack(message, step, epoch, rows), deadline, interrupt)
+
+    def send_packed(self, packed: tuple, deadline: float | None = None, interrupt=None) -> None:
+        assert not self.is_reader, f"channel {self.name}: the reader cannot send"
+        if HEADER.size + packed[-2] > self.slot_bytes:  # too large for a slot: a file of its own, named in the slot
             spill = f"{self.name}.spill{self._spills}"
             self._spills += 1
-            self._write_spill(spill, (0, step, epoch, rows, stream, tensors, total, offsets))
-            stream, tensors, flags = marshal.dumps((spill, ())), [], SPILLED
-            total, offsets = _layout(stream, tensors)
+            self._write_spill(spill, packed)
+            stream = marshal.dumps((spill, ()))
+            packed = (SPILLED, *packed[1:4], stream, [], *_layout(stream, []))
         self._take_token(self._free, deadline, interrupt, "no slot was freed")
         base = (self._count % self.num_slots) * self.slot_bytes
         self._count += 1
-        _put(self._view, base, (flags, step, epoch, rows, stream, tensors, total, offsets))
+        _put(self._view, base, packed)
         os.write(self._ready, b"\0")
 
     @staticmethod

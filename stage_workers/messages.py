@@ -249,7 +249,8 @@ class Boundary(NamedTuple):
 
 # ---- worker -> coordinator -------------------------------------------------------------------
 class Decision(NamedTuple):
-    """What a deciding stage returns for a sequence: a handful of numbers."""
+    """What a deciding stage returns for a sequence: a handful of numbers. Every sequence of a
+    step gets exactly one (from its deepest stage when nothing is decided: token -1)."""
 
     seq_id: int
     stage: int  # the stage that decided (WAND's exit stage)
@@ -260,7 +261,9 @@ class Decision(NamedTuple):
 
 
 class StepResult(NamedTuple):
-    """One worker's report of a step (sent by every worker that took part)."""
+    """One worker's report of a step: sent by a worker that decided something for a sequence (or
+    is the deepest stage of a sequence that decides nothing this step: a prompt chunk, stage
+    logits), or that failed."""
 
     step: int
     epoch: int
@@ -268,7 +271,6 @@ class StepResult(NamedTuple):
     decisions: tuple[Decision, ...] = ()
     # rule "logits" only (forward, forward_stage, calibration; never a decode step): (seq_id, stage, (n, V))
     logits: tuple[tuple[int, int, torch.Tensor], ...] = ()
-    busy_s: float = 0.0  # time this worker spent computing in the step
     error: str | None = None  # the step failed here: every worker undoes it
 
 
@@ -291,7 +293,7 @@ def encode(message) -> tuple[tuple, list[torch.Tensor]]:
     if kind is StepResult:
         logits = tuple((seq_id, stage) for seq_id, stage, _ in message.logits)
         return (_RESULT, message.step, message.epoch, message.worker_id, tuple(map(tuple, message.decisions)),
-                logits, message.busy_s, message.error), [t for _, _, t in message.logits]
+                logits, message.error), [t for _, _, t in message.logits]
     if kind is Rewire:
         return (_REWIRE, message.epoch, tuple(map(tuple, message.inbound)), tuple(map(tuple, message.outbound))), []
     raise TypeError(f"{kind.__name__} is not a step message")
@@ -314,9 +316,9 @@ def decode(plain: tuple, tensors: list[torch.Tensor]):
         return StepPlan(step, epoch, frees, rollbacks, specs,
                         tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted)
     if kind == _RESULT:
-        _, step, epoch, worker_id, decisions, logits, busy_s, error = plain
+        _, step, epoch, worker_id, decisions, logits, error = plain
         return StepResult(step, epoch, worker_id, tuple(Decision(*d) for d in decisions),
-                          tuple((seq_id, stage, t) for (seq_id, stage), t in zip(logits, tensors)), busy_s, error)
+                          tuple((seq_id, stage, t) for (seq_id, stage), t in zip(logits, tensors)), error)
     if kind == _REWIRE:
         _, epoch, inbound, outbound = plain
         return Rewire(epoch, tuple(Edge(*e) for e in inbound), tuple(Edge(*e) for e in outbound))

@@ -89,23 +89,21 @@ class StageRunner:
         self.parked: dict[int, Rows] = {}  # rows computed upstream that this stage owes (WAND, drafts)
         self.held: dict[int, Rows] = {}  # last stage: drafted positions' sums awaiting verification
         self._undo: tuple[int, dict] | None = None  # (step, seq_id -> state before it)
+        self.busy_s = 0.0  # time spent computing and deciding, over all steps (per-stage busy metrics)
 
     # ---- the step ------------------------------------------------------------------------------
     def run_step(self, plan: StepPlan) -> StepResult | None:
         """Do this worker's part of the step; a `StepResult` if it took part, else None."""
         self.apply_changes(plan)
-        report = _Report()
-        took_part = False
+        decisions, logits = [], []
         for index, micro_batch in enumerate(plan.micro_batches):
             mine = [s for s in micro_batch if s.seq_id in self.specs
                     and takes_part(self.specs[s.seq_id], s, self.stage, self.worker_id)]
             if mine:
-                took_part = True
-                self._micro_batch(plan, index, mine, report)
-        if not took_part:
+                self._micro_batch(plan, index, mine, decisions, logits)
+        if not decisions and not logits:
             return None
-        return StepResult(plan.step, plan.epoch, self.worker_id, tuple(report.decisions), tuple(report.logits),
-                          report.busy_s)
+        return StepResult(plan.step, plan.epoch, self.worker_id, tuple(decisions), tuple(logits))
 
     def apply_changes(self, plan: StepPlan) -> None:
         """What the plan changes before its micro-batches: undo an aborted step, forget and roll
@@ -119,7 +117,7 @@ class StageRunner:
         self.specs.update((spec.seq_id, spec) for spec in plan.new if self.worker_id in spec.homes)
         self._undo = (plan.step, {})
 
-    def _micro_batch(self, plan: StepPlan, index: int, steps: list[SeqStep], report: "_Report") -> None:
+    def _micro_batch(self, plan: StepPlan, index: int, steps: list[SeqStep], decisions: list, logits: list) -> None:
         k = self.stage
         for s in steps:
             self._remember(s.seq_id)
@@ -139,12 +137,12 @@ class StageRunner:
             else:
                 work.append((s, rows))
         started = time.perf_counter()
-        onward = self._compute_and_decide(work, report) if work else []
-        report.busy_s += time.perf_counter() - started
+        onward = self._compute_and_decide(work, decisions, logits) if work else []
+        self.busy_s += time.perf_counter() - started
         self._send(plan, index, steps, onward)
 
     # ---- compute and decide --------------------------------------------------------------------
-    def _compute_and_decide(self, work: list[tuple[SeqStep, Rows]], report: "_Report"
+    def _compute_and_decide(self, work: list[tuple[SeqStep, Rows]], decisions: list, logits: list
                             ) -> list[tuple[SeqStep, Rows, bool]]:
         """Run the slice over every row owed, then apply each sequence's rule. Returns what goes
         downstream: (step, rows, park)."""
@@ -178,29 +176,32 @@ class StageRunner:
             spec = self.specs[s.seq_id]
             acc = rows.acc
             if n_head and spec.rule == "logits":
-                report.logits.append((s.seq_id, k, result.logits[head : head + n_head]))
+                logits.append((s.seq_id, k, result.logits[head : head + n_head]))
             elif n_head:
                 acc = rules.accumulate(acc, logprobs[head : head + n_head], torch.full((n_head,), spec.weights[k]))
             out = Rows(rows.start, rows.token_ids, trunk, acc)
-            park = self._decide(s, spec, out, None if logprobs is None else logprobs[head : head + n_head], report)
+            park = self._decide(s, spec, out, None if logprobs is None else logprobs[head : head + n_head], decisions)
             if park is not None and k + 1 <= spec.reach:
                 onward.append((s, out if park != "final" else Rows(out.start, out.token_ids, out.trunk, None),
                                park != "continue"))
             row, head = row + n, head + n_head
         return onward
 
-    def _decide(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor | None, report) -> str | None:
+    def _decide(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor | None, decisions: list) -> str | None:
         """Apply the sequence's rule at this stage. Returns how its rows go on: "continue" (the next
         stage computes them now), "park" (the next stage keeps them, with their sums), "final"
         (a token was decided: the next stage keeps them, without sums), or None (held here)."""
         k, last = self.stage, self.num_stages - 1
-        if s.action == "none" or spec.rule == "logits":
-            return "continue" if k < s.depth else "park"
+        if s.action == "none" or spec.rule == "logits":  # nothing to decide; the deepest stage says it is done
+            if k < s.depth:
+                return "continue"
+            decisions.append(Decision(s.seq_id, k))
+            return "park"
         if spec.rule == "wand":
             score = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
             threshold = torch.tensor([spec.exit_thresholds[k]])
             if k == last or bool(rules.wand_exits(score, threshold)):
-                report.decisions.append(Decision(s.seq_id, k, int(score[0].argmax())))
+                decisions.append(Decision(s.seq_id, k, int(score[0].argmax())))
                 return "final"
             return "continue"
         if k < s.depth:
@@ -209,24 +210,24 @@ class StageRunner:
             score = rows.acc[-1] / rules.divisor(spec.weights, k, spec.alpha)  # (V,)
             token = int(score.argmax()) if spec.sampling is None else sample(
                 score - torch.logsumexp(score, dim=-1), spec.sampling, s.uniform)
-            report.decisions.append(Decision(s.seq_id, k, token))
+            decisions.append(Decision(s.seq_id, k, token))
             return "final"
         if spec.rule == "score":
             scores = rows.acc / rules.divisor(spec.weights, k, spec.alpha)  # (n, V)
             logprobs, top = rules.token_logprobs(scores, list(s.targets), spec.top_n)
-            report.decisions.append(Decision(s.seq_id, k, logprobs=tuple(logprobs), top=tuple(map(tuple, top))))
+            decisions.append(Decision(s.seq_id, k, logprobs=tuple(logprobs), top=tuple(map(tuple, top))))
             return "final"
         if s.action == "draft":  # speculative: this stage's own distribution drafts the next token
-            report.decisions.append(Decision(s.seq_id, k, int(own[-1].argmax())))
+            decisions.append(Decision(s.seq_id, k, int(own[-1].argmax())))
             if k == last:
                 held = self.held.get(s.seq_id)
                 kept = Rows(rows.start, rows.token_ids, None, rows.acc)
                 self.held[s.seq_id] = kept if held is None else held.then(kept)
                 return None
             return "park"
-        return self._verify(s, spec, rows, report)
+        return self._verify(s, spec, rows, decisions)
 
-    def _verify(self, s: SeqStep, spec: SeqSpec, rows: Rows, report) -> str:
+    def _verify(self, s: SeqStep, spec: SeqSpec, rows: Rows, decisions: list) -> str:
         """Speculative verification at the last stage: the full-PoE choice at the last committed
         position and each drafted one; drafts kept up to the first disagreement, plus one token."""
         held = self.held.pop(s.seq_id, None)
@@ -236,7 +237,7 @@ class StageRunner:
         targets = scores.argmax(dim=-1).tolist()
         drafts = rows.token_ids[len(rows) - len(targets) + 1 :].tolist()
         accepted = rules.verify_drafts(targets, drafts)
-        report.decisions.append(Decision(s.seq_id, self.stage, targets[accepted], accepted))
+        decisions.append(Decision(s.seq_id, self.stage, targets[accepted], accepted))
         return "final"
 
     # ---- neighbours ----------------------------------------------------------------------------
@@ -323,18 +324,6 @@ class StageRunner:
                     del store[seq_id]
                 else:
                     store[seq_id] = kept
-
-
-@dataclass
-class _Report:
-    """A step's report while it is made."""
-
-    decisions: list = None
-    logits: list = None
-    busy_s: float = 0.0
-
-    def __post_init__(self):
-        self.decisions, self.logits = [], []
 
 
 def takes_part(spec: SeqSpec, s: SeqStep, stage: int, worker_id: int) -> bool:

@@ -1,0 +1,118 @@
+"""The data plane: what reaches the coordinator, and what travels between stages.
+
+On Ray, every tensor that arrives in the coordinator's process is rebuilt from bytes there
+(`torch.from_numpy` or torch's own unpickling), so recording those calls shows what crossed.
+`forward` (stage logits, not a decode step) proves the recorder sees arrivals; generation in
+every mode must then bring no tensor with the vocabulary or hidden dimension: only token ids,
+exit stages and acceptance come back, and boundary states go from stage to stage.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+class ArrivalRecorder:
+    """Records the shape of every tensor rebuilt from received bytes in this process."""
+
+    def __init__(self, monkeypatch):
+        self.shapes: list[tuple[int, ...]] = []
+        for owner, name in ((torch, "from_numpy"), (torch, "frombuffer"), (torch._utils, "_rebuild_tensor_v2")):
+            original = getattr(owner, name)
+
+            def recording(*args, _original=original, **kwargs):
+                t = _original(*args, **kwargs)
+                self.shapes.append(tuple(t.shape))
+                return t
+
+            monkeypatch.setattr(owner, name, recording)
+
+    def take(self) -> list[tuple[int, ...]]:
+        shapes, self.shapes = self.shapes, []
+        return shapes
+
+
+def generation_calls(config):
+    K = config.num_stages
+    return {
+        "full": lambda m, ids: m.generate(ids, 6),
+        "sampled": lambda m, ids: m.generate(ids, 6, do_sample=True, temperature=0.9, top_p=0.9, seed=3),
+        "prefix": lambda m, ids: m.generate_prefix(ids, 2, 6),
+        "stage": lambda m, ids: m.generate_stage(ids, K - 1, 6),
+        "composition": lambda m, ids: m.generate_parallel_composition(ids, [0, K - 1], [0.5, 1.0], 6),
+        "wand": lambda m, ids: m.generate_wand(ids, 6, p99_bounds=[0.6] * (K - 1) + [0.0]),
+        "speculative": lambda m, ids: m.generate_speculative(ids, 0, 3, 6),
+    }
+
+
+def test_no_vocabulary_or_hidden_state_tensor_reaches_the_coordinator_in_generation(ray_session, tiny_dir,
+                                                                                    monkeypatch):
+    from coordinator.cluster import PoECluster
+
+    with PoECluster.launch(tiny_dir) as cluster:
+        config = cluster.config
+        V, C = config.vocab_size, config.n_embd
+        ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
+        cluster.generate(ids, 2)  # warm-up: the first steps of every worker
+        recorder = ArrivalRecorder(monkeypatch)
+        cluster.forward(ids)  # stage logits at every position: these do come back
+        assert any(V in shape for shape in recorder.take()), "the recorder sees what arrives"
+        for mode, call in generation_calls(config).items():
+            call(cluster, ids)
+            arrived = recorder.take()
+            assert not [s for s in arrived if V in s or C in s], f"{mode}: tensors of shapes {arrived} arrived"
+
+
+def test_in_process_reports_of_a_generation_step_hold_only_numbers(tiny_model):
+    transport = tiny_model.engine.pipeline.transport
+    reports = []
+    run = transport.run
+
+    def recording(plan, participants):
+        results = run(plan, participants)
+        reports.extend(results)
+        return results
+
+    transport.run = recording
+    try:
+        ids = torch.randint(0, tiny_model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+        for call in generation_calls(tiny_model.config).values():
+            call(tiny_model, ids)
+    finally:
+        del transport.run
+    assert reports and all(r.logits == () for r in reports)
+    for r in reports:
+        for d in r.decisions:
+            assert all(isinstance(v, (int, float, tuple)) for v in d), d
+
+
+@pytest.mark.parametrize("mode, sums_from", [("stage", "the last stage"), ("full", "stage 0")])
+def test_log_op_sums_travel_only_from_the_first_weighted_stage_and_only_for_head_positions(tiny_model, mode,
+                                                                                         sums_from):
+    """A single-stage request never ships a vocabulary-sized sum between stages; full PoE ships one
+    row per sequence per hop (the prompt's other positions travel as boundary states only)."""
+    from stage_workers.channels import LocalChannel
+
+    K = tiny_model.config.num_stages
+    sent = []
+    original = LocalChannel.send
+
+    def recording(channel, message, step, epoch, **kwargs):
+        sent.append(0 if message.acc is None else message.acc.shape[0])
+        return original(channel, message, step, epoch, **kwargs)
+
+    LocalChannel.send = recording
+    try:
+        ids = torch.randint(0, tiny_model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+        if mode == "stage":
+            tiny_model.generate_stage(ids, K - 1, 4)
+        else:
+            tiny_model.generate(ids, 4)
+    finally:
+        LocalChannel.send = original
+    assert sent, "stages handed rows on"
+    if sums_from == "the last stage":
+        assert set(sent) == {0}
+    else:
+        assert set(sent) == {1}, "one sum per hop: the position that needs a distribution"
