@@ -39,7 +39,6 @@ from .transport import CONTROL_SLOT_BYTES, ChannelTransport
 
 PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
-STEP_TIMEOUT_S = 300  # a worker that reports nothing this long in a step is stuck: it is killed and restarted
 ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on the others
 # OpenMP threads that finished their work sleep instead of spinning, so a waiting CPU worker
 # leaves the cores to the one computing (spinning workers halved single-stream decode, 24 -> 16 tok/s)
@@ -110,12 +109,15 @@ class RayWorkers:
     def __init__(self):
         self.workers: dict[int, RemoteWorker] = {}
         self.serving: dict[int, object] = {}  # worker id -> its `serve` call, pending while it lives
+        self.pids: dict[int, int] = {}  # worker id -> the process its loop runs in
 
     def register(self, worker_id: int, worker: RemoteWorker) -> None:
         self.workers[worker_id] = worker
 
     def start(self, worker_id: int, num_stages: int, control: str, results: str) -> None:
-        self.serving[worker_id] = self.workers[worker_id].actor.serve.remote(worker_id, num_stages, control, results)
+        actor = self.workers[worker_id].actor
+        self.pids[worker_id] = ray.get(actor.pid.remote())
+        self.serving[worker_id] = actor.serve.remote(worker_id, num_stages, control, results)
 
     def dead(self, worker_ids: list[int]) -> list[int]:
         refs = {self.serving[w]: w for w in worker_ids if w in self.serving}
@@ -129,8 +131,9 @@ class RayWorkers:
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                ray.get(actor.pid.remote(), timeout=max(deadline - time.monotonic(), 0.1))
-                return True
+                if ray.get(actor.pid.remote(), timeout=max(deadline - time.monotonic(), 0.1)) != self.pids[worker_id]:
+                    return True
+                time.sleep(0.05)  # the old process still answers (a kill takes a moment)
             except ray.exceptions.ActorUnavailableError:
                 time.sleep(0.2)  # restarting
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -194,9 +197,11 @@ class PoECluster(PoEModel):
         for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
             replicas[k].append(Replica(_start_actor(checkpoint, serving, dtype, k, group, i), group, i, False))
         workers = [[RemoteWorker(r.actor, k) for r in rs] for k, rs in enumerate(replicas)]
-        engine_config = EngineConfig(max_num_seqs=serving.max_num_seqs, max_recoveries=serving.max_worker_restarts,
-                                     max_prefill_chunk=serving.max_prefill_chunk, pipeline_micro_batches=serving.pipeline_micro_batches)
-        transport = ChannelTransport(RayWorkers(), STEP_TIMEOUT_S, _data_slot_bytes(model_config, serving))
+        engine_config = EngineConfig(max_num_seqs=serving.max_num_seqs, max_recoveries=serving.max_recoveries,
+                                     max_prefill_chunk=serving.max_prefill_chunk,
+                                     max_num_batched_tokens=serving.max_num_batched_tokens,
+                                     pipeline_micro_batches=serving.pipeline_micro_batches)
+        transport = ChannelTransport(RayWorkers(), serving.step_timeout_s, _data_slot_bytes(model_config, serving))
         try:
             model = cls(model_config, workers, engine_config, transport)
         except ray.exceptions.RayActorError as exc:
@@ -213,18 +218,20 @@ class PoECluster(PoEModel):
 
     @property
     def actors(self) -> list:
-        """Every worker's actor, stage by stage (with one replica per stage, actors[k] is stage k's)."""
-        return [r.actor for rs in self.replicas for r in rs]
+        """Every serving worker's actor, stage by stage (with one replica per stage, actors[k] is stage k's)."""
+        return [w.actor for stage in self.engine.stages for w in stage.workers]
 
     def scale_stage(self, stage: int, replicas: int) -> None:
         """Serve `stage` with `replicas` workers from now on, while requests run. An added worker
         loads its slice before it takes new sequences; a removed one's sequences move to the
         others (their KV rebuilt from committed tokens, their tokens unchanged), then it is killed."""
         rq.check_stage(self.config, stage)
-        if not isinstance(replicas, int) or replicas < 1:
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise ValueError(f"replicas={replicas!r} is invalid; allowed: an integer >= 1")
         with self._scaling:
-            current = self.replicas[stage]
+            serving = {id(w.actor) for w in self.engine.stages[stage].workers}
+            current = self.replicas[stage] = [r for r in self.replicas[stage] if id(r.actor) in serving]
+            self._check_room(stage, replicas - len(current))
             while len(current) < replicas:
                 replica = self._start_replica(stage)
                 worker = RemoteWorker(replica.actor, stage)
@@ -235,6 +242,22 @@ class PoECluster(PoEModel):
                 replica = next(r for r in current if r.actor is worker.actor)
                 current.remove(replica)
                 self._stop_replica(stage, replica)
+
+    def _check_room(self, stage: int, more: int) -> None:
+        """Refuse at once a count the cluster's resources can never hold (rather than wait for
+        placement groups that cannot be placed)."""
+        if more <= 0:
+            return
+        bundle, total = _bundle(self.serving_config.placement(stage)), ray.cluster_resources()
+        held = {key: sum(_bundle(self.serving_config.placement(k)).get(key, 0) * len(rs)
+                         for k, rs in enumerate(self.replicas)) for key in bundle}
+        for key, amount in bundle.items():
+            if held[key] + more * amount > total.get(key, 0) + 1e-9:
+                room = int((total.get(key, 0) - held[key]) // amount) if amount else more
+                raise ValueError(
+                    f"replicas: stage {stage} needs {amount:g} {key} per worker; the cluster has "
+                    f"{total.get(key, 0):g} {key} and its workers hold {held[key]:g}, room for {max(room, 0)} more; "
+                    f"allowed: at most {len(self.replicas[stage]) + max(room, 0)} replicas")
 
     def _start_replica(self, stage: int) -> Replica:
         """A new replica whose slice is loaded (outside the engine loop), in a spare launch bundle if any."""

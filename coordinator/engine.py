@@ -183,6 +183,13 @@ class Engine:
         failed = []
         if exc.restarted:
             self.pipeline.reconnect()
+            if exc.worker_id is not None:
+                too_big = set(stage.refresh_capacity(exc.worker_id))
+                failed = [seq for seq in held if seq.seq_id in too_big]
+                positions = stage.capacity[stage.worker_ids.index(exc.worker_id)] * stage.block_size
+                for seq in failed:
+                    seq.error = WorkerLost(exc.stage, f"restarted with a KV cache of {positions} positions, too few "
+                                           f"for this sequence beside the others placed there; retry")
         elif len(stage.workers) > 1 and exc.worker_id in stage.worker_ids:
             failed = held  # the stage goes on with its other replicas
         else:
@@ -193,8 +200,8 @@ class Engine:
             if seq.recoveries > self.engine_config.max_recoveries and seq not in failed:
                 failed.append(seq)
         for seq in failed:
-            seq.error = exc
-            self.abort(seq, f"error: {exc}")
+            seq.error = seq.error or exc
+            self.abort(seq, f"error: {seq.error}")
         if not exc.restarted and exc.stage not in self.stages_down:
             self.pipeline.remove_replica(exc.stage, stage.worker_ids.index(exc.worker_id))  # nothing left on it
         self.rebuild([seq for seq in held if not seq.finished])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stage_workers.messages import Decision, SeqSpec, SeqStep, StepPlan, StepResult
+from stage_workers.step_runner import takes_part
 from .replicas import StageReplicas
 from .sequence import Sequence
 from .transport import LocalTransport
@@ -95,7 +96,7 @@ class Pipeline:
                         self._aborted)
         self._frees, self._rollbacks, self._aborted = [], [], -1
         try:
-            results = self.transport.run(plan, self._expected_items(work))
+            results = self.transport.run(plan, self._expected_items(work), self._participants(batches))
         except BaseException:
             self._aborted = plan.step  # every worker undoes the step before the next one
             raise
@@ -111,6 +112,15 @@ class Pipeline:
         return SeqStep(seq.seq_id, start, tuple(seq.tokens[start : start + plan.num_feed]),
                        seq.tokens[start - 1] if start else -1, plan.depth, plan.head_from, plan.action,
                        plan.uniform, plan.targets)
+
+    def _participants(self, batches) -> set[int]:
+        """Every worker with a part in the step (the ones a stuck step may be waiting for)."""
+        ids = set()
+        for batch in batches:
+            for s in batch:
+                spec = self.specs[s.seq_id]
+                ids.update(w for k, w in enumerate(spec.homes) if takes_part(spec, s, k, w))
+        return ids
 
     def _expected_items(self, work) -> int:
         """Decisions and stage logits the step's reports will hold: one decision per sequence,
@@ -158,7 +168,7 @@ class Pipeline:
             self.step += 1
             plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), (), (), self._aborted)
             self._frees, self._rollbacks, self._aborted = [], [], -1
-            self.transport.run(plan, 0)
+            self.transport.run(plan, 0, set())
 
     # ---- topology ----------------------------------------------------------------------------
     def add_replica(self, stage: int, worker) -> None:

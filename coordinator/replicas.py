@@ -104,6 +104,19 @@ class StageReplicas:
             self.promised[replica] += num_blocks
         return worker, worker_id, moved
 
+    def refresh_capacity(self, worker_id: int) -> list[int]:
+        """Re-read a restarted replica's KV size (sized from free memory, it may have changed);
+        returns the sequences placed there that no longer fit, largest first."""
+        i = self.worker_ids.index(worker_id)
+        self.capacity[i] = self.workers[i].info().kv_num_blocks
+        load, over = self.promised[i], []
+        for num_blocks, seq_id in sorted(((n, s) for s, (r, n) in self.placed.items() if r == i), reverse=True):
+            if load <= self.capacity[i]:
+                break
+            over.append(seq_id)
+            load -= num_blocks
+        return over
+
     # ---- who holds what --------------------------------------------------------------------------
     def home_id(self, seq_id: int) -> int:
         """The id of the worker holding the sequence's KV on this stage."""

@@ -37,9 +37,12 @@ class ServingConfig:
     placement_strategy: str = "PACK"
     max_num_seqs: int = 64  # sequences decoding at once
     max_queue: int = 256  # requests waiting for KV room before RESOURCE_EXHAUSTED
-    max_worker_restarts: int = 3  # Ray restarts of a lost worker; its sequences are rebuilt each time
+    max_worker_restarts: int = 3  # Ray restarts of a lost worker process (Ray's max_restarts)
+    max_recoveries: int = 2  # times one sequence may be rebuilt after losing a worker before it fails
     max_prefill_chunk: int = 256  # prompt positions of one sequence fed per step; longer prompts go in chunks
+    max_num_batched_tokens: int = 2048  # positions fed per step over all sequences (vLLM's name)
     pipeline_micro_batches: int = 1  # groups of a step's sequences in flight at once, one stage apart
+    step_timeout_s: float = 300.0  # a worker silent this long in a step is stuck: killed and restarted
     source: str = ""
 
     def placement(self, stage: int) -> StagePlacement:
@@ -84,8 +87,9 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
 def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
-    limit_keys = ("max_num_seqs", "max_queue", "max_worker_restarts", "max_prefill_chunk", "pipeline_micro_batches")
-    known = {"stages", "defaults", "placement_strategy", *limit_keys}
+    limit_keys = ("max_num_seqs", "max_queue", "max_worker_restarts", "max_recoveries", "max_prefill_chunk",
+                  "max_num_batched_tokens", "pipeline_micro_batches")
+    known = {"stages", "defaults", "placement_strategy", "step_timeout_s", *limit_keys}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
@@ -98,10 +102,13 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
         raise ValueError(f"{source}: placement_strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
     limits = {k: raw.get(k, getattr(ServingConfig, k)) for k in limit_keys}
     for key, value in limits.items():
-        low = 0 if key == "max_worker_restarts" else 1
-        if not isinstance(value, int) or value < low:
+        low = 0 if key in ("max_worker_restarts", "max_recoveries") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{source}: {key}={value!r} must be an integer >= {low}")
-    return ServingConfig(stages, defaults, strategy, source=source, **limits)
+    timeout = raw.get("step_timeout_s", ServingConfig.step_timeout_s)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"{source}: step_timeout_s={timeout!r} must be a number of seconds > 0")
+    return ServingConfig(stages, defaults, strategy, source=source, step_timeout_s=float(timeout), **limits)
 
 
 def load_serving_config(path: str | Path | None = None) -> ServingConfig:

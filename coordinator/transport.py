@@ -19,6 +19,7 @@ from stage_workers.channels import ChannelTimeout, LocalChannel, ShmChannel
 from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
 from stage_workers.step_runner import StageRunner
 
+START_TIMEOUT_S = 120.0  # a worker's loop (after loading its slice) must open its control channel within this
 LIVENESS_TICK_S = 0.2  # how often a waiting coordinator checks that its workers are alive
 CONTROL_SLOT_BYTES = 1 << 20  # plans and reports; larger ones (stage logits) spill to a file of their own
 
@@ -44,7 +45,7 @@ class LocalTransport:
                     self.runners[a].outbound[b] = channel
                     self.runners[b].inbound[a] = channel
 
-    def run(self, plan: StepPlan, expected_items: int) -> list[StepResult]:
+    def run(self, plan: StepPlan, expected_items: int, participants: set[int]) -> list[StepResult]:
         """Every runner's part of the step, in stage order; if one raises, the step is undone on all."""
         ordered = sorted(self.runners.values(), key=lambda r: r.stage)
         results = []
@@ -141,11 +142,11 @@ class ChannelTransport:
         self.names.update({f"{name}-ctl": worker_id, f"{name}-res": -1})
         self.results[worker_id] = ShmChannel.create(f"{name}-res", CONTROL_SLOT_BYTES, 4)
         self.processes.start(worker_id, self.num_stages, f"{name}-ctl", f"{name}-res")
-        self.control[worker_id] = ShmChannel.attach(f"{name}-ctl", CONTROL_SLOT_BYTES, 4, timeout=self.step_timeout_s)
+        self.control[worker_id] = ShmChannel.attach(f"{name}-ctl", CONTROL_SLOT_BYTES, 4, timeout=START_TIMEOUT_S)
         self.wiring.pop(worker_id, None)
 
     # ---- the step ----------------------------------------------------------------------------
-    def run(self, plan: StepPlan, expected_items: int) -> list[StepResult]:
+    def run(self, plan: StepPlan, expected_items: int, participants: set[int]) -> list[StepResult]:
         """Send the plan to every worker; return reports until they hold `expected_items`
         decisions and stage logits (a failed worker's report ends the wait too)."""
         deadline = time.monotonic() + self.step_timeout_s
@@ -167,7 +168,8 @@ class ChannelTransport:
                 if report.error:
                     return reports
             if not ready:
-                self._check(deadline, set(self.results))
+                self._check(deadline, {w for w in participants if w in self.control and
+                                       self.control[w].marked() < plan.step})
         return reports
 
     def _wait(self, fn, deadline: float, waiting_on: set[int]) -> None:
@@ -179,10 +181,11 @@ class ChannelTransport:
                 self._check(deadline, waiting_on)
 
     def _check(self, deadline: float, waiting_on: set[int]) -> None:
-        """Raise `WorkerLost` for a dead worker; past the deadline, kill the first one still owed
-        (a worker that is alive but stuck) and raise it as lost."""
+        """Raise `WorkerLost` for a dead worker; past the deadline, kill the first (by stage) of
+        `waiting_on`, the workers that have not finished the step (alive but stuck), and raise it
+        as lost."""
         dead, why = self.processes.dead(list(self.control)), "its process died"
-        if not dead and time.monotonic() > deadline:
+        if not dead and waiting_on and time.monotonic() > deadline:
             dead = [min(waiting_on, key=lambda w: self.stage_of[w])]
             why = f"it reported nothing within the step timeout of {self.step_timeout_s:.0f}s and was killed"
             self.processes.kill(dead[0])

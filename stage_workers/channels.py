@@ -17,8 +17,10 @@ from an aborted step or an older topology instead of mistaking it for the curren
 
 Every wait takes a deadline and may also watch another channel (`interrupt`): a worker waiting
 for its upstream stops as soon as the coordinator sends something new (an aborted step, a
-rewiring), so a step never hangs on a dead peer. This module knows nothing of what the
-messages mean.
+rewiring), so a step never hangs on a dead peer. The reader can also leave a progress mark
+after the slots that the writer reads at any time (a worker's last finished step, which tells
+a waiting coordinator which worker is stuck). This module knows nothing of what the messages
+mean.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .messages import decode, encode
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 # magic, flags, step, epoch, rows, marshalled bytes, tensors, total bytes
 HEADER = struct.Struct("<4sIqqqqqq")
+MARK = struct.Struct("<q")  # after the slots: the reader's progress mark
 MAGIC = b"PoE1"
 SPILLED = 1  # flag: the message is in a file of its own, named after the header
 ALIGN = 64
@@ -164,7 +167,7 @@ class ShmChannel:
         self.paths = _paths(name, ".ring", ".ready", ".free")
         fd = os.open(self.paths[0], os.O_RDWR)
         try:
-            self._map = mmap.mmap(fd, slot_bytes * num_slots)
+            self._map = mmap.mmap(fd, slot_bytes * num_slots + MARK.size)
         finally:
             os.close(fd)
         self._view = memoryview(self._map)
@@ -180,7 +183,7 @@ class ShmChannel:
         ring, staged, ready, free = _paths(name, ".ring", ".staged", ".ready", ".free")
         fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, slot_bytes * num_slots)
+            os.ftruncate(fd, slot_bytes * num_slots + MARK.size)
         finally:
             os.close(fd)
         for fifo in (ready, free):
@@ -208,6 +211,15 @@ class ShmChannel:
             path.unlink(missing_ok=True)
         for spill in SHM_DIR.glob(f"poe-{name}.spill*"):
             spill.unlink(missing_ok=True)
+
+    # ---- the reader's progress mark ------------------------------------------------------------
+    def mark(self, value: int) -> None:
+        """The reader records how far it got (a worker: the last step it finished), for the writer
+        to read without any message: one store, no wake-up."""
+        MARK.pack_into(self._map, self.num_slots * self.slot_bytes, value)
+
+    def marked(self) -> int:
+        return MARK.unpack_from(self._map, self.num_slots * self.slot_bytes)[0]
 
     # ---- waiting ----------------------------------------------------------------------------
     def fileno(self) -> int:

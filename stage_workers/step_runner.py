@@ -376,3 +376,4 @@ def serve_forever(runner: StageRunner, control, results, connect) -> None:
                 results.send(result, message.step, message.epoch, interrupt=control)
             except Interrupted:
                 pass  # the coordinator moved on; the step is undone when its plan says so
+        control.mark(message.step)  # done with it: a coordinator waiting too long sees who is not

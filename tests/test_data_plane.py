@@ -69,8 +69,8 @@ def test_in_process_reports_of_a_generation_step_hold_only_numbers(tiny_model):
     reports = []
     run = transport.run
 
-    def recording(plan, participants):
-        results = run(plan, participants)
+    def recording(plan, *expected):
+        results = run(plan, *expected)
         reports.extend(results)
         return results
 

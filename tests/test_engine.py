@@ -173,6 +173,41 @@ def test_a_lost_worker_is_rebuilt_from_committed_tokens_and_tokens_are_unchanged
     assert engine.free_blocks == engine.capacity
 
 
+def test_only_the_lost_workers_sequences_are_rebuilt_and_its_new_kv_size_is_read():
+    """Stage 2 has two replicas; one restarts with a smaller KV pool. The other replica's
+    sequences are not touched; of the restarted one's, those that no longer fit fail (UNAVAILABLE),
+    the rest are rebuilt with their tokens unchanged."""
+
+    class Shrinking(LosingWorker):
+        def extend(self, batch):
+            if self.num_extends + 1 in self.lose_on:
+                self.kv_blocks = 5  # the restarted process sized its pool from less free memory
+            return super().extend(batch)
+
+    workers = [FakeWorker(k, K) for k in range(K)]
+    workers[2] = [Shrinking(2, K, lose_on={4}, kv_blocks=64), FakeWorker(2, K)]
+    engine = Engine(CONFIG, Pipeline(workers))
+    jobs = [([1, 2], 8), ([3], 9), ([4, 4, 4], 8), ([5, 6], 8)]  # 3 KV blocks each
+    seqs = [engine.add(request(prompt, n, rq.full_mode(CONFIG))) for prompt, n in jobs]
+    engine.step()
+    on_lost = {s.seq_id for s in seqs if engine.stages[2].placed[s.seq_id][0] == 0}
+    assert len(on_lost) == 2
+    rebuilt = []
+    rebuild = engine.rebuild
+    engine.rebuild = lambda s: (rebuilt.extend(x.seq_id for x in s), rebuild(s))
+    while not all(s.finished for s in seqs):
+        engine.step()
+    assert engine.stages[2].capacity[0] == 5, "the restarted worker's KV size was re-read"
+    failed = [s for s in seqs if s.error is not None]
+    assert len(failed) == 1 and failed[0].seq_id in on_lost, "6 blocks promised there, 5 left: one does not fit"
+    assert isinstance(failed[0].error, WorkerLost) and "too few" in str(failed[0].error)
+    assert set(rebuilt) == on_lost - {failed[0].seq_id}, "only the lost worker's sequences were rebuilt"
+    for s, (prompt, n) in zip(seqs, jobs):
+        if s.error is None:
+            assert s.new_tokens == greedy(prompt, n), f"sequence {s.seq_id}"
+    assert engine.free_blocks == engine.capacity
+
+
 def test_a_worker_lost_too_often_fails_its_sequences_with_the_error():
     workers = [FakeWorker(k, K) for k in range(K)]
     workers[1] = LosingWorker(1, K, lose_on=set(range(2, 100)))

@@ -1,8 +1,10 @@
-"""Lost stage workers, for real: the worker's process is killed with SIGKILL mid-generation.
+"""Lost stage workers, for real: the worker's process is killed with SIGKILL mid-generation, or
+hangs inside a step.
 
-Ray restarts the actor (it reloads its slice); the engine rebuilds every live sequence's KV
-from its committed tokens, so in-flight requests end with the tokens they would have had.
-With no restarts left the requests fail with UNAVAILABLE, promptly, and the server stays up.
+Ray restarts the actor (it reloads its slice); the engine rebuilds the sequences that worker
+held from their committed tokens, so in-flight requests end with the tokens they would have
+had. A worker that hangs is killed once the step timeout passes, and the same happens. With no
+restarts left the requests fail with UNAVAILABLE, promptly, and the server stays up.
 """
 
 from __future__ import annotations
@@ -65,21 +67,34 @@ def kill_worker_process(cluster: PoECluster, stage: int) -> int:
     return pid
 
 
+def watch_rebuilds(cluster: PoECluster) -> list[tuple[int, int]]:
+    """(seq_id, new tokens it had) of every sequence the engine rebuilds from now on."""
+    rebuilt = []
+    rebuild = cluster.engine.rebuild
+    cluster.engine.rebuild = lambda seqs: (rebuilt.extend((s.seq_id, len(s.new_tokens)) for s in seqs), rebuild(seqs))
+    return rebuilt
+
+
 def test_killed_worker_restarts_and_requests_finish_with_their_tokens(ray_session, tiny_dir):
     reference = PoEModel.from_pretrained(tiny_dir)
     expected = [call(reference, torch.tensor([prompt(i)]))[0, 24:].tolist() for i, (_, call) in enumerate(JOBS)]
     with PoECluster.launch(tiny_dir) as cluster:
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
+        rebuilt = watch_rebuilds(cluster)
         try:
             started = threading.Event()
             threads, results = stream_in_threads(server.address, started)
             assert started.wait(120), "no tokens before the fault"
             old_pid = kill_worker_process(cluster, stage=2)
+            in_flight = [len(s.new_tokens) for s in cluster.engine.running]
+            assert in_flight and max(in_flight) < NEW_TOKENS, "the kill landed mid-generation"
             for t in threads:
                 t.join(timeout=180)
             for i in range(len(JOBS)):
                 assert results.get(i) == expected[i], f"request {i} ({JOBS[i][0]['mode']}): {results.get(i)}"
             assert ray.get(cluster.actors[2].pid.remote()) != old_pid, "Ray restarted the worker in a new process"
+            assert len(rebuilt) == len(JOBS) and all(n < NEW_TOKENS for _, n in rebuilt) and max(n for _, n in rebuilt), (
+                f"every request was rebuilt mid-generation: (seq_id, tokens it had) {rebuilt}")
             with PoEClient(server.address, timeout=60) as client:  # and the server keeps serving
                 reply = client.generate(token_ids=prompt(9), max_new_tokens=5)
             assert list(reply.token_ids) == reference.generate(torch.tensor([prompt(9)]), 5)[0, 24:].tolist()
@@ -108,3 +123,30 @@ def test_without_restarts_requests_fail_unavailable_and_do_not_hang(ray_session,
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "stage 1" in err.value.details()
         finally:
             server.stop(0)
+
+
+def test_a_worker_that_hangs_is_killed_after_the_step_timeout_and_requests_keep_their_tokens(ray_session, tiny_dir):
+    def hang_in_the_next_step(actor_self) -> None:  # defined here: it travels to the worker by value
+        """Run inside a worker's process: its next extend sleeps far past the step timeout."""
+        import time as clock
+
+        def hang(batch):
+            clock.sleep(3600)
+
+        actor_self.worker.extend = hang
+
+    reference = PoEModel.from_pretrained(tiny_dir)
+    ids = torch.tensor([prompt(i) for i in range(2)])
+    expected = reference.generate(ids, 12)
+    with PoECluster.launch(tiny_dir, config=ServingConfig(step_timeout_s=3.0)) as cluster:
+        cluster.generate(ids, 2)  # warm-up
+        rebuilt = watch_rebuilds(cluster)
+        old_pid = ray.get(cluster.actors[1].pid.remote())
+        ray.get(cluster.actors[1].__ray_call__.remote(hang_in_the_next_step))
+        started = time.perf_counter()
+        out = cluster.generate(ids, 12)
+        elapsed = time.perf_counter() - started
+        assert torch.equal(out, expected)
+        assert rebuilt, "the hung worker's sequences were rebuilt"
+        assert ray.get(cluster.actors[1].pid.remote()) != old_pid, "it was killed and Ray restarted it"
+        assert elapsed < 60, f"the step did not wait for the hung worker ({elapsed:.0f}s)"
