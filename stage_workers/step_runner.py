@@ -65,6 +65,13 @@ class Rows:
         acc = later.acc if self.acc is None else torch.cat([self.acc, later.acc])
         return Rows(self.start, torch.cat([self.token_ids, later.token_ids]), trunk, acc)
 
+    def kept(self) -> "Rows":
+        """These rows as tensors of their own: rows kept across steps must not hold on to (and so keep
+        alive) the whole batch message they arrived in."""
+        trunk = None if self.trunk is None else TrunkState(*(None if t is None else t.clone() for t in
+                                                             (self.trunk.x, self.trunk.x0, self.trunk.x_backout)))
+        return Rows(self.start, self.token_ids.clone(), trunk, None if self.acc is None else self.acc.clone())
+
     def before(self, length: int) -> "Rows | None":
         """The rows at positions < length (None if none)."""
         keep = length - self.start
@@ -133,7 +140,7 @@ class StageRunner:
             parked = self.parked.pop(s.seq_id, None)
             rows = rows if parked is None else parked.then(rows)
             if handoff.park:
-                self.parked[s.seq_id] = rows
+                self.parked[s.seq_id] = rows.kept() if parked is None else rows  # `then` made new tensors
             else:
                 work.append((s, rows))
         started = time.perf_counter()
@@ -222,7 +229,7 @@ class StageRunner:
             if k == last:
                 held = self.held.get(s.seq_id)
                 kept = Rows(rows.start, rows.token_ids, None, rows.acc)
-                self.held[s.seq_id] = kept if held is None else held.then(kept)
+                self.held[s.seq_id] = kept.kept() if held is None else held.then(kept)
                 return None
             return "park"
         return self._verify(s, spec, rows, decisions)

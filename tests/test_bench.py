@@ -22,7 +22,8 @@ def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_pat
     assert report["speculative"]["same_tokens_as_full"]
     assert [w["stage"] for w in report["modes"]["workers"]] == [0, 1, 2, 3]
     assert all(w["rss_mib"] > 0 and w["parameters"] > 0 for w in report["modes"]["workers"])
-    assert set(report["transport"]["us_per_token"]) == {"plain", "plain_no_logits", "chained", "compiled"}
+    assert set(report["transport"]["us_per_token"]) == {"channels", "plain", "plain_no_logits", "chained", "compiled"}
+    assert report["transport"]["per_hop_us"] > 0
 
 
 def test_bench_sections_are_validated():

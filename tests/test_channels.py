@@ -169,3 +169,46 @@ def test_a_local_channel_passes_messages_in_order_and_refuses_to_wait():
     assert [channel.recv().message for _ in range(2)] == ["a", "b"]
     with pytest.raises(ChannelTimeout, match="in stage order"):
         channel.recv()
+
+
+def _dist_echo(store: str, inbound: str, outbound: str, count: int) -> None:
+    from stage_workers.dist_channel import DistChannel
+
+    source = DistChannel(inbound, store, is_reader=True, host="127.0.0.1")
+    sink = DistChannel(outbound, store, is_reader=False, host="127.0.0.1")
+    for _ in range(count):
+        envelope = source.recv(time.monotonic() + 60)
+        sink.send(envelope.message, envelope.step + 1, envelope.epoch)
+    sink.close()
+    source.close()
+
+
+def test_a_torch_distributed_channel_carries_every_message_between_processes():
+    """Over gloo here; between GPUs the tensor bytes go over NCCL instead."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from stage_workers.dist_channel import DistChannel
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    address = f"127.0.0.1:{store.port}"
+    there, back, sent = name(), name(), messages()
+    process = multiprocessing.get_context("spawn").Process(target=_dist_echo, args=(address, there, back, len(sent)))
+    process.start()
+    out = DistChannel(there, address, is_reader=False, host="127.0.0.1")
+    replies = DistChannel(back, address, is_reader=True, host="127.0.0.1")
+    try:
+        with pytest.raises(ChannelTimeout):
+            replies.recv(time.monotonic() + 0.05)
+        for i, message in enumerate(sent):
+            out.send(message, 10 * i, 2)
+            envelope = replies.recv(time.monotonic() + 60)
+            assert (envelope.step, envelope.epoch) == (10 * i + 1, 2)
+            assert_same(envelope.message, message)
+    finally:
+        process.join(timeout=60)
+        out.close()
+        replies.close()
+    assert process.exitcode == 0

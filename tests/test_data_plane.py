@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coordinator import requests as rq
+
 
 class ArrivalRecorder:
     """Records the shape of every tensor rebuilt from received bytes in this process."""
@@ -116,3 +118,48 @@ def test_log_op_sums_travel_only_from_the_first_weighted_stage_and_only_for_head
         assert set(sent) == {0}
     else:
         assert set(sent) == {1}, "one sum per hop: the position that needs a distribution"
+
+
+def parked_bytes(model) -> tuple[int, int]:
+    """(bytes of the rows workers keep for later, bytes of the storage behind them)."""
+    own = behind = 0
+    for runner in model.engine.pipeline.transport.runners.values():
+        for rows in [*runner.parked.values(), *runner.held.values()]:
+            tensors = [rows.token_ids, rows.acc] + ([] if rows.trunk is None else
+                                                    [rows.trunk.x, rows.trunk.x0, rows.trunk.x_backout])
+            for t in (t for t in tensors if t is not None):
+                own += t.nbytes
+                behind += t.untyped_storage().nbytes()
+    return own, behind
+
+
+def test_memory_of_deferred_states_is_exactly_what_is_owed_over_a_long_wand_run(tiny_dir):
+    """Rows parked for a later catch-up are copies of their own, not views that keep whole batch
+    messages alive: at every step of a long WAND run the bytes behind them are the bytes of the
+    positions the stages owe (num_computed[k-1] - num_computed[k]), and nothing stays after."""
+    from coordinator import PoEModel
+
+    model = PoEModel.from_pretrained(tiny_dir)
+    config = model.config
+    K, C = config.num_stages, config.n_embd
+    ids = torch.randint(0, config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(3))
+    jobs = rq.build_requests(config, ids, 160, rq.wand_mode(config, 1.0, [0.6] * (K - 1) + [0.0]))
+    samples = []
+    step = model.engine.step
+
+    def sampling_step():
+        done = step()
+        owed = sum(seq.num_computed[k - 1] - seq.num_computed[k] for seq in model.engine.running for k in range(1, K))
+        samples.append((*parked_bytes(model), owed))
+        return done
+
+    model.engine.step = sampling_step
+    seqs = model.run(jobs)
+    model.loop.stop()
+    assert any(min(s.stages_used) < K - 1 for s in seqs), "tokens exited early, so states were parked"
+    row_bytes = 8 + 3 * C * 4  # a token id, x, x0 and (past the middle layer) the backout residual, fp32
+    assert max(own for own, _, _ in samples) > 0
+    for own, behind, owed in samples:
+        assert own == behind, "a parked row holds only itself"
+        assert own <= owed * row_bytes, f"{own} bytes parked for {owed} positions owed"
+    assert samples[-1][:2] == (0, 0), "nothing stays parked once the sequences are done"

@@ -1,0 +1,147 @@
+"""`DistChannel`: a one-way channel over torch.distributed point-to-point, for workers on
+different machines or on different GPUs.
+
+Each channel is a process group of its own with two ranks (0 the writer, 1 the reader), made
+from the coordinator's TCPStore under the channel's name, so channels are built and dropped one
+at a time as the topology changes (no world-wide group to re-form). A message goes as three
+sends: a header {step, epoch, rows, bytes} and the marshalled plain part over gloo, then the
+tensors' bytes as one buffer: over NCCL from GPU memory when the worker's device is a GPU, over
+gloo otherwise. The reader receives on a thread of its own (a gloo receive cannot be polled)
+and signals arrivals on a pipe, so `recv` waits on a file descriptor like `ShmChannel` and can
+be interrupted the same way. This module knows the channel wire format, nothing of what the
+messages mean.
+"""
+
+from __future__ import annotations
+
+import datetime
+import marshal
+import os
+import select
+import threading
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from .channels import ChannelTimeout, Envelope, Interrupted, _layout
+from .messages import decode, encode
+
+HEADER_FIELDS = 5  # step, epoch, rows, marshalled bytes, tensor bytes
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def _gloo(store, name: str, rank: int, host: str):
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    options._timeout = GROUP_TIMEOUT
+    return dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, 2, options)
+
+
+class DistChannel:
+    def __init__(self, name: str, store_address: str, is_reader: bool, host: str, device: str = "cpu"):
+        """`store_address`: HOST:PORT of the coordinator's TCPStore; `host`: this process's address
+        as the peer reaches it; `device`: where tensors live (cuda: they travel over NCCL)."""
+        self.name, self.is_reader, self.device = name, is_reader, torch.device(device)
+        store_host, port = store_address.rsplit(":", 1)
+        self._store = dist.TCPStore(store_host, int(port), is_master=False, timeout=GROUP_TIMEOUT)
+        self._host = host
+        self._groups = None  # (gloo for headers, the group for tensor bytes), made on first use
+        self._arrived: deque[Envelope] = deque()
+        self._notify_r, self._notify_w = os.pipe()
+        self._closed = False
+        if is_reader:
+            threading.Thread(target=self._receive_forever, name=f"recv-{name}", daemon=True).start()
+
+    def _connect(self):
+        if self._groups is None:
+            rank = 1 if self.is_reader else 0
+            control = _gloo(self._store, self.name, rank, self._host)
+            data = control
+            if self.device.type == "cuda":
+                data = dist.ProcessGroupNCCL(dist.PrefixStore(self.name + "/nccl", self._store), rank, 2)
+            self._groups = (control, data)
+        return self._groups
+
+    # ---- the writer --------------------------------------------------------------------------
+    def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
+             interrupt=None) -> None:
+        assert not self.is_reader, f"channel {self.name}: the reader cannot send"
+        control, data = self._connect()
+        plain, tensors = encode(message)
+        on_device = self.device.type == "cuda"
+        tensors = [t.detach().contiguous() if on_device else t.detach().cpu().contiguous() for t in tensors]
+        stream = marshal.dumps((plain, tuple((str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors)))
+        total, offsets = _layout(b"", tensors)
+        payload = torch.zeros(total, dtype=torch.uint8, device=self.device if on_device else "cpu")
+        for t, offset in zip(tensors, offsets):
+            payload[offset : offset + t.nbytes] = t.reshape(-1).view(torch.uint8)
+        header = torch.tensor([step, epoch, rows, len(stream), total], dtype=torch.int64)
+        control.send([header], 1, 0).wait()
+        control.send([torch.frombuffer(bytearray(stream), dtype=torch.uint8)], 1, 1).wait()
+        if total:
+            data.send([payload], 1, 2).wait()
+
+    # ---- the reader --------------------------------------------------------------------------
+    def _receive_forever(self) -> None:
+        try:
+            control, data = self._connect()
+            while not self._closed:
+                header = torch.empty(HEADER_FIELDS, dtype=torch.int64)
+                control.recv([header], 0, 0).wait()
+                step, epoch, rows, stream_len, total = header.tolist()
+                stream = torch.empty(stream_len, dtype=torch.uint8)
+                control.recv([stream], 0, 1).wait()
+                plain, metas = marshal.loads(stream.numpy().tobytes())
+                payload = torch.empty(total, dtype=torch.uint8, device=self.device)
+                if total:
+                    data.recv([payload], 0, 2).wait()
+                tensors, offset = [], 0
+                for dtype, shape in metas:
+                    size = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+                    tensors.append(payload[offset : offset + size].view(getattr(torch, dtype)).view(shape))
+                    offset = -(-(offset + size) // 64) * 64
+                self._arrived.append(Envelope(step, epoch, rows, decode(plain, tensors)))
+                os.write(self._notify_w, b"\0")
+        except Exception:  # the channel was closed (its group aborted) or the peer went away
+            if not self._closed:
+                os.write(self._notify_w, b"!")
+
+    def fileno(self) -> int:
+        return self._notify_r
+
+    def pending(self) -> bool:
+        return bool(self._arrived)
+
+    def recv(self, deadline: float | None = None, interrupt=None) -> Envelope:
+        assert self.is_reader, f"channel {self.name}: the writer cannot receive"
+        watch = [self._notify_r] if interrupt is None else [self._notify_r, interrupt.fileno()]
+        while True:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise ChannelTimeout(f"channel {self.name}: nothing arrived before the deadline")
+            ready = select.select(watch, [], [], wait)[0]
+            if self._notify_r in ready:
+                if os.read(self._notify_r, 1) == b"!":
+                    raise ConnectionError(f"channel {self.name}: the peer went away")
+                return self._arrived.popleft()
+            if interrupt is not None and interrupt.fileno() in ready:
+                raise Interrupted(f"channel {self.name}: interrupted while waiting (nothing arrived)")
+
+    def mark(self, value: int) -> None:
+        """Progress marks are a shared-memory feature; over the network the coordinator waits for the step timeout."""
+
+    def marked(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        self._closed = True
+        if self._groups is not None:
+            for group in set(self._groups):
+                try:
+                    group.abort()
+                except RuntimeError:
+                    pass
+        for fd in (self._notify_r, self._notify_w):
+            os.close(fd)
