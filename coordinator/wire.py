@@ -177,9 +177,7 @@ def score_response(ids: list[int], stage_logits: dict[int, torch.Tensor], config
     logprobs = normalize(score).gather(1, targets[:, None])[:, 0].double()
     bpb = 0.0
     if count_bytes:
-        enc = tokenizer.encoding
-        nbytes = [0 if t in tokenizer.special_ids or t >= tokenizer.vocab_size else len(enc.decode_single_token_bytes(t))
-                  for t in ids[1:]]
+        nbytes = [tokenizer.num_bytes(t) for t in ids[1:]]
         counted = torch.tensor(nbytes) > 0
         if counted.any():
             bpb = float(-logprobs[counted].sum() / math.log(2) / sum(nbytes))
