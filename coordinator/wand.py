@@ -15,13 +15,18 @@ import torch
 from .logop import top2_margin
 
 
+def exits(score: torch.Tensor, stage: int, num_stages: int, bound: float, safety: float) -> torch.Tensor:
+    """score: (..., V) prefix combination of stages 0..stage -> (...) bool: emit its argmax now."""
+    if stage == num_stages - 1:
+        return torch.ones(score.shape[:-1], dtype=torch.bool)
+    if math.isinf(bound):  # uncalibrated: never early (and safety 0 must not make inf * 0 = nan)
+        return torch.zeros(score.shape[:-1], dtype=torch.bool)
+    return top2_margin(score) > safety * bound
+
+
 def should_exit(score: torch.Tensor, stage: int, num_stages: int, bound: float, safety: float) -> bool:
     """score: (V,) prefix combination of stages 0..stage."""
-    if stage == num_stages - 1:
-        return True
-    if math.isinf(bound):
-        return False
-    return bool(top2_margin(score) > safety * bound)
+    return bool(exits(score, stage, num_stages, bound, safety))
 
 
 def exit_gaps(prefix_score: torch.Tensor, full_score: torch.Tensor) -> torch.Tensor:
