@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 RELEASE_RESERVE_S = 5.0
+SIGNAL_POLL_S = 0.1
 
 
 def wait_for_signal() -> str:
@@ -32,7 +33,10 @@ def wait_for_signal() -> str:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handle)
-    stopped.wait()
+    # Wake up now and then: a signal the kernel hands to another thread (gRPC's, Ray's) does not
+    # interrupt this thread's wait, and Python runs the handler only when this thread runs.
+    while not stopped.wait(SIGNAL_POLL_S):
+        pass
     return received[0]
 
 
