@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -29,6 +30,16 @@ def _floats(text: str) -> list[float]:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: a finite number of seconds > 0")
+    return value
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -179,8 +190,10 @@ def cmd_serve(args) -> None:
     from coordinator.cluster import PoECluster
     from coordinator.security import ServerSecurity
     from coordinator.server import Server
+    from coordinator.shutdown import shut_down, wait_for_signal
     from coordinator.tokenizer import load_tokenizer
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     security = ServerSecurity(auth_token(args), args.tls_cert, args.tls_key, args.tls_client_ca)
     security.credentials()  # unreadable certificate files fail here, before Ray starts
     checkpoint = args.checkpoint or default_checkpoint()
@@ -189,11 +202,14 @@ def cmd_serve(args) -> None:
     try:
         server = Server(cluster, load_tokenizer(checkpoint), host=args.host, port=args.port,
                         max_queue=cluster.serving_config.max_queue, security=security)
-        print(f"poe-serve: serving {checkpoint} on {server.address} ({cluster.config.num_stages} stage workers)",
-              flush=True)
-        server.wait_for_termination()
-    finally:
+    except BaseException:
         cluster.shutdown()
+        raise
+    print(f"poe-serve: serving {checkpoint} on {server.address} ({cluster.config.num_stages} stage workers)",
+          flush=True)
+    name = wait_for_signal()
+    print(f"poe-serve: {name}: draining for up to {args.shutdown_timeout:g}s", flush=True)
+    shut_down(server, cluster.shutdown, args.shutdown_timeout)
     print("poe-serve: stopped", flush=True)
 
 
@@ -277,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else start one)")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--shutdown-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: refuse new requests, let those in flight finish, release the workers "
+                        "and exit, all within this (default: 30)")
     add_security_flags(p, server=True)
     p.set_defaults(func=cmd_serve)
 

@@ -143,7 +143,7 @@ class Engine:
             self.pipeline.flush()
             return []
         try:
-            outcomes = self.pipeline.run(work, self.engine_config.pipeline_micro_batches)
+            return self.update(work, self.pipeline.run(work, self.engine_config.pipeline_micro_batches))
         except WorkerLost as exc:
             return self._recover(exc)
         except Exception as exc:
@@ -152,7 +152,6 @@ class Engine:
                     seq.error = exc
                     self.abort(seq, f"error: {exc}")
             return [seq for seq, _ in work]
-        return self.update(work, outcomes)
 
     def update(self, work: list[tuple[Sequence, SeqPlan]], outcomes: dict[int, Outcome]) -> list[Sequence]:
         for seq, plan in work:

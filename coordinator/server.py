@@ -4,15 +4,17 @@ Every RPC parses and validates its message (bytes that do not parse, a message o
 MAX_MESSAGE_BYTES, or bad arguments -> INVALID_ARGUMENT naming the field; only one over
 TRANSPORT_MAX_BYTES is RESOURCE_EXHAUSTED from gRPC itself, before any handler), submits to the shared engine loop (a full queue ->
 RESOURCE_EXHAUSTED), and waits for its events. A client that goes away or runs out of deadline
-has its sequence aborted, freeing its KV. The servicer knows messages and status codes; the
+has its sequence aborted, freeing its KV. Anything unexpected is INTERNAL with a request id
+(coordinator/handler_errors.py). Health is SERVING only while the server admits requests, its
+engine loop runs and no stage is down. The servicer knows messages and status codes; the
 model behind it may be in-process or on Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import signal
 import threading
 import time
 from concurrent import futures
@@ -28,7 +30,9 @@ from stage_workers.messages import WorkerLost
 from . import requests as rq
 from . import wire
 from .admin import ADMIN_SERVICE_NAME, AdminServicer
-from .engine_loop import EngineLoop, QueueFull, RequestHandle
+from .drain import Drain
+from .engine_loop import LIVENESS_POLL_S, EngineLoop, EngineLoopDown, QueueFull, RequestHandle
+from .handler_errors import InternalErrors, abort_internal
 from .model import PoEModel
 from .security import ServerSecurity
 from .tokenizer import Tokenizer
@@ -46,33 +50,59 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, WorkerLost):
+    if isinstance(exc, (WorkerLost, EngineLoopDown)):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
 
+def _abort(context, method: str, exc: BaseException) -> None:
+    """End the RPC with exc's status; an unexpected error's text goes to the log, not the client."""
+    code = _status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        abort_internal(context, method, exc)
+    context.abort(code, f"{type(exc).__name__}: {exc}")
+
+
 class PoEServicer(pb_grpc.PoEServingServicer):
-    def __init__(self, model: PoEModel, tokenizer: Tokenizer, loop: EngineLoop, placement: list[dict] | None = None):
-        self.model, self.tokenizer, self.loop = model, tokenizer, loop
+    def __init__(self, model: PoEModel, tokenizer: Tokenizer, loop: EngineLoop, drain: Drain):
+        self.model, self.tokenizer, self.loop, self.drain = model, tokenizer, loop, drain
         self.config = model.config
-        self.placement = placement
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _submit(self, request, context) -> RequestHandle:
+    @contextlib.contextmanager
+    def _admitted(self, context):
+        """The request counts as in flight while the block runs; refused (UNAVAILABLE) while draining."""
+        if not self.drain.enter():
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the server is shutting down and takes no new requests; retry on another replica")
+        try:
+            yield
+        finally:
+            self.drain.leave()
+
+    def _submit(self, request, context, method: str) -> RequestHandle:
         try:
             handle = self.loop.submit(request)
-        except QueueFull as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (QueueFull, EngineLoopDown) as exc:
+            _abort(context, method, exc)
         if not context.add_callback(lambda: self.loop.abort(handle)):  # client gone or deadline passed
             self.loop.abort(handle)  # it already went: no callback will come
         return handle
 
-    def _events(self, handle: RequestHandle, context):
-        """Yield events until done; abort the RPC with the mapped status on error."""
+    def _events(self, handle: RequestHandle, context, method: str):
+        """Yield events until done; abort the RPC with the mapped status on error. Every wait is
+        short: a client that left while the loop was busy frees this thread at once."""
         while True:
-            event = handle.events.get()
+            try:
+                event = handle.next_event(timeout=LIVENESS_POLL_S)
+            except TimeoutError:
+                if not context.is_active():  # its abort is queued for the loop (add_callback)
+                    context.abort(grpc.StatusCode.CANCELLED, "cancelled: the client went away or its deadline passed")
+                continue
+            except EngineLoopDown as exc:
+                _abort(context, method, exc)
             if event.error is not None:
-                context.abort(_status_of(event.error), f"{type(event.error).__name__}: {event.error}")
+                _abort(context, method, event.error)
             if event.done and handle.cancelled:  # the client is gone; nothing to answer
                 context.abort(grpc.StatusCode.CANCELLED, "cancelled: the client went away or its deadline passed")
             yield event
@@ -87,36 +117,39 @@ class PoEServicer(pb_grpc.PoEServingServicer):
 
     # ---- RPCs ------------------------------------------------------------------------------
     def Generate(self, request, context):
-        req = self._parse(wire.generation_request, context, request, self.tokenizer, self.config)
-        handle = self._submit(req, context)
-        for _ in self._events(handle, context):
-            pass
+        with self._admitted(context):
+            req = self._parse(wire.generation_request, context, request, self.tokenizer, self.config)
+            handle = self._submit(req, context, "Generate")
+            for _ in self._events(handle, context, "Generate"):
+                pass
         seq = handle.seq
         done = time.perf_counter()
         ttft = (handle.first_token_at or done) - handle.submitted_at
         return wire.generate_response(seq, self.tokenizer, ttft, done - handle.submitted_at)
 
     def GenerateStream(self, request, context):
-        req = self._parse(wire.generation_request, context, request, self.tokenizer, self.config)
-        handle = self._submit(req, context)
-        text = wire.TextStream(self.tokenizer)
-        for event in self._events(handle, context):
-            chunk = pb.GenerateChunk(token_ids=event.tokens, text=text.push(event.tokens, event.done),
-                                     stages_used=event.stages_used)
-            if event.done:
-                chunk.finish_reason = handle.seq.finish_reason
-                chunk.acceptance_rate = wire.acceptance(handle.seq)
-            if event.tokens or event.done:
-                yield chunk
+        with self._admitted(context):
+            req = self._parse(wire.generation_request, context, request, self.tokenizer, self.config)
+            handle = self._submit(req, context, "GenerateStream")
+            text = wire.TextStream(self.tokenizer)
+            for event in self._events(handle, context, "GenerateStream"):
+                chunk = pb.GenerateChunk(token_ids=event.tokens, text=text.push(event.tokens, event.done),
+                                         stages_used=event.stages_used)
+                if event.done:
+                    chunk.finish_reason = handle.seq.finish_reason
+                    chunk.acceptance_rate = wire.acceptance(handle.seq)
+                if event.tokens or event.done:
+                    yield chunk
 
     def Score(self, request, context):
-        ids = self._parse(wire.input_ids, context, request, self.tokenizer, self.config)
-        if len(ids) < 2:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input: scoring needs at least 2 tokens")
-        stages = tuple(range(self.config.num_stages))
-        handle = self._submit(rq.ScoreRequest(tuple(ids), stages), context)
-        for _ in self._events(handle, context):
-            pass
+        with self._admitted(context):
+            ids = self._parse(wire.input_ids, context, request, self.tokenizer, self.config)
+            if len(ids) < 2:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input: scoring needs at least 2 tokens")
+            stages = tuple(range(self.config.num_stages))
+            handle = self._submit(rq.ScoreRequest(tuple(ids), stages), context, "Score")
+            for _ in self._events(handle, context, "Score"):
+                pass
         return wire.score_response(ids, handle.seq.decoder.logprobs, self.tokenizer,
                                    count_bytes=request.WhichOneof("input") == "prompt")
 
@@ -160,12 +193,13 @@ class ParseRequests(grpc.ServerInterceptor):
 
 
 class Server:
-    """A running gRPC server over a model; `stop()` drains and shuts down."""
+    """A running gRPC server over a model; `drain()` lets the requests in flight finish, `stop()` does not."""
 
     def __init__(self, model: PoEModel, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 50051,
                  max_workers: int | None = None, max_queue: int = 256, security: ServerSecurity = ServerSecurity()):
-        self.loop = model.loop
+        self.model, self.loop = model, model.loop
         self.loop.max_queue = max_queue
+        self.admission = Drain()
         # A generation holds its handler thread until it ends, so the pool covers the running batch,
         # the queue and some room (health checks, refusals); past it gRPC answers RESOURCE_EXHAUSTED
         # rather than holding calls in an unbounded backlog that health checks would wait behind.
@@ -173,9 +207,9 @@ class Server:
         options = [("grpc.max_receive_message_length", TRANSPORT_MAX_BYTES),
                    ("grpc.max_send_message_length", 64 << 20)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                                interceptors=[*security.interceptors(), ParseRequests()],
+                                interceptors=[*security.interceptors(), InternalErrors(), ParseRequests()],
                                 maximum_concurrent_rpcs=max_workers)
-        pb_grpc.add_PoEServingServicer_to_server(PoEServicer(model, tokenizer, self.loop), self.grpc)
+        pb_grpc.add_PoEServingServicer_to_server(PoEServicer(model, tokenizer, self.loop, self.admission), self.grpc)
         pb_grpc.add_PoEAdminServicer_to_server(AdminServicer(model), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -189,19 +223,52 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self._health_lock = threading.Lock()
+        self._not_ready: str | None = None  # the reason last reported, to log each change once
         self.grpc.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.loop.listeners.append(self.update_health)  # the loop died, or a stage went down
+        self.update_health()
+
+    def readiness_problem(self) -> str | None:
+        """Why the server is not ready (health NOT_SERVING), or None when it serves every request."""
+        if self.admission.draining:
+            return "draining: the server is shutting down"
+        failure = self.loop.failure()
+        if failure is not None:
+            return str(failure)
+        down = self.model.stages_down()
+        if down:
+            return f"stage(s) {down} down: a lost worker was not restarted"
+        return None
+
+    def update_health(self) -> None:
+        """Set the health of the PoEServing service and of the server ("") from readiness_problem()."""
+        with self._health_lock:
+            problem = self.readiness_problem()
+            if problem != self._not_ready:
+                if problem:
+                    log.warning("health: NOT_SERVING (%s)", problem)
+                else:
+                    log.info("health: SERVING")
+                self._not_ready = problem
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if problem else health_pb2.HealthCheckResponse.SERVING
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, status)
+
+    def drain(self, deadline: float) -> int:
+        """Stop admitting (health NOT_SERVING at once, new requests UNAVAILABLE), let the requests in
+        flight finish until `deadline` (time.monotonic()), then stop, cancelling the rest.
+        Returns how many were still running at the deadline."""
+        self.admission.start()
+        self.update_health()
+        left = self.admission.wait(deadline)
+        self.stop(0)
+        return left
 
     def stop(self, grace: float = 5.0) -> None:
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Stop now: requests still running after `grace` seconds are cancelled (their KV freed)."""
+        self.admission.start()
+        if self.update_health in self.loop.listeners:
+            self.loop.listeners.remove(self.update_health)
+        self.update_health()
         self.grpc.stop(grace).wait()
-
-    def wait_for_termination(self) -> None:
-        """Block until SIGTERM or SIGINT, then stop cleanly."""
-        stopped = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stopped.set())
-        stopped.wait()
-        self.stop()

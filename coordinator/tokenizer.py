@@ -96,7 +96,11 @@ def load_pickle_encoding(path: str | Path) -> tiktoken.Encoding:
 
 
 class Tokenizer:
-    """HF-like surface over a tiktoken Encoding; `<|bos|>` is prepended by default."""
+    """HF-like surface over a tiktoken Encoding; `<|bos|>` is prepended by default.
+
+    A model may have more ids than its tokenizer (nanochat pads the head past its tokenizer.pkl):
+    ids the tokenizer does not know decode to no text and count no bytes.
+    """
 
     def __init__(self, encoding: tiktoken.Encoding, bos_token: str = BOS):
         self.encoding = encoding
@@ -104,6 +108,7 @@ class Tokenizer:
             raise ValueError(f"tokenizer has no {bos_token} special token")
         self.bos_token_id = encoding._special_tokens[bos_token]
         self.special_ids = frozenset(encoding._special_tokens.values())
+        self.known_ids = frozenset(encoding._mergeable_ranks.values()) | self.special_ids
 
     @property
     def vocab_size(self) -> int:
@@ -114,11 +119,17 @@ class Tokenizer:
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of the ids; unknown ids give none, and bytes that are not UTF-8 give U+FFFD."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in self.special_ids]
+        ids = [i for i in ids if i in self.known_ids and not (skip_special_tokens and i in self.special_ids)]
         return self.encoding.decode(ids, errors="replace")
+
+    def num_bytes(self, token_id: int) -> int:
+        """UTF-8 bytes of a token's text: 0 for special and unknown ids (bits per byte count none)."""
+        if token_id in self.special_ids or token_id not in self.known_ids:
+            return 0
+        return len(self.encoding.decode_single_token_bytes(token_id))
 
     def __call__(self, text: str | list[str], return_tensors: str | None = None, add_special_tokens: bool = True):
         texts = [text] if isinstance(text, str) else list(text)

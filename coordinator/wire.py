@@ -174,9 +174,7 @@ def score_response(ids: list[int], token_logprobs: list[float], tokenizer: Token
     logprobs = torch.tensor(token_logprobs[: len(ids) - 1], dtype=torch.float64)  # (T-1,)
     bpb = 0.0
     if count_bytes:
-        enc = tokenizer.encoding
-        nbytes = [0 if t in tokenizer.special_ids or t >= tokenizer.vocab_size else len(enc.decode_single_token_bytes(t))
-                  for t in ids[1:]]
+        nbytes = [tokenizer.num_bytes(t) for t in ids[1:]]
         counted = torch.tensor(nbytes) > 0
         if counted.any():
             bpb = float(-logprobs[counted].sum() / math.log(2) / sum(nbytes))

@@ -117,7 +117,7 @@ def test_without_restarts_requests_fail_unavailable_and_do_not_hang(ray_session,
             codes = [r.code() if isinstance(r, grpc.RpcError) else "finished" for r in results.values()]
             assert grpc.StatusCode.UNAVAILABLE in codes and set(codes) <= {grpc.StatusCode.UNAVAILABLE, "finished"}
             with PoEClient(server.address, timeout=30) as client:
-                assert client.health() == "SERVING"
+                assert client.health() == "NOT_SERVING"  # readiness: a stage is down for good
                 with pytest.raises(grpc.RpcError) as err:
                     client.generate(token_ids=prompt(3), max_new_tokens=3)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "stage 1" in err.value.details()

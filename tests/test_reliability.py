@@ -101,13 +101,16 @@ def kv_in_use(model: PoEModel) -> int:
 
 
 def wait_until_kv_free(model: PoEModel, timeout: float = 10.0) -> float:
-    """Seconds until every worker's free blocks and the engine's free blocks are back to capacity."""
+    """Seconds until every worker's free blocks and the engine's free blocks are back to capacity
+    and the engine holds no sequence (KV is also free for a moment while aborts of waiting requests
+    are still queued for the engine loop and it has yet to admit the next ones)."""
     t0 = time.perf_counter()
-    while kv_in_use(model):
+    while kv_in_use(model) or model.engine.has_work():
         workers = [(w.kv_free_blocks, w.kv_num_blocks) for w in model.worker_infos()]
         assert time.perf_counter() - t0 < timeout, (
             f"KV not released after {timeout}s: (free, total) blocks per worker {workers}, "
-            f"engine {model.engine.free_blocks} free of {model.engine.capacity}"
+            f"engine {model.engine.free_blocks} free of {model.engine.capacity}, "
+            f"{len(model.engine.waiting)} sequences waiting and {len(model.engine.running)} running"
         )
         time.sleep(0.005)
     return time.perf_counter() - t0

@@ -11,11 +11,13 @@ import subprocess
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator import PoEModel, load_tokenizer
+from coordinator.admin import ADMIN_SERVICE_NAME
 from coordinator.client import PoEClient
 from coordinator.security import ServerSecurity, client_credentials
-from coordinator.server import Server
+from coordinator.server import SERVICE_NAME, Server
 
 TOKEN = "s3cret-token"
 
@@ -57,6 +59,14 @@ def test_server_binds_loopback_by_default(model, tiny_dir):
         server.stop(0)
 
 
+def list_services(client: PoEClient) -> set[str]:
+    """Server reflection's list of services, asked with the client's metadata."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    replies = stub.ServerReflectionInfo(iter([request]), timeout=30, metadata=client.metadata)
+    return {s.name for s in next(replies).list_services_response.service}
+
+
 def test_bearer_token_is_checked_on_every_rpc(model, tiny_dir):
     server = serve(model, tiny_dir, ServerSecurity(token=TOKEN))
     try:
@@ -64,11 +74,16 @@ def test_bearer_token_is_checked_on_every_rpc(model, tiny_dir):
         with PoEClient(server.address, token=TOKEN, timeout=30) as good:
             assert list(good.generate(token_ids=[1, 2, 3], max_new_tokens=3).token_ids) == expected
             assert good.health() == "SERVING"
+            assert {SERVICE_NAME, ADMIN_SERVICE_NAME} <= list_services(good)
+            with pytest.raises(grpc.RpcError) as err:  # the admin handler ran: it needs Ray to scale
+                good.scale_stage(0, 2)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         for token in (None, "wrong", TOKEN + "x"):
             with PoEClient(server.address, token=token, timeout=30) as bad:
                 for call in (lambda: bad.generate(token_ids=[1, 2, 3], max_new_tokens=3),
                              lambda: list(bad.stream(token_ids=[1, 2, 3], max_new_tokens=3)),
-                             lambda: bad.score(token_ids=[1, 2, 3]), bad.model_info, bad.health):
+                             lambda: bad.score(token_ids=[1, 2, 3]), bad.model_info, bad.health,
+                             lambda: list_services(bad), lambda: bad.scale_stage(0, 2)):
                     with pytest.raises(grpc.RpcError) as err:
                         call()
                     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, token

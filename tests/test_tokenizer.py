@@ -91,3 +91,13 @@ def test_filler_tokens_are_never_produced_by_encoding(encoding):
     tok = Tokenizer(encoding)
     ids = tok.encode("".join(chr(c) for c in range(32, 2000)))
     assert max(ids[1:]) < 256
+
+
+def test_ids_the_tokenizer_does_not_know_decode_to_no_text_and_count_no_bytes():
+    """A padded head has ids past the tokenizer (nanochat); decoding a model's output must not fail."""
+    tok = Tokenizer(byte_level_encoding(300))
+    ids = [104, 300, 105, 511, tok.bos_token_id, 0xC3, 0xA9]  # "h", unknown, "i", unknown, <|bos|>, "é"
+    assert tok.decode(ids) == "hié"
+    assert tok.decode(ids, skip_special_tokens=False) == "hi<|bos|>é"
+    assert tok.decode(torch.tensor([300, 301])) == ""
+    assert [tok.num_bytes(t) for t in ids] == [1, 0, 1, 0, 0, 1, 1]

@@ -9,6 +9,7 @@ same Python. Every document starts with `<|bos|>`. Nothing here knows about mode
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -20,8 +21,13 @@ SPLITS = ("train", "calib", "eval")
 
 
 def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    """The stdlib's .py files. site-packages is never entered: walking it took seconds, and failed
+    when a package was being installed or removed meanwhile."""
+    files = []
+    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]
+        files.extend(Path(folder) / name for name in names if name.endswith(".py"))
+    return sorted(files)
 
 
 def split_of(path: Path) -> str:

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from coordinator import PoEModel, load_tokenizer
-from stage_workers.logop import combine, log_probs, normalize, top2_margin
+from stage_workers.decisions import wand_exits as clear_margins
+from stage_workers.decisions import wand_threshold
+from stage_workers.logop import combine, log_probs, normalize
 from stage_workers.config import CONFIG_FILE
 
 from .data import encode_documents, read_split
@@ -32,9 +34,23 @@ def windows(stream: np.ndarray, length: int, count: int) -> list[list[int]]:
 
 
 def byte_lengths(tokenizer) -> torch.Tensor:
-    enc = tokenizer.encoding
-    return torch.tensor([0 if i in tokenizer.special_ids else len(enc.decode_single_token_bytes(i))
-                         for i in range(tokenizer.vocab_size)], dtype=torch.float64)
+    return torch.tensor([tokenizer.num_bytes(i) for i in range(tokenizer.vocab_size)], dtype=torch.float64)
+
+
+def wand_exits(lps: list[torch.Tensor], bounds: list[float], alpha: float, safety: float = 1.0):
+    """WAND at every position at once, by the serving rule (stage_workers/decisions.py, which the
+    exiting stage's worker runs). lps: K x (T, V) stage log-probs -> (T,) exit stage and (T,) the
+    token emitted there."""
+    K = len(lps)
+    exit_stage = torch.full(lps[0].shape[:-1], -1, dtype=torch.long)
+    token = torch.zeros_like(exit_stage)
+    for j in range(K):
+        score = combine(lps[: j + 1], [1.0] * (j + 1), alpha)  # (T, V)
+        threshold = torch.full(score.shape[:-1], wand_threshold(bounds[j], safety))
+        clears = torch.ones_like(threshold, dtype=torch.bool) if j == K - 1 else clear_margins(score, threshold)
+        now = (exit_stage < 0) & clears
+        exit_stage[now], token[now] = j, score.argmax(-1)[now]
+    return exit_stage, token
 
 
 def teacher_forced(model: PoEModel, tokenizer, rows: list[list[int]], train_stream: np.ndarray) -> dict:
@@ -46,7 +62,7 @@ def teacher_forced(model: PoEModel, tokenizer, rows: list[list[int]], train_stre
     unigram -= torch.logsumexp(unigram, 0)
     nats = {name: 0.0 for name in ["full", "unigram", *[f"stage{k}" for k in range(K)]]}
     total_bytes = correct = agree_last2 = wand_agree = wand_layers = positions = 0
-    exits = [0] * K
+    exit_counts = [0] * K
     layers_at = [b + 1 for b in config.stage_boundaries]
     for row, logits in zip(rows, model.stage_logits(rows, tuple(range(K)))):
         targets = torch.tensor(row[1:])
@@ -62,14 +78,11 @@ def teacher_forced(model: PoEModel, tokenizer, rows: list[list[int]], train_stre
         full_top = full.argmax(-1)
         correct += (full_top == targets).sum().item()
         agree_last2 += (lps[K - 2].argmax(-1) == lps[K - 1].argmax(-1)).sum().item()
-        done = torch.zeros_like(targets, dtype=torch.bool)
+        exit_stage, wand_top = wand_exits(lps, bounds, alpha)
+        wand_agree += (wand_top == full_top).sum().item()
         for j in range(K):
-            score = combine(lps[: j + 1], [1.0] * (j + 1), alpha)
-            exit_now = ~done & ((top2_margin(score) > bounds[j]) if j < K - 1 else torch.ones_like(done))
-            wand_agree += (score.argmax(-1) == full_top)[exit_now].sum().item()
-            wand_layers += exit_now.sum().item() * layers_at[j]
-            exits[j] += exit_now.sum().item()
-            done |= exit_now
+            wand_layers += (exit_stage == j).sum().item() * layers_at[j]
+            exit_counts[j] += (exit_stage == j).sum().item()
         positions += len(targets)
     bpb = {k: v / math.log(2) / total_bytes for k, v in nats.items()}
     return {
@@ -79,7 +92,7 @@ def teacher_forced(model: PoEModel, tokenizer, rows: list[list[int]], train_stre
         "last_two_stage_agreement": agree_last2 / positions,
         "wand_agreement": wand_agree / positions,
         "wand_mean_layers": wand_layers / positions,
-        "wand_exit_fraction": [e / positions for e in exits],
+        "wand_exit_fraction": [e / positions for e in exit_counts],
     }
 
 
