@@ -3,7 +3,8 @@
 Callers `submit` a request and read `RequestHandle.events` (new tokens as they are committed,
 then the end); `abort` drops a request and frees its KV on every worker. Requests join the
 running batch between steps (continuous batching). If a step fails, only the requests in that
-step fail; the loop keeps serving. It knows the engine, not gRPC.
+step fail; the loop keeps serving. An optional `observer` (coordinator/metrics.py) is told of
+each submit and step. It knows the engine, not gRPC.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poe-engine-loop", daemon=True)
         self._start_lock = threading.Lock()  # the thread starts with the first request
+        self.observer = None  # metrics (coordinator/metrics.py): told of each submit and step; None: none
 
     def stop(self) -> None:
         self._stop.set()
@@ -73,6 +75,8 @@ class EngineLoop:
             raise QueueFull(f"server overloaded: {self.max_queue} requests already waiting; retry later")
         self._ensure_started()
         handle = RequestHandle(request)
+        if self.observer is not None:
+            self.observer.on_submit(handle)
         self._inbox.put(("add", handle))
         return handle
 
@@ -88,6 +92,11 @@ class EngineLoop:
         future = Future()
         self._inbox.put(("call", (fn, future)))
         return future.result()
+
+    @property
+    def alive(self) -> bool:
+        """Not stopped, and its thread runs or has yet to start (readiness, coordinator/http_api.py)."""
+        return not self._stop.is_set() and (self._thread.is_alive() or self._thread.ident is None)
 
     def _ensure_started(self) -> None:
         with self._start_lock:
@@ -136,7 +145,11 @@ class EngineLoop:
         self._handles[handle.seq.seq_id] = handle
 
     def _step(self) -> None:
-        for seq in self.engine.step():
+        started = time.perf_counter()
+        seqs = self.engine.step()
+        if self.observer is not None:
+            self.observer.on_step(started, seqs)
+        for seq in seqs:
             handle = self._handles.get(seq.seq_id)
             if handle is not None:
                 self._deliver(handle)
