@@ -374,16 +374,16 @@ class HttpServer:
                  security: ServerSecurity = ServerSecurity(), model_name: str = "poe", api: bool = True,
                  grace: float = 5.0):
         self.metrics = Metrics(model, model_name)
-        self.metrics.attach(model.loop)
         front = Front(model, tokenizer, model_name, self.metrics)
         config = uvicorn.Config(build_app(front, self.metrics, security.token, api), log_level="warning",
                                 lifespan="off", timeout_graceful_shutdown=grace, **_ssl_options(security))
         config.load()  # reads the TLS files now, so a bad one fails here rather than in the server's thread
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        self.socket = socket.create_server((host, port), family=family)
+        self.socket = socket.create_server((host, port), family=family)  # a port in use fails here
         self.port = self.socket.getsockname()[1]
         scheme = "https" if security.cert_file else "http"
         self.url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+        self.metrics.attach(model.loop)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="poe-http", daemon=True)
