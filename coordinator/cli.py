@@ -188,6 +188,7 @@ def cmd_init_checkpoint(args) -> None:
 
 def cmd_serve(args) -> None:
     from coordinator.cluster import PoECluster
+    from coordinator.http_api import serve_http
     from coordinator.security import ServerSecurity
     from coordinator.server import Server
     from coordinator.shutdown import shut_down, wait_for_signal
@@ -200,16 +201,26 @@ def cmd_serve(args) -> None:
     address = args.address or os.environ.get("RAY_ADDRESS")  # set when running as a Ray job
     cluster = PoECluster.launch(checkpoint, config=args.config, dtype=args.dtype, address=address)
     try:
-        server = Server(cluster, load_tokenizer(checkpoint), host=args.host, port=args.port,
+        tokenizer = load_tokenizer(checkpoint)
+        server = Server(cluster, tokenizer, host=args.host, port=args.port,
                         max_queue=cluster.serving_config.max_queue, security=security)
+        # the OpenAI-compatible HTTP API and /metrics, on the same engine loop (coordinator/http_api.py)
+        http = serve_http(cluster, tokenizer, args.host, args.http_port, args.metrics_port, security,
+                          args.served_model_name or Path(checkpoint).name)
     except BaseException:
         cluster.shutdown()
         raise
-    print(f"poe-serve: serving {checkpoint} on {server.address} ({cluster.config.num_stages} stage workers)",
-          flush=True)
+    print(f"poe-serve: serving {checkpoint} on {server.address} ({cluster.config.num_stages} stage workers)"
+          + (f"; HTTP on {http.url}" if http else ""), flush=True)
     name = wait_for_signal()
     print(f"poe-serve: {name}: draining for up to {args.shutdown_timeout:g}s", flush=True)
-    shut_down(server, cluster.shutdown, args.shutdown_timeout)
+
+    def release() -> None:
+        if http:
+            http.stop()
+        cluster.shutdown()
+
+    shut_down(server, release, args.shutdown_timeout)
     print("poe-serve: stopped", flush=True)
 
 
@@ -291,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="cluster config YAML (default: cluster_configs/local-cpu.yaml)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=50051)
+    http = p.add_mutually_exclusive_group()  # /metrics is on the HTTP port when HTTP is on
+    http.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API and /metrics here (0: any free port)")
+    http.add_argument("--metrics-port", type=int, help="without --http-port: serve /metrics alone here")
+    p.add_argument("--served-model-name", help="the model id of the HTTP API (default: the checkpoint directory's name)")
     p.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else start one)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--shutdown-timeout", type=_seconds, default=30.0, metavar="SECONDS",

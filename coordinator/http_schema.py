@@ -1,0 +1,133 @@
+"""The OpenAI-compatible HTTP API's JSON bodies, as pydantic models.
+
+`CompletionRequest` is what `POST /v1/completions` accepts: OpenAI's completions fields, the
+extra fields vLLM takes beside them (`top_k`, `stop_token_ids`, `return_token_ids`,
+`return_tokens_as_token_ids`) and poe-serve's PoE fields (`poe_mode` and its arguments). Types
+are strict (a string is not a number, a float not an int) and unknown fields are refused, so a
+typo is an error rather than a silent default; ranges are checked by coordinator/requests.py,
+the same checks gRPC runs. The response models are OpenAI's; extras (token ids, WAND stages,
+acceptance) appear only when asked for or meaningful. Nothing here knows the engine or tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5)
+PoEMode = Literal["full", "prefix", "stage", "wand", "speculative", "composition"]
+
+
+def _is_none(value) -> bool:
+    return value is None
+
+
+def _extra(description: str):
+    """A response field OpenAI does not have: left out of the JSON when not set."""
+    return Field(None, exclude_if=_is_none, description=description)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = Field(False, description="a last chunk with usage and no choices")
+    include_obfuscation: bool | None = Field(None, description="accepted and ignored (OpenAI's padding of chunks)")
+
+
+class CompletionRequest(BaseModel):
+    # Each description ends an error message about its field: "allowed: <description>".
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(description="the served model's id (GET /v1/models)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids or a list of token-id lists")
+    max_tokens: int | None = Field(None, ge=0, description="an integer >= 0 (default 16)")
+    temperature: float | None = Field(None, description="a number >= 0; 0 is greedy (default 1, or greedy for "
+                                                        "poe_mode wand and speculative)")
+    top_p: float | None = Field(None, description="a number in (0, 1]")
+    top_k: int | None = Field(None, description="an integer >= 1")
+    seed: int | None = Field(None, description="an integer; choice i samples with seed + i")
+    n: int = Field(1, ge=1, description="an integer >= 1: choices per prompt")
+    stop: str | list[str] | None = Field(None, description="a non-empty string or a list of them")
+    stop_token_ids: list[int] | None = Field(None, description="a list of token ids")
+    stream: bool = Field(False, description="true or false")
+    stream_options: StreamOptions | None = Field(None, description="{include_usage: bool}, with stream=true")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description=f"an integer 0..{MAX_LOGPROBS}: alternatives per token")
+    echo: bool = Field(False, description="true or false: the prompt comes back before the completion")
+    return_token_ids: bool = Field(False, description="true or false: token ids on each choice (vLLM's)")
+    return_tokens_as_token_ids: bool = Field(False, description="true or false: logprobs tokens as 'token_id:N'")
+    user: str | None = Field(None, description="a string (ignored)")
+    # OpenAI fields with no meaning here: accepted only at their neutral values
+    best_of: int | None = Field(None, description="1 (or unset); more is not supported")
+    frequency_penalty: float | None = Field(None, description="0 (or unset); penalties are not supported")
+    presence_penalty: float | None = Field(None, description="0 (or unset); penalties are not supported")
+    logit_bias: dict[str, float] | None = Field(None, description="{} (or unset); logit bias is not supported")
+    suffix: str | None = Field(None, description="unset; suffixes are not supported")
+    # PoE modes (extra body fields, as vLLM takes its own)
+    poe_mode: PoEMode = Field("full", description="full, prefix, stage, wand, speculative or composition")
+    max_stages: int | None = Field(None, description="poe_mode=prefix: an integer, stages 0..max_stages-1")
+    stage: int | None = Field(None, description="poe_mode=stage: the stage index")
+    stages: list[int] | None = Field(None, description="poe_mode=composition: a list of stage indices")
+    stage_weights: list[float] | None = Field(None, description="poe_mode=composition: one weight > 0 per stage")
+    safety: float | None = Field(None, description="poe_mode=wand: a number >= 0 (default 1)")
+    p99_bounds: list[float] | None = Field(None, description="poe_mode=wand: one bound >= 0 per stage")
+    draft_stage: int | None = Field(None, description="poe_mode=speculative: the drafting stage (default 0)")
+    k_draft: int | None = Field(None, description="poe_mode=speculative: drafts per round (default 3)")
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Logprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = _extra("the generated token ids (return_token_ids)")
+    prompt_token_ids: list[int] | None = _extra("the prompt's token ids, BOS included (return_token_ids)")
+    stages_used: list[int] | None = _extra("poe_mode=wand: the stage each token exited at")
+    acceptance_rate: float | None = _extra("poe_mode=speculative: accepted / proposed drafts")
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "poe-serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

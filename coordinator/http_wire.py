@@ -1,0 +1,223 @@
+"""Translating between the HTTP API's JSON (coordinator/http_schema.py) and the coordinator's requests.
+
+Pure functions, as coordinator/wire.py is for gRPC: a `CompletionRequest` becomes a
+`CompletionPlan` (validated prompts and one `GenerationRequest` per choice) or a `BadRequest`
+naming the field, through the same checks as gRPC (coordinator/requests.py); `ChoiceText` turns
+a choice's tokens into text as they come, cut exactly before a stop string; `logprobs_of` lays
+out scores as OpenAI's `logprobs` object. Nothing here touches the network or the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from stage_workers.config import ModelConfig
+from stage_workers.sampling import SamplingParams
+
+from . import requests as rq
+from . import wire
+from .http_schema import CompletionRequest, Logprobs
+from .tokenizer import Tokenizer
+
+# poe_mode -> the extra fields that belong to it; any other mode refuses them
+MODE_FIELDS = {"full": (), "prefix": ("max_stages",), "stage": ("stage",), "wand": ("safety", "p99_bounds"),
+               "speculative": ("draft_stage", "k_draft"), "composition": ("stages", "stage_weights")}
+NEUTRAL = {"best_of": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+           "logit_bias": (None, {}), "suffix": (None,)}  # OpenAI fields served only at these values
+
+
+class BadRequest(ValueError):
+    """Bad input, answered 400; `param` names the field at fault (None: the body as a whole)."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def checked(param: str, check, *args, also: tuple[str, ...] = ()):
+    """check(*args), its ValueError becoming a BadRequest for `param`, or for the field of `also`
+    that the message starts with (coordinator/requests.py messages start with the argument)."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        message = str(exc)
+        raise BadRequest(next((p for p in also if message.startswith(p)), param), message) from None
+
+
+def allowed(field: str) -> str:
+    return CompletionRequest.model_fields[field].description
+
+
+def from_validation_errors(errors) -> BadRequest:
+    """pydantic's errors (FastAPI's, with "body" first in each location) -> one BadRequest naming
+    the first field at fault and what it allows."""
+    error = errors[0]
+    loc = [part for part in error["loc"] if part != "body"]
+    if error["type"] == "json_invalid":
+        return BadRequest(None, f"request body: not valid JSON ({error['msg']})")
+    if not loc or loc[0] not in CompletionRequest.model_fields and error["type"] != "extra_forbidden":
+        return BadRequest(None, f"request body: {error['msg']}; allowed: a JSON object of completion fields")
+    field, path = str(loc[0]), ".".join(map(str, loc))
+    if error["type"] == "extra_forbidden":
+        return BadRequest(field, f"{path}: unknown field; allowed: OpenAI's completion fields and poe-serve's "
+                                 "extra fields (README, HTTP API)")
+    if error["type"] == "missing":
+        return BadRequest(field, f"{field}: required; allowed: {allowed(field)}")
+    shown = repr(error.get("input"))
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return BadRequest(field, f"{field}={shown} is invalid ({error['msg']}); allowed: {allowed(field)}")
+
+
+# ---- request -> plan ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompt:
+    ids: tuple[int, ...]  # fed to the model: a text prompt's ids start with <|bos|>
+    text: str  # what echo returns: the prompt string, or the token ids decoded
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    prompts: tuple[Prompt, ...]
+    n: int  # choices per prompt
+    requests: tuple[rq.GenerationRequest | None, ...]  # one per choice, prompt-major; None: max_tokens=0
+    stop: tuple[str, ...]  # stop strings
+
+    def prompt_of(self, choice: int) -> Prompt:
+        return self.prompts[choice // self.n]
+
+
+def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: ModelConfig,
+                    max_choices: int) -> CompletionPlan:
+    for field, values in NEUTRAL.items():
+        if getattr(body, field) not in values:
+            raise BadRequest(field, f"{field}={getattr(body, field)!r} is not supported; allowed: {allowed(field)}")
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("stream_options", "stream_options is set without stream=true; allowed: unset")
+    if body.stream and body.logprobs is not None:  # they come from a scoring pass after generation
+        raise BadRequest("logprobs", "logprobs with stream=true is not supported; allowed: unset, or stream=false")
+    prompts = _prompts(body.prompt, tokenizer, config)
+    if len(prompts) * body.n > max_choices:
+        raise BadRequest("n", f"{len(prompts)} prompts x n={body.n} choices is more than the server queues; "
+                              f"allowed: at most {max_choices} choices in one request")
+    mode = mode_of(body, config)
+    sampling = sampling_of(body, mode)
+    stop_ids = checked("stop_token_ids", rq.check_stop_ids, config, body.stop_token_ids or [], "stop_token_ids")
+    max_new = wire.DEFAULT_MAX_NEW_TOKENS if body.max_tokens is None else body.max_tokens
+    requests = []
+    for prompt in prompts:
+        if max_new:
+            try:
+                rq.check_max_new_tokens(config, len(prompt.ids), max_new)
+            except ValueError as exc:  # requests.py's message, with the argument under its HTTP name
+                raise BadRequest("max_tokens", str(exc).replace("max_new_tokens", "max_tokens")) from None
+        for _ in range(body.n):
+            seeded = sampling  # choice i samples with seed + i, as PoEModel's row i does
+            if sampling is not None and sampling.seed is not None:
+                seeded = replace(sampling, seed=sampling.seed + len(requests))
+            requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids) if max_new else None)
+    return CompletionPlan(prompts, body.n, tuple(requests), _stop_strings(body.stop))
+
+
+def _prompts(prompt, tokenizer: Tokenizer, config: ModelConfig) -> tuple[Prompt, ...]:
+    items = [prompt] if isinstance(prompt, str) or prompt and isinstance(prompt[0], int) else prompt
+    if not items:
+        raise BadRequest("prompt", f"prompt is empty; allowed: {allowed('prompt')}")
+    texts = items if isinstance(items[0], str) else None
+    rows = [tokenizer.encode(t) for t in texts] if texts is not None else items  # text gets <|bos|>, ids go as-is
+    rows = checked("prompt", rq.check_prompts, config, rows, "prompt")
+    texts = texts or [tokenizer.decode(row) for row in rows]
+    return tuple(Prompt(tuple(row), text) for row, text in zip(rows, texts))
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if "" in strings:
+        raise BadRequest("stop", f"stop has an empty string; allowed: {allowed('stop')}")
+    return strings
+
+
+def mode_of(body: CompletionRequest, config: ModelConfig) -> rq.Mode:
+    for mode, fields in MODE_FIELDS.items():
+        for field in fields:
+            if mode != body.poe_mode and getattr(body, field) is not None:
+                raise BadRequest(field, f"{field} is for poe_mode={mode!r}, not {body.poe_mode!r}; allowed: unset")
+    mode = body.poe_mode
+    if mode == "full":
+        return rq.full_mode(config)
+    if mode == "prefix":
+        return checked("max_stages", rq.prefix_mode, config, body.max_stages)
+    if mode == "stage":
+        return checked("stage", rq.stage_mode, config, body.stage)
+    if mode == "wand":
+        safety = 1.0 if body.safety is None else body.safety
+        return checked("safety", rq.wand_mode, config, safety, body.p99_bounds, also=("p99_bounds",))
+    if mode == "speculative":
+        draft = 0 if body.draft_stage is None else body.draft_stage
+        k_draft = wire.DEFAULT_K_DRAFT if body.k_draft is None else body.k_draft
+        return checked("draft_stage", rq.speculative_mode, config, draft, k_draft, also=("k_draft",))
+    return checked("stages", rq.composition_mode, config, body.stages, body.stage_weights, also=("stage_weights",))
+
+
+def sampling_of(body: CompletionRequest, mode: rq.Mode) -> SamplingParams | None:
+    """None (greedy) for temperature 0; unset is OpenAI's 1.0, except in the greedy-only modes."""
+    greedy_only = not isinstance(mode, rq.Composition)
+    if body.temperature == 0 or body.temperature is None and greedy_only:
+        return None
+    if greedy_only:
+        raise BadRequest("temperature", f"poe_mode={body.poe_mode!r} is greedy; allowed: temperature 0 or unset")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    return checked("temperature", rq.check_sampling, True, temperature, body.top_k, body.top_p, body.seed,
+                   also=("top_k", "top_p", "seed"))
+
+
+# ---- results -> JSON ---------------------------------------------------------------------------
+class ChoiceText:
+    """One choice's text as its tokens arrive: complete UTF-8 only, cut exactly before the first
+    stop string (which is left out, as vLLM does); text that may be the start of a stop string
+    is held back until later tokens tell."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.stream = wire.TextStream(tokenizer)
+        self.text = ""  # the choice's text so far, cut before a stop string
+        self.num_sent = 0  # characters of it handed out
+        self.hold = max(map(len, stop), default=1) - 1
+        self.stopped = False  # a stop string ended the choice
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens kept: after a stop string, up to the one that completed it."""
+        return self.stream.tokens
+
+    def push(self, tokens: list[int], final: bool = False) -> tuple[list[int], str]:
+        """Add new tokens; returns (those kept, the text that may be sent now)."""
+        assert not self.stopped, "a choice ended by a stop string takes no more tokens"
+        before = len(self.tokens)
+        self.text += self.stream.push(tokens, final)
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s)) >= 0]
+        if hits:
+            cut, stop = min(hits)
+            kept = next(j for j in range(1, len(self.tokens) + 1) if stop in self.tokenizer.decode(self.tokens[:j]))
+            del self.tokens[max(kept, before):]
+            self.text, self.stopped, final = self.text[:cut], True, True
+        end = len(self.text) if final else max(self.num_sent, len(self.text) - self.hold)
+        delta, self.num_sent = self.text[self.num_sent : end], end
+        return self.tokens[before:], delta
+
+
+def logprobs_of(tokenizer: Tokenizer, ids: list[int], token_logprobs: list[float | None],
+                top: list[dict[int, float] | None], start: int, as_token_ids: bool) -> Logprobs:
+    """OpenAI's logprobs object for positions start.. of `ids` (start 0: the prompt too, as echo
+    asks). Each position's alternatives also hold the token itself, as OpenAI's API returns them.
+    Offsets are cumulative lengths of the tokens' texts, as vLLM's."""
+    def name(t: int) -> str:
+        return f"token_id:{t}" if as_token_ids else tokenizer.decode([t], skip_special_tokens=False)
+
+    tokens, tops, offsets, offset = [], [], [], 0
+    for i in range(start, len(ids)):
+        tokens.append(name(ids[i]))
+        offsets.append(offset)
+        offset += len(tokenizer.decode([ids[i]]))
+        tops.append(None if top[i] is None else {**{name(t): lp for t, lp in top[i].items()},
+                                                 name(ids[i]): token_logprobs[i]})
+    return Logprobs(tokens=tokens, token_logprobs=token_logprobs[start:], top_logprobs=tops, text_offset=offsets)

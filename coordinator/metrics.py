@@ -1,0 +1,161 @@
+"""Prometheus metrics of one engine loop: vLLM's, named `poe:` where vLLM says `vllm:`, and PoE's own.
+
+`Metrics(model, model_name)` owns a registry; `attach(loop)` makes it the loop's observer, so it
+counts every request the loop serves, whoever sent it (gRPC, HTTP, Python). It wraps each
+request's event queue as it is submitted and counts what the caller is told, as the loop puts it:
+every way the loop ends a request is counted, whichever code path ends it. Each step tells it
+which sequences ran (queue time, prefill tokens) and how long the step took. Request counts and
+KV usage are read from the engine at scrape time. `observe_stage_busy` is the hook the data plane
+feeds with worker busy time. It knows the loop's events and the engine's counts, not HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .engine_loop import Event, EngineLoop, RequestHandle
+
+PREFIX = "poe:"
+# seconds; from 1 ms (a decode step of a small model) to over 15 min (a long queued generation)
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0,
+           100.0, 250.0, 1000.0)
+COMPLETED = ("stop", "length", "scored")  # finish reasons of a request that ran to its end
+
+
+class _Watched(queue.Queue):
+    """A request's event queue that tells the metrics of each event as the loop puts it."""
+
+    def __init__(self, metrics: Metrics, handle: RequestHandle):
+        super().__init__()
+        self.metrics, self.handle = metrics, handle
+        self.last_token_at: float | None = None
+        self.num_proposed = self.num_accepted = 0  # speculative drafts already counted
+        self.finished_reason: str | None = None  # set when a front ends the request (a stop string)
+
+    def put(self, event: Event, block: bool = True, timeout: float | None = None) -> None:
+        self.metrics._on_event(self, event)
+        super().put(event, block, timeout)
+
+
+class Metrics:
+    def __init__(self, model, model_name: str):
+        """`model`: a PoEModel or PoECluster (its engine's counts are read at scrape time)."""
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineGauges(model.engine, model_name))
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(PREFIX + name, doc, ["model_name", *labels], registry=self.registry)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, ["model_name"], buckets=BUCKETS, registry=self.registry)
+
+        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens of admitted requests (<|bos|> included)")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.request_success = counter("request_success", "Requests finished, by reason: stop, length, scored "
+                                       "(a scoring pass), abort (cancelled or client gone), error", "finished_reason")
+        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative draft tokens proposed")
+        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted")
+        self.wand_exits = counter("wand_exits", "WAND tokens by the stage they exited at", "stage")
+        self.stage_busy = counter("stage_busy_seconds", "Seconds a stage's workers spent computing", "stage")
+        self.ttft = histogram("time_to_first_token_seconds", "Submission to first generated token")
+        self.itl = histogram("inter_token_latency_seconds", "Between successive deliveries of a request's tokens")
+        self.e2e = histogram("e2e_request_latency_seconds", "Submission to the end, of requests that ran to it")
+        self.queue_time = histogram("request_queue_time_seconds", "Submission to the first step that ran it")
+        self.step_time = histogram("engine_step_seconds", "One engine step: schedule, every stage, update")
+        for k in range(model.config.num_stages):  # every stage's series from the start, at 0
+            self.wand_exits.labels(model_name, str(k))
+            self.stage_busy.labels(model_name, str(k))
+        self._admitting: dict[int, _Watched] = {}  # id -> queue of each request not yet run by a step
+        self._lock = threading.Lock()
+
+    def attach(self, loop: EngineLoop) -> None:
+        assert loop.observer in (None, self), "an engine loop has one Metrics"
+        loop.observer = self
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+    # ---- hooks for the fronts and the data plane ------------------------------------------------
+    def end_at_stop_string(self, handle: RequestHandle) -> None:
+        """A front is about to abort this request because a stop string ended it: count it as
+        finished_reason=stop rather than abort."""
+        if isinstance(handle.events, _Watched):
+            handle.events.finished_reason = "stop"
+
+    def observe_stage_busy(self, stage: int, seconds: float) -> None:
+        """Add a stage's worker busy time (the data plane reports it per step; the coordinator
+        cannot see inside a worker's call)."""
+        self.stage_busy.labels(self.model_name, str(stage)).inc(seconds)
+
+    # ---- told by the engine loop --------------------------------------------------------------
+    def on_submit(self, handle: RequestHandle) -> None:
+        handle.events = watched = _Watched(self, handle)
+        with self._lock:
+            self._admitting[id(watched)] = watched
+
+    def on_step(self, started: float, seqs: list) -> None:
+        """On the loop thread, after a step over `seqs` that began at `started` (perf_counter)."""
+        self.step_time.labels(self.model_name).observe(time.perf_counter() - started)
+        ran = {seq.seq_id for seq in seqs}
+        with self._lock:
+            admitted = [w for w in self._admitting.values() if w.handle.seq is not None and w.handle.seq.seq_id in ran]
+            for w in admitted:
+                del self._admitting[id(w)]
+        for w in admitted:
+            self.queue_time.labels(self.model_name).observe(started - w.handle.submitted_at)
+            self.prompt_tokens.labels(self.model_name).inc(w.handle.seq.num_prompt)
+
+    def _on_event(self, watched: _Watched, event: Event) -> None:
+        now, handle, name = time.perf_counter(), watched.handle, self.model_name
+        if event.tokens:
+            if watched.last_token_at is None:
+                self.ttft.labels(name).observe(now - handle.submitted_at)
+            else:
+                self.itl.labels(name).observe(now - watched.last_token_at)
+            watched.last_token_at = now
+            self.generation_tokens.labels(name).inc(len(event.tokens))
+        for stage in event.stages_used:
+            self.wand_exits.labels(name, str(stage)).inc()
+        seq = handle.seq
+        if seq is not None and seq.num_proposed > watched.num_proposed:
+            self.draft_tokens.labels(name).inc(seq.num_proposed - watched.num_proposed)
+            self.accepted_tokens.labels(name).inc(seq.num_accepted - watched.num_accepted)
+            watched.num_proposed, watched.num_accepted = seq.num_proposed, seq.num_accepted
+        if event.done or event.error is not None:
+            with self._lock:
+                self._admitting.pop(id(watched), None)
+            reason = "error" if event.error is not None else watched.finished_reason or (
+                seq.finish_reason if seq is not None and seq.finish_reason in COMPLETED else "abort")
+            self.request_success.labels(name, reason).inc()
+            if reason in COMPLETED:
+                self.e2e.labels(name).observe(now - handle.submitted_at)
+
+
+class _EngineGauges(Collector):
+    """Read from the engine at scrape time: requests running and waiting, and the share of each
+    replica's KV blocks promised to admitted sequences (each is promised its whole length)."""
+
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the running batch",
+                                    labels=["model_name"])
+        running.add_metric([self.model_name], len(self.engine.running))
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting for KV room to be admitted",
+                                    labels=["model_name"])
+        waiting.add_metric([self.model_name], len(self.engine.waiting))
+        kv = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV blocks promised / held by a replica (0..1)",
+                               labels=["model_name", "stage", "replica"])
+        for k, stage in enumerate(self.engine.stages):
+            for r, (capacity, promised) in enumerate(zip(list(stage.capacity), list(stage.promised))):
+                kv.add_metric([self.model_name, str(k), str(r)], promised / capacity if capacity else 0.0)
+        return [running, waiting, kv]
