@@ -314,7 +314,7 @@ def _start_actor(checkpoint: str, serving: ServingConfig, dtype: str | None, sta
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
     ).remote(checkpoint, WorkerSpec(stage=stage, device=p.device, dtype=dtype or p.dtype,
                                     kv_cache_tokens=p.kv_cache_tokens, memory_fraction=p.memory_fraction,
-                                    num_threads=p.num_threads))
+                                    num_threads=p.num_threads, cuda_graphs=p.cuda_graphs))
 
 
 def _data_slot_bytes(config, serving: ServingConfig) -> int:

@@ -28,6 +28,7 @@ class StagePlacement:
     memory_fraction: float | None = None  # share of the device's total memory for weights + KV; None: unused
     num_threads: int | None = None  # torch threads of a CPU worker; None: every core of its node
     replicas: int = 1  # workers serving this stage; a sequence stays on one
+    cuda_graphs: bool | None = None  # decode steps as CUDA graphs per batch bucket; None: on for CUDA
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
         raise ValueError(f"{where}: memory_fraction={fraction!r} must be null or a number in (0, 1]")
     if fraction is not None and p.kv_cache_tokens is not None:
         raise ValueError(f"{where}: set kv_cache_tokens or memory_fraction, not both")
+    if p.cuda_graphs not in (None, True, False):
+        raise ValueError(f"{where}: cuda_graphs={p.cuda_graphs!r} must be null, true or false")
     if not isinstance(p.replicas, int) or p.replicas < 1:
         raise ValueError(f"{where}: replicas={p.replicas!r} must be an integer >= 1")
     return p

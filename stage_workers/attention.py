@@ -23,9 +23,11 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
 
 
 class CacheAttention:
-    def __init__(self, cache: PagedKVCache, segments: list[Segment], inputs: StepInputs, windows: set[int], n_head: int):
+    def __init__(self, cache: PagedKVCache, segments: list[Segment], inputs: StepInputs, windows: set[int], n_head: int,
+                 key_span: int | None = None):
         """`inputs` are on the cache's device; sizes come from the host-side `segments`, so building
-        the plan needs nothing back from the device."""
+        the plan needs nothing back from the device. `key_span`: a fixed number of keys per query
+        (a CUDA graph's shape), at least the longest span any query sees; default: that span."""
         device = cache.k.device
         self.cache = cache
         self.B = len(segments)
@@ -40,6 +42,9 @@ class CacheAttention:
             k_lo = (starts - window).clamp(min=0)  # (B,) first key any query of the segment sees
             k_len = starts + lengths - k_lo  # (B,)
             k_max = max(s.start + s.length - max(s.start - window, 0) for s in segments)  # widest key span
+            if key_span is not None:
+                assert key_span >= k_max or key_span >= window + 1, f"key span {key_span} < {k_max}"
+                k_max = min(key_span, window + 1)
             j = torch.arange(k_max, device=device)
             k_valid = j < k_len[:, None]  # (B, K)
             k_pos = k_lo[:, None] + torch.where(k_valid, j, 0)  # (B, K)

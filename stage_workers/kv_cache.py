@@ -1,15 +1,19 @@
 """A worker's paged KV cache: one preallocated pool shared by all its live sequences.
 
 Layout, written once:
-    k, v:  (num_layers, num_blocks * block_size, Hkv, D)   a flat pool of slots per layer
+    k, v:  (num_layers, (num_blocks + 1) * block_size, Hkv, D)   a flat pool of slots per layer
     slot of (seq, position p) = block_tables[seq][p // block_size] * block_size + p % block_size
-A sequence owns whole blocks; its length is how many positions hold valid keys. This class
-knows nothing about attention masks, stages or requests.
+A sequence owns whole blocks; its length is how many positions hold valid keys. The extra block
+(`scratch_block`) belongs to no sequence: the padding rows of a fixed-size decode batch (a CUDA
+graph's) write and read there. This class knows nothing about attention masks, stages or requests.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+PADDING = -1  # the sequence id of a padding row
 
 
 class KVCacheFull(RuntimeError):
@@ -19,11 +23,12 @@ class KVCacheFull(RuntimeError):
 class PagedKVCache:
     def __init__(self, num_layers, num_blocks, block_size, n_kv_head, head_dim, dtype, device):
         assert num_blocks >= 1 and block_size >= 1, "the KV pool needs at least one block"
-        shape = (num_layers, num_blocks * block_size, n_kv_head, head_dim)
+        shape = (num_layers, (num_blocks + 1) * block_size, n_kv_head, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks  # padding rows only: never handed to a sequence
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.block_tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
@@ -67,10 +72,11 @@ class PagedKVCache:
         self._free.extend(reversed(self.block_tables.pop(seq_id, [])))
         self.lengths.pop(seq_id, None)
 
-    def padded_tables(self, seq_ids: list[int]) -> torch.Tensor:
-        """(B, max_blocks) int64 block ids on the host, padded with block 0."""
-        tables = [self.block_tables[s] for s in seq_ids]
-        width = max(len(t) for t in tables)
+    def padded_tables(self, seq_ids: list[int], width: int | None = None) -> torch.Tensor:
+        """(B, width) int64 block ids on the host (width: the longest table unless given), padded with
+        block 0; seq_id PADDING (a padding row of a fixed-size batch) gets the scratch block."""
+        tables = [[self.scratch_block] if s == PADDING else self.block_tables[s] for s in seq_ids]
+        width = width or max(len(t) for t in tables)
         rows = [t + [0] * (width - len(t)) for t in tables]
         return torch.tensor(rows, dtype=torch.long)
 

@@ -42,6 +42,17 @@ class WorkerLost(RuntimeError):
         self.worker_id = worker_id  # which of the stage's workers (None: unknown, so all of them)
 
 
+class ContractError(RuntimeError):
+    """A message broke the data plane's contract (a bug upstream, or a stale peer): the step fails
+    on every worker and is undone; the worker goes on serving."""
+
+
+def require(condition, message: str) -> None:
+    """A contract check that holds under `python -O` too (unlike assert)."""
+    if not condition:
+        raise ContractError(message)
+
+
 class _Array(NamedTuple):
     """A CPU tensor as it is pickled: its bytes as a numpy array, and the torch dtype's name."""
 
@@ -102,9 +113,8 @@ class TrunkState:
         if len(parts) == 1:
             return parts[0]
         backouts = [p.x_backout for p in parts]
-        assert all(b is None for b in backouts) or all(b is not None for b in backouts), (
-            "cannot pack trunk states from before and after the backout layer together"
-        )
+        require(all(b is None for b in backouts) or all(b is not None for b in backouts),
+                "cannot pack trunk states from before and after the backout layer together")
         return TrunkState(
             torch.cat([p.x for p in parts]),
             torch.cat([p.x0 for p in parts]),

@@ -33,13 +33,14 @@ class StepInputs:
     tables: torch.Tensor  # (B, max_blocks) block ids of each sequence, padded with block 0
 
     @classmethod
-    def build(cls, batch: ExtendBatch, cache: PagedKVCache) -> "StepInputs":
-        """On the host. The cache must already hold blocks for every new position (reserve)."""
+    def build(cls, batch: ExtendBatch, cache: PagedKVCache, table_width: int | None = None) -> "StepInputs":
+        """On the host. The cache must already hold blocks for every new position (reserve).
+        `table_width`: block-table columns (default: the longest table), fixed for a CUDA graph."""
         segs = batch.segments
         B, n_max = len(segs), max(s.length for s in segs)
         starts = torch.tensor([s.start for s in segs])  # (B,)
         lengths = torch.tensor([s.length for s in segs])  # (B,)
-        tables = cache.padded_tables([s.seq_id for s in segs])  # (B, max_blocks)
+        tables = cache.padded_tables([s.seq_id for s in segs], table_width)  # (B, max_blocks)
         r = torch.arange(n_max)
         q_valid = r < lengths[:, None]  # (B, n_max)
         q_pos = starts[:, None] + torch.where(q_valid, r, 0)  # (B, n_max)

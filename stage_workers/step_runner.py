@@ -35,7 +35,7 @@ from . import decisions as rules
 from .channels import Interrupted
 from .logop import log_probs
 from .messages import (Boundary, Decision, ExtendBatch, Handoff, Rewire, Segment, SeqSpec, SeqStep, StepPlan,
-                       StepResult, TrunkState)
+                       StepResult, TrunkState, require)
 from .sampling import sample
 
 RECV_TIMEOUT_S = 600.0  # a neighbour that sends nothing this long is stuck; the coordinator also watches
@@ -59,8 +59,8 @@ class Rows:
 
     def then(self, later: "Rows") -> "Rows":
         """These rows followed by `later` (which must start where these end)."""
-        assert later.start == self.start + len(self), f"rows {self.start}+{len(self)} then rows at {later.start}"
-        assert self.acc is None or later.num_acc == len(later), "Log-OP sums must cover a suffix of the rows"
+        require(later.start == self.start + len(self), f"rows {self.start}+{len(self)} then rows at {later.start}")
+        require(self.acc is None or later.num_acc == len(later), "Log-OP sums must cover a suffix of the rows")
         trunk = None if self.trunk is None else TrunkState.cat([self.trunk, later.trunk])
         acc = later.acc if self.acc is None else torch.cat([self.acc, later.acc])
         return Rows(self.start, torch.cat([self.token_ids, later.token_ids]), trunk, acc)
@@ -156,14 +156,14 @@ class StageRunner:
         k = self.stage
         segments, heads = [], []
         for s, rows in work:
-            if rows.start != self.computed.get(s.seq_id, 0):
-                raise RuntimeError(f"stage {k} worker {self.worker_id}: sequence {s.seq_id} continues at position "
-                                   f"{rows.start} but {self.computed.get(s.seq_id, 0)} are computed here")
+            require(rows.start == self.computed.get(s.seq_id, 0),
+                    f"stage {k} worker {self.worker_id}: sequence {s.seq_id} continues at position "
+                    f"{rows.start} but {self.computed.get(s.seq_id, 0)} are computed here")
             spec = self.specs[s.seq_id]
             num_heads = max(0, min(len(rows), rows.start + len(rows) - s.head_from)) if spec.weights[k] > 0 else 0
-            if rows.num_acc not in (0, num_heads) and num_heads:
-                raise RuntimeError(f"stage {k}: sequence {s.seq_id} has {rows.num_acc} Log-OP sums for "
-                                   f"{num_heads} positions that need a distribution")
+            require(rows.num_acc in (0, num_heads) or not num_heads,
+                    f"stage {k}: sequence {s.seq_id} has {rows.num_acc} Log-OP sums for "
+                    f"{num_heads} positions that need a distribution")
             segments.append(Segment(s.seq_id, rows.start, len(rows), num_heads))
             heads.append(num_heads)
         batch = ExtendBatch(
@@ -260,9 +260,9 @@ class StageRunner:
                 message = envelope.message
                 if (envelope.step, message.micro_batch) == (plan.step, index):
                     break
-                assert (envelope.step, message.micro_batch) < (plan.step, index), (
-                    f"stage {self.stage}: worker {src} sent step {envelope.step}.{message.micro_batch} "
-                    f"while this worker runs {plan.step}.{index}")  # else: left over from an aborted step
+                require((envelope.step, message.micro_batch) < (plan.step, index),  # older: left from an aborted step
+                        f"stage {self.stage}: worker {src} sent step {envelope.step}.{message.micro_batch} "
+                        f"while this worker runs {plan.step}.{index}")
             arrived.update(_split(message))
         return arrived
 

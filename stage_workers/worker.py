@@ -17,9 +17,10 @@ import torch
 from .attention import CacheAttention
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, load_config
+from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCacheFull, PagedKVCache
 from .memory import device_memory, kv_tokens_for_memory
-from .messages import ExtendBatch, ExtendResult, WorkerInfo
+from .messages import ExtendBatch, ExtendResult, WorkerInfo, require
 from .stage_slice import StageSlice, load_stage_slice
 from .step_inputs import StepInputs
 from .trunk import rotary_tables
@@ -51,6 +52,7 @@ class WorkerSpec:
     memory_fraction: float | None = None  # share of the device's memory for weights + KV (stage_workers/memory.py)
     kv_block_size: int = 16
     num_threads: int | None = None  # torch intra-op threads for a CPU worker; None leaves torch's default
+    cuda_graphs: bool | None = None  # decode steps as CUDA graphs per batch bucket; None: on for a CUDA device
 
 
 class StageWorker:
@@ -70,6 +72,9 @@ class StageWorker:
             device=self.device,
         )
         self.cos, self.sin = rotary_tables(config, self.dtype, self.device)  # (sequence_len, D/2)
+        use_graphs = spec.cuda_graphs if spec.cuda_graphs is not None else self.device.type == "cuda"
+        # on the CPU the bucketed step runs eagerly (there is nothing to capture): what the tests exercise
+        self.decode_graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if use_graphs else None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, spec: WorkerSpec) -> "StageWorker":
@@ -92,6 +97,8 @@ class StageWorker:
         for seg in batch.segments:
             self.cache.reserve(seg.seq_id, seg.start + seg.length)
         try:
+            if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+                return self.decode_graphs.run(batch)  # one graph launch per decode step
             inputs = StepInputs.build(batch, self.cache).to(self.device)  # one non-blocking copy
             trunk = None if batch.trunk is None else batch.trunk.to(self.device, self.dtype)
             attention = CacheAttention(self.cache, batch.segments, inputs, self.slice.windows, self.config.n_head)
@@ -136,18 +143,18 @@ class StageWorker:
                                     self.spec.kv_block_size, self.stage)
 
     def _check(self, batch: ExtendBatch) -> None:
+        """The worker contract, checked on every call (errors, not asserts: they hold under python -O)."""
         where = f"stage {self.stage} worker"
-        assert batch.segments, f"{where}: extend called with no segments"
-        assert (batch.trunk is None) == (self.stage == 0), f"{where}: trunk state must come from upstream iff stage > 0"
-        assert (batch.prev_token_ids is None) != (self.stage == 0), f"{where}: prev_token_ids go to stage 0 only"
-        assert len({s.seq_id for s in batch.segments}) == len(batch.segments), f"{where}: a sequence appears twice"
+        require(batch.segments, f"{where}: extend called with no segments")
+        require((batch.trunk is None) == (self.stage == 0), f"{where}: trunk state must come from upstream iff stage > 0")
+        require((batch.prev_token_ids is None) != (self.stage == 0), f"{where}: prev_token_ids go to stage 0 only")
+        require(len({s.seq_id for s in batch.segments}) == len(batch.segments), f"{where}: a sequence appears twice")
         for seg in batch.segments:
             cached = self.cache.length(seg.seq_id)
-            assert seg.start == cached, f"{where}: sequence {seg.seq_id} extends at {seg.start} but has {cached} cached"
-            assert seg.length >= 1 and 0 <= seg.num_heads <= seg.length, f"{where}: bad segment {seg}"
-            assert seg.start + seg.length <= self.config.sequence_len, (
-                f"{where}: sequence {seg.seq_id} would exceed the context of {self.config.sequence_len} positions"
-            )
+            require(seg.start == cached, f"{where}: sequence {seg.seq_id} extends at {seg.start} but has {cached} cached")
+            require(seg.length >= 1 and 0 <= seg.num_heads <= seg.length, f"{where}: bad segment {seg}")
+            require(seg.start + seg.length <= self.config.sequence_len,
+                    f"{where}: sequence {seg.seq_id} would exceed the context of {self.config.sequence_len} positions")
         needed = sum(self.cache.blocks_needed(s.seq_id, s.start + s.length) for s in batch.segments)
         if needed > self.cache.num_free_blocks:
             raise KVCacheFull(

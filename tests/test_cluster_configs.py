@@ -299,6 +299,9 @@ BAD_PLACEMENTS = {  # id: (file text, what the error must say after the file nam
                                "defaults: memory_fraction=1.5 must be null or a number in (0, 1]"),
     "memory-fraction-and-tokens": ("stages:\n  - {memory_fraction: 0.2, kv_cache_tokens: 4096}\n",
                                    "stages[0]: set kv_cache_tokens or memory_fraction, not both"),
+    "zero-token-budget": ("max_num_batched_tokens: 0\n", "max_num_batched_tokens=0 must be an integer >= 1"),
+    "negative-recoveries": ("max_recoveries: -1\n", "max_recoveries=-1 must be an integer >= 0"),
+    "zero-step-timeout": ("step_timeout_s: 0\n", "step_timeout_s=0 must be a number of seconds > 0"),
     "not-a-mapping": ("- PACK\n", "expected a YAML mapping"),
     "not-yaml": ("defaults: [\n", "not valid YAML"),
 }

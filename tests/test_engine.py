@@ -320,3 +320,25 @@ def test_chunked_prefill_on_the_tiny_model_gives_the_same_tokens_and_logits(tiny
     assert torch.allclose(chunked.forward(ids), tiny_model.forward(ids), atol=1e-4)
     assert torch.allclose(chunked.forward_stage(ids, 1), tiny_model.forward_stage(ids, 1), atol=1e-4)
     chunked.loop.stop()
+
+
+def test_a_step_feeds_at_most_max_num_batched_tokens_decodes_first_and_tokens_are_unchanged():
+    engine, workers = make_engine(max_num_batched_tokens=10, max_prefill_chunk=8)
+    decoding = [engine.add(request([i, i + 1], 12, rq.full_mode(CONFIG))) for i in range(3)]
+    engine.step()
+    prompts = [[(3 * i + j) % VOCAB for i in range(20)] for j in range(2)]
+    long = [engine.add(request(p, 3, rq.full_mode(CONFIG))) for p in prompts]
+    for _ in range(4):
+        engine.step()
+        fed = [seg for seg in workers[0].calls[-1]]
+        assert sum(length for _, _, length, _ in fed) <= 10, f"fed {fed}"
+        assert {seq.seq_id for seq in decoding} <= {seq_id for seq_id, *_ in fed}, "every decode got its token"
+    engine.run_to_completion(decoding + long)
+    assert [s.new_tokens for s in decoding] == [greedy([i, i + 1], 12) for i in range(3)]
+    assert [s.new_tokens for s in long] == [greedy(p, 3) for p in prompts]
+
+
+def test_engine_limits_are_checked():
+    for name in ("max_num_batched_tokens", "max_prefill_chunk", "max_num_seqs"):
+        with pytest.raises(ValueError, match=f"{name}=0 is invalid"):
+            EngineConfig(**{name: 0})

@@ -149,3 +149,74 @@ def test_to_device_and_to_host_are_no_ops_on_the_cpu():
     assert to_device(t, torch.device("cpu")) is t
     back = to_host([t, None])
     assert back[1] is None and torch.equal(back[0], t)
+
+
+def decode_positions(worker, lengths: list[int]) -> ExtendBatch:
+    """One new position per sequence after `lengths` cached ones, every row with a head."""
+    N, C = len(lengths), worker.config.n_embd
+    g = torch.Generator().manual_seed(sum(lengths))
+    trunk = None if worker.stage == 0 else TrunkState(*(torch.randn(N, C, generator=g) for _ in range(3)))
+    return ExtendBatch([Segment(seq_id, n, 1, 1) for seq_id, n in enumerate(lengths)],
+                       torch.randint(0, worker.config.vocab_size, (N,), generator=g),
+                       torch.randint(0, worker.config.vocab_size, (N,), generator=g) if worker.stage == 0 else None,
+                       trunk)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_the_bucketed_decode_step_of_a_cuda_graph_gives_the_dynamic_steps_results(tiny_dir, stage):
+    """Padding to a batch bucket (scratch-block rows) and to a key-span bucket changes no result;
+    on the CPU the graph's step runs eagerly, the same code a GPU captures."""
+    from stage_workers.decode_graphs import DecodeGraphs
+
+    dynamic = StageWorker.from_checkpoint(tiny_dir, WorkerSpec(stage=stage))
+    static = StageWorker.from_checkpoint(tiny_dir, WorkerSpec(stage=stage))
+    graphs = DecodeGraphs(static, capture=False)
+    for worker in (dynamic, static):  # the same cached prefix in both
+        prefix = ExtendBatch([Segment(i, 0, n) for i, n in enumerate((5, 40, 70))], torch.arange(115) % 97,
+                             torch.tensor([-1, -1, -1]) if stage == 0 else None,
+                             None if stage == 0 else TrunkState(*(torch.randn(115, 64, generator=torch.Generator()
+                                                                               .manual_seed(k)) for k in range(3))))
+        worker.extend(prefix)
+    batch = decode_positions(dynamic, [5, 40, 70])
+    static.cache.reserve(0, 6), static.cache.reserve(1, 41), static.cache.reserve(2, 71)
+    expected = dynamic.extend(batch)
+    got = graphs.run(batch)
+    assert torch.allclose(got.logits, expected.logits, atol=1e-5)
+    assert got.logits.shape == (3, dynamic.config.vocab_size)
+    assert torch.allclose(got.trunk.x, expected.trunk.x, atol=1e-5)
+    for layer in range(len(static.slice.layers)):  # the real sequences' keys are the same; padding wrote elsewhere
+        slots = static.cache.slots(static.cache.padded_tables([0, 1, 2]), torch.tensor([[5], [40], [70]]))
+        assert torch.allclose(static.cache.k[layer][slots.flatten()], dynamic.cache.k[layer][slots.flatten()], atol=1e-5)
+
+
+def test_the_bucketed_decode_step_needs_no_host_sync(tiny_dir):
+    from stage_workers.decode_graphs import DecodeGraphs
+
+    worker = meta_worker(tiny_dir, 1)
+    batch = decode_positions(worker, [3, 17, 40])
+    for seq_id, n in enumerate([3, 17, 40]):
+        worker.cache.reserve(seq_id, n + 1)  # as extend does before it runs the step
+    graphs = DecodeGraphs(worker, capture=False)
+    with HostSyncAudit("meta", resident_tensors(worker)) as audit:
+        result = graphs.run(batch)
+    assert audit.stalls == []
+    assert result.logits.shape == (3, worker.config.vocab_size)
+
+
+def test_every_mode_through_the_bucketed_decode_step_gives_the_plain_models_tokens(tiny_dir, tiny_model):
+    from coordinator import PoEModel
+
+    config = tiny_model.config
+    workers = [StageWorker.from_checkpoint(tiny_dir, WorkerSpec(stage=k, cuda_graphs=True)) for k in range(config.num_stages)]
+    model = PoEModel(config, workers)
+    K = config.num_stages
+    bucketed = []
+    run = workers[2].decode_graphs.run
+    workers[2].decode_graphs.run = lambda batch: (bucketed.append(len(batch.segments)), run(batch))[1]
+    ids = torch.randint(0, config.vocab_size, (3, 30), generator=torch.Generator().manual_seed(11))
+    for call in (lambda m: m.generate(ids, 8), lambda m: m.generate(ids, 8, do_sample=True, top_p=0.9, seed=2),
+                 lambda m: m.generate_wand(ids, 8, p99_bounds=[0.6] * (K - 1) + [0.0]),
+                 lambda m: m.generate_speculative(ids, 0, 3, 8), lambda m: m.generate_stage(ids, 1, 8)):
+        assert torch.equal(call(model), call(tiny_model))
+    assert bucketed, "decode steps took the bucketed path"
+    model.loop.stop()
