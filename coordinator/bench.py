@@ -55,6 +55,7 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     transport_tokens: int = 200
     dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
+    device: str = "cpu"  # of the in-process model (and the bandwidth floor); the cluster's comes from `config`
     sections: tuple[str, ...] = SECTIONS
 
     def __post_init__(self):
@@ -70,14 +71,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
-    """Bytes read + written per second by a large tensor copy, best of `repeats`."""
-    src = torch.ones(megabytes << 18)  # fp32
+def memory_bandwidth_gbs(device: str = "cpu", megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes read + written per second by a large tensor copy on `device`, best of `repeats`."""
+    src = torch.ones(megabytes << 18, device=device)  # fp32
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
+        if src.is_cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         dst.copy_(src)
+        if src.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * src.nbytes / best / 1e9
 
@@ -234,10 +239,10 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
 
     local = None
     if wanted & {"floor", "single_stream"}:
-        model = PoEModel.from_pretrained(cfg.checkpoint, dtype=cfg.dtype)
+        model = PoEModel.from_pretrained(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device)
         if "floor" in wanted:
             weights = sum(p.nbytes for w in model.workers for p in w.slice.parameters())
-            bw = memory_bandwidth_gbs()
+            bw = memory_bandwidth_gbs(cfg.device)
             report["floor"] = {"memory_bandwidth_gbs": bw, "weight_bytes": weights,
                                "single_stream_ceiling_tok_s": bw * 1e9 / weights}
             progress.update(1, note="floor")

@@ -255,6 +255,7 @@ def cmd_bench(args) -> None:
     cfg = BenchConfig(checkpoint=str(checkpoint), trained=str(args.trained or default_checkpoint()), config=args.config,
                       prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                       concurrency=tuple(int(c) for c in args.concurrency.split(",")), dtype=args.dtype,
+                      device=args.device,
                       sections=tuple(args.sections.split(",")) if args.sections else SECTIONS)
     run_bench(cfg, json_out=args.json, plot_out=args.plot)
 
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
     p.add_argument("--dtype", default=None, help="worker dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", default="cpu", help="the in-process model's device and the bandwidth floor's (cpu, cuda)")
     p.add_argument("--sections", default=None,
                    help="comma-separated subset of: floor, single_stream, transport, concurrency, modes, trained")
     p.add_argument("--json", help="write the report here")

@@ -25,9 +25,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from stage_workers.channels import ShmChannel
+from stage_workers.channels import open_channel
 from stage_workers.config import load_config
-from stage_workers.messages import Rewire, WorkerInfo
+from stage_workers.messages import Edge, Rewire, WorkerInfo
 from stage_workers.step_runner import StageRunner, serve_forever
 from stage_workers.worker import StageWorker, WorkerSpec
 
@@ -35,7 +35,7 @@ from . import requests as rq
 from .engine import EngineConfig
 from .model import PoEModel
 from .serving_config import ServingConfig, StagePlacement, load_serving_config
-from .transport import CONTROL_SLOT_BYTES, ChannelTransport
+from .transport import ChannelTransport
 
 PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
@@ -56,24 +56,32 @@ class StageActor:
         self.worker = StageWorker.from_checkpoint(checkpoint, spec)
         self.channels: dict[str, ShmChannel] = {}  # data channels by name
 
-    def serve(self, worker_id: int, num_stages: int, control: str, results: str) -> None:
+    def placement(self) -> tuple[str, str]:
+        """(this node's address, this worker's device: cpu, or cuda:<the GPUs Ray gave it>)."""
+        device = "cpu" if self.worker.device.type != "cuda" else f"cuda:{','.join(map(str, ray.get_gpu_ids()))}"
+        return ray.util.get_node_ip_address(), device
+
+    def serve(self, worker_id: int, num_stages: int, control: Edge, results: Edge) -> None:
         """Run this worker's step loop on the coordinator's channels; it returns only if it fails
         (the coordinator watches this call to learn that the worker is gone)."""
         runner = StageRunner(self.worker, worker_id, num_stages)
-        control_channel = ShmChannel.create(control, CONTROL_SLOT_BYTES, 4)
-        serve_forever(runner, control_channel, ShmChannel.attach(results, CONTROL_SLOT_BYTES, 4), self._connect)
+        host = ray.util.get_node_ip_address()
+        control_channel = open_channel(control, is_reader=True, host=host)
+        serve_forever(runner, control_channel, open_channel(results, is_reader=False, host=host), self._connect)
 
     def _connect(self, rewire: Rewire) -> tuple[dict, dict]:
         """Open the channels a `Rewire` names (this worker creates those it reads) and close the rest."""
         wanted = {e.name for e in rewire.inbound + rewire.outbound}
         for name in [n for n in self.channels if n not in wanted]:
             self.channels.pop(name).close()
+        host, device = ray.util.get_node_ip_address(), str(self.worker.device)
         for e in rewire.inbound:
             if e.name not in self.channels:
-                self.channels[e.name] = ShmChannel.create(e.name, e.slot_bytes, e.num_slots)
+                self.channels[e.name] = open_channel(e, is_reader=True, host=host, device=device)
         for e in rewire.outbound:  # after creating every inbound one: no two workers wait on each other
             if e.name not in self.channels:
-                self.channels[e.name] = ShmChannel.attach(e.name, e.slot_bytes, e.num_slots, timeout=RESTART_TIMEOUT_S)
+                self.channels[e.name] = open_channel(e, is_reader=False, host=host, device=device,
+                                                     timeout=RESTART_TIMEOUT_S)
         return ({e.src: self.channels[e.name] for e in rewire.inbound},
                 {e.dst: self.channels[e.name] for e in rewire.outbound})
 
@@ -110,19 +118,40 @@ class RayWorkers:
         self.workers: dict[int, RemoteWorker] = {}
         self.serving: dict[int, object] = {}  # worker id -> its `serve` call, pending while it lives
         self.pids: dict[int, int] = {}  # worker id -> the process its loop runs in
+        self.placements: dict[int, tuple[str, str]] = {}  # worker id -> (node address, device)
 
     def register(self, worker_id: int, worker: RemoteWorker) -> None:
         self.workers[worker_id] = worker
 
-    def start(self, worker_id: int, num_stages: int, control: str, results: str) -> None:
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def locate(self, worker_id: int) -> None:
+        """Learn where a (new or restarted) worker runs: its process, node and device."""
         actor = self.workers[worker_id].actor
-        self.pids[worker_id] = ray.get(actor.pid.remote())
-        self.serving[worker_id] = actor.serve.remote(worker_id, num_stages, control, results)
+        self.pids[worker_id], self.placements[worker_id] = ray.get([actor.pid.remote(), actor.placement.remote()])
+
+    def placement(self, worker_id: int) -> tuple[str, str]:
+        return self.placements[worker_id]
+
+    def start(self, worker_id: int, num_stages: int, control: Edge, results: Edge) -> None:
+        self.serving[worker_id] = self.workers[worker_id].actor.serve.remote(worker_id, num_stages, control, results)
 
     def dead(self, worker_ids: list[int]) -> list[int]:
         refs = {self.serving[w]: w for w in worker_ids if w in self.serving}
         ended, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
         return [refs[ref] for ref in ended]
+
+    def why(self, worker_id: int) -> str:
+        """Why a worker's loop is not running: its error if it ended, else that it is still starting."""
+        ref = self.serving.get(worker_id)
+        if ref is None or not ray.wait([ref], timeout=0)[0]:
+            return "its loop has not started (the actor may still be waiting for resources)"
+        try:
+            ray.get(ref)
+        except Exception as exc:  # the actor's own error, or Ray's word that it died
+            return f"{type(exc).__name__}: {exc}"
+        return "its loop returned"
 
     def wait_restarted(self, worker_id: int) -> bool:
         """Block while Ray restarts the actor (it reloads its slice); False if it stays dead."""
@@ -201,10 +230,11 @@ class PoECluster(PoEModel):
                                      max_prefill_chunk=serving.max_prefill_chunk,
                                      max_num_batched_tokens=serving.max_num_batched_tokens,
                                      pipeline_micro_batches=serving.pipeline_micro_batches)
-        transport = ChannelTransport(RayWorkers(), serving.step_timeout_s, _data_slot_bytes(model_config, serving))
+        transport = ChannelTransport(RayWorkers(), serving.step_timeout_s, _data_slot_bytes(model_config, serving),
+                                     serving.transport)
         try:
             model = cls(model_config, workers, engine_config, transport)
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, RuntimeError) as exc:
             transport.close()
             for r in (r for rs in replicas for r in rs):
                 ray.kill(r.actor)

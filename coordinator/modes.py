@@ -153,7 +153,7 @@ class ScoreDecoder:
     def update(self, seq: Sequence, outcome: Outcome) -> None:
         if isinstance(self.request, LogitsRequest):
             for k in self.request.stages:
-                self.logits[k].append(outcome.logits[k])
+                self.logits[k].append(outcome.logits[k].cpu())  # the caller's tensors live on the host
         else:
             self.logprobs.extend(outcome.decision.logprobs)
             self.top.extend(outcome.decision.top)

@@ -44,6 +44,7 @@ class ServingConfig:
     max_num_batched_tokens: int = 2048  # positions fed per step over all sequences (vLLM's name)
     pipeline_micro_batches: int = 1  # groups of a step's sequences in flight at once, one stage apart
     step_timeout_s: float = 300.0  # a worker silent this long in a step is stuck: killed and restarted
+    transport: str = "auto"  # channels: auto (shared memory on one node and device, else torch.distributed) | shm | dist
     source: str = ""
 
     def placement(self, stage: int) -> StagePlacement:
@@ -92,7 +93,7 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
     limit_keys = ("max_num_seqs", "max_queue", "max_worker_restarts", "max_recoveries", "max_prefill_chunk",
                   "max_num_batched_tokens", "pipeline_micro_batches")
-    known = {"stages", "defaults", "placement_strategy", "step_timeout_s", *limit_keys}
+    known = {"stages", "defaults", "placement_strategy", "step_timeout_s", "transport", *limit_keys}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
@@ -111,7 +112,11 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     timeout = raw.get("step_timeout_s", ServingConfig.step_timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ValueError(f"{source}: step_timeout_s={timeout!r} must be a number of seconds > 0")
-    return ServingConfig(stages, defaults, strategy, source=source, step_timeout_s=float(timeout), **limits)
+    transport = raw.get("transport", ServingConfig.transport)
+    if transport not in ("auto", "shm", "dist"):
+        raise ValueError(f"{source}: transport={transport!r}; allowed: auto, shm, dist")
+    return ServingConfig(stages, defaults, strategy, source=source, step_timeout_s=float(timeout), transport=transport,
+                         **limits)
 
 
 def load_serving_config(path: str | Path | None = None) -> ServingConfig:

@@ -11,17 +11,19 @@ sequences, modes or Ray.
 
 from __future__ import annotations
 
+import datetime
 import select
 import time
 import uuid
 
-from stage_workers.channels import ChannelTimeout, LocalChannel, ShmChannel
+from stage_workers.channels import ChannelTimeout, LocalChannel, ShmChannel, open_channel, pack
 from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
 from stage_workers.step_runner import StageRunner
 
 START_TIMEOUT_S = 120.0  # a worker's loop (after loading its slice) must open its control channel within this
 LIVENESS_TICK_S = 0.2  # how often a waiting coordinator checks that its workers are alive
 CONTROL_SLOT_BYTES = 1 << 20  # plans and reports; larger ones (stage logits) spill to a file of their own
+TRANSPORTS = ("auto", "shm", "dist")
 
 
 class LocalTransport:
@@ -83,9 +85,13 @@ class ChannelTransport:
     the others to undo what the failed step did.
     """
 
-    def __init__(self, processes, step_timeout_s: float, data_slot_bytes: int):
-        self.processes = processes
+    def __init__(self, processes, step_timeout_s: float, data_slot_bytes: int, kind: str = "auto"):
+        """`kind`: auto (shared memory between processes of one node and one device, torch.distributed
+        otherwise: gloo between hosts, NCCL between GPUs), or shm / dist for every channel."""
+        assert kind in TRANSPORTS, f"transport={kind!r}; allowed: {', '.join(TRANSPORTS)}"
+        self.processes, self.kind = processes, kind
         self.step_timeout_s, self.data_slot_bytes = step_timeout_s, data_slot_bytes
+        self._store = None  # the TCPStore torch.distributed channels meet at, made when one is needed
         self.tag = uuid.uuid4().hex[:10]
         self.stage_of: dict[int, int] = {}  # worker id -> stage
         self.incarnation: dict[int, int] = {}  # worker id -> times started (a restart is a new incarnation)
@@ -135,14 +141,44 @@ class ChannelTransport:
     def _edge(self, src: int, dst: int) -> Edge:
         name = f"{self.tag}-{src}.{self.incarnation[src]}-{dst}.{self.incarnation[dst]}"
         self.names[name] = dst
-        return Edge(name, src, dst, self.data_slot_bytes, 2)
+        return self._address(name, src, dst, self.data_slot_bytes, 2)
+
+    def _address(self, name: str, src: int, dst: int, slot_bytes: int, num_slots: int) -> Edge:
+        """The channel's kind from where its ends run (worker id -1: this process)."""
+        (src_node, src_device), (dst_node, dst_device) = self._where(src), self._where(dst)
+        on_gpus = src_device.startswith("cuda") and dst_device.startswith("cuda")
+        if self.kind == "shm" or (self.kind == "auto" and src_node == dst_node and
+                                  (not on_gpus or src_device == dst_device)):
+            return Edge(name, src, dst, slot_bytes, num_slots)
+        if self._store is None:
+            import torch.distributed as dist  # only when a channel crosses hosts or GPUs
+
+            self._store = dist.TCPStore(self.processes.node_ip(), 0, is_master=True, wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
+        store = f"{self.processes.node_ip()}:{self._store.port}"
+        return Edge(name, src, dst, slot_bytes, num_slots, "nccl" if on_gpus else "dist", store)
+
+    def _where(self, worker_id: int) -> tuple[str, str]:
+        """(node address, device) of a worker; the coordinator is on its own node, on the host."""
+        return (self.processes.node_ip(), "cpu") if worker_id == -1 else self.processes.placement(worker_id)
 
     def _start(self, worker_id: int) -> None:
         name = f"{self.tag}-w{worker_id}.{self.incarnation[worker_id]}"
         self.names.update({f"{name}-ctl": worker_id, f"{name}-res": -1})
-        self.results[worker_id] = ShmChannel.create(f"{name}-res", CONTROL_SLOT_BYTES, 4)
-        self.processes.start(worker_id, self.num_stages, f"{name}-ctl", f"{name}-res")
-        self.control[worker_id] = ShmChannel.attach(f"{name}-ctl", CONTROL_SLOT_BYTES, 4, timeout=START_TIMEOUT_S)
+        self.processes.locate(worker_id)
+        control = self._address(f"{name}-ctl", -1, worker_id, CONTROL_SLOT_BYTES, 4)
+        results = self._address(f"{name}-res", worker_id, -1, CONTROL_SLOT_BYTES, 4)
+        host = self.processes.node_ip()
+        self.results[worker_id] = open_channel(results, is_reader=True, host=host)
+        self.processes.start(worker_id, self.num_stages, control, results)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while worker_id not in self.control:  # the worker's loop creates it; a loop that failed never will
+            try:
+                self.control[worker_id] = open_channel(control, is_reader=False, host=host, timeout=LIVENESS_TICK_S)
+            except ChannelTimeout:
+                if self.processes.dead([worker_id]) or time.monotonic() > deadline:
+                    raise RuntimeError(f"stage {self.stage_of[worker_id]} worker {worker_id} did not start its "
+                                       f"step loop: {self.processes.why(worker_id)}") from None
         self.wiring.pop(worker_id, None)
 
     # ---- the step ----------------------------------------------------------------------------
@@ -150,7 +186,7 @@ class ChannelTransport:
         """Send the plan to every worker; return reports until they hold `expected_items`
         decisions and stage logits (a failed worker's report ends the wait too)."""
         deadline = time.monotonic() + self.step_timeout_s
-        packed = ShmChannel.pack(plan, plan.step, plan.epoch)  # encoded once for every worker
+        packed = pack(plan, plan.step, plan.epoch)  # encoded once for every worker
         for worker_id, channel in self.control.items():
             self._wait(lambda: channel.send_packed(packed, deadline=time.monotonic() + LIVENESS_TICK_S),
                        deadline, {worker_id})

@@ -58,7 +58,7 @@ class EchoWorker:
     """A stage worker that computes nothing: its input state goes on, with fixed stage logits."""
 
     def __init__(self, stage: int, n_embd: int, vocab: int):
-        self.stage, self.n_embd = stage, n_embd
+        self.stage, self.n_embd, self.device = stage, n_embd, torch.device("cpu")
         self.logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(stage))  # (1, V)
 
     def extend(self, batch) -> ExtendResult:

@@ -37,6 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -94,13 +95,37 @@ class LocalChannel:
         self._queue.clear()
 
 
-def _encode(message) -> tuple[bytes, list[torch.Tensor]]:
-    """The message's plain part and each tensor's dtype and shape, marshalled; the tensors themselves
-    (contiguous, on the host) to be laid out raw after it."""
+class Packed(NamedTuple):
+    """A message encoded once (`pack`), to send on one channel or several."""
+
+    flags: int
+    step: int
+    epoch: int
+    rows: int
+    stream: bytes  # the marshalled plain part, with each tensor's dtype and shape
+    tensors: list[torch.Tensor]  # contiguous; on the host unless packed for a device channel
+    total: int  # bytes of the stream and the tensors, laid out (ALIGN-aligned)
+    offsets: list[int]  # each tensor's offset in that layout
+
+
+def pack(message, step: int, epoch: int, rows: int = 0, on_host: bool = True) -> Packed:
     plain, tensors = encode(message)
-    tensors = [t.detach().cpu().contiguous() for t in tensors]
+    tensors = [t.detach().cpu().contiguous() if on_host else t.detach().contiguous() for t in tensors]
     metas = tuple((str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors)
-    return marshal.dumps((plain, metas)), tensors
+    stream = marshal.dumps((plain, metas))
+    return Packed(0, step, epoch, rows, stream, tensors, *_layout(stream, tensors))
+
+
+def open_channel(edge, is_reader: bool, host: str = "127.0.0.1", device: str = "cpu", timeout: float = 60.0):
+    """The channel an `Edge` names, as its reader (which creates it) or its writer (which attaches).
+    `host`: this process's address as a peer reaches it; `device`: this worker's (an nccl edge's tensors)."""
+    if edge.kind in ("dist", "nccl"):
+        from .dist_channel import DistChannel  # torch.distributed only where a channel needs it
+
+        return DistChannel(edge.name, edge.store, is_reader, host, device if edge.kind == "nccl" else "cpu")
+    if is_reader:
+        return ShmChannel.create(edge.name, edge.slot_bytes, edge.num_slots)
+    return ShmChannel.attach(edge.name, edge.slot_bytes, edge.num_slots, timeout=timeout)
 
 
 def _aligned(n: int) -> int:
@@ -245,25 +270,18 @@ class ShmChannel:
                 raise Interrupted(f"channel {self.name}: interrupted while waiting ({what})")
 
     # ---- the writer --------------------------------------------------------------------------
-    @staticmethod
-    def pack(message, step: int, epoch: int, rows: int = 0) -> tuple:
-        """A message encoded once, to send on several channels (`send_packed`)."""
-        stream, tensors = _encode(message)
-        total, offsets = _layout(stream, tensors)
-        return (0, step, epoch, rows, stream, tensors, total, offsets)
-
     def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
              interrupt=None) -> None:
-        self.send_packed(self.pack(message, step, epoch, rows), deadline, interrupt)
+        self.send_packed(pack(message, step, epoch, rows), deadline, interrupt)
 
-    def send_packed(self, packed: tuple, deadline: float | None = None, interrupt=None) -> None:
+    def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None) -> None:
         assert not self.is_reader, f"channel {self.name}: the reader cannot send"
         if HEADER.size + packed[-2] > self.slot_bytes:  # too large for a slot: a file of its own, named in the slot
             spill = f"{self.name}.spill{self._spills}"
             self._spills += 1
             self._write_spill(spill, packed)
             stream = marshal.dumps((spill, ()))
-            packed = (SPILLED, *packed[1:4], stream, [], *_layout(stream, []))
+            packed = Packed(SPILLED, *packed[1:4], stream, [], *_layout(stream, []))
         self._take_token(self._free, deadline, interrupt, "no slot was freed")
         base = (self._count % self.num_slots) * self.slot_bytes
         self._count += 1

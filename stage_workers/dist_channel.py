@@ -25,8 +25,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from .channels import ChannelTimeout, Envelope, Interrupted, _layout
-from .messages import decode, encode
+from .channels import ChannelTimeout, Envelope, Interrupted, Packed, _aligned, pack
+from .messages import decode
 
 HEADER_FIELDS = 5  # step, epoch, rows, marshalled bytes, tensor bytes
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)
@@ -67,21 +67,23 @@ class DistChannel:
     # ---- the writer --------------------------------------------------------------------------
     def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
              interrupt=None) -> None:
+        self.send_packed(pack(message, step, epoch, rows, on_host=self.device.type != "cuda"))
+
+    def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None) -> None:
+        """Header and marshalled part over gloo; the tensors' bytes as one buffer (NCCL from a GPU)."""
         assert not self.is_reader, f"channel {self.name}: the reader cannot send"
         control, data = self._connect()
-        plain, tensors = encode(message)
-        on_device = self.device.type == "cuda"
-        tensors = [t.detach().contiguous() if on_device else t.detach().cpu().contiguous() for t in tensors]
-        stream = marshal.dumps((plain, tuple((str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors)))
-        total, offsets = _layout(b"", tensors)
-        payload = torch.zeros(total, dtype=torch.uint8, device=self.device if on_device else "cpu")
-        for t, offset in zip(tensors, offsets):
-            payload[offset : offset + t.nbytes] = t.reshape(-1).view(torch.uint8)
-        header = torch.tensor([step, epoch, rows, len(stream), total], dtype=torch.int64)
+        stream_len = _aligned(len(packed.stream))
+        on_device = any(t.is_cuda for t in packed.tensors)
+        payload = torch.zeros(packed.total - stream_len, dtype=torch.uint8, device=self.device if on_device else "cpu")
+        for t, offset in zip(packed.tensors, packed.offsets):
+            payload[offset - stream_len : offset - stream_len + t.nbytes] = t.reshape(-1).view(torch.uint8)
+        header = torch.tensor([packed.step, packed.epoch, packed.rows, len(packed.stream), payload.numel()],
+                              dtype=torch.int64)
         control.send([header], 1, 0).wait()
-        control.send([torch.frombuffer(bytearray(stream), dtype=torch.uint8)], 1, 1).wait()
-        if total:
-            data.send([payload], 1, 2).wait()
+        control.send([torch.frombuffer(bytearray(packed.stream), dtype=torch.uint8)], 1, 1).wait()
+        if payload.numel():
+            (data if on_device else control).send([payload], 1, 2).wait()
 
     # ---- the reader --------------------------------------------------------------------------
     def _receive_forever(self) -> None:
@@ -94,9 +96,10 @@ class DistChannel:
                 stream = torch.empty(stream_len, dtype=torch.uint8)
                 control.recv([stream], 0, 1).wait()
                 plain, metas = marshal.loads(stream.numpy().tobytes())
-                payload = torch.empty(total, dtype=torch.uint8, device=self.device)
+                on_device = self.device.type == "cuda"
+                payload = torch.empty(total, dtype=torch.uint8, device=self.device if on_device else "cpu")
                 if total:
-                    data.recv([payload], 0, 2).wait()
+                    (data if on_device else control).recv([payload], 0, 2).wait()
                 tensors, offset = [], 0
                 for dtype, shape in metas:
                     size = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()

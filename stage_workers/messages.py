@@ -223,8 +223,10 @@ class Edge(NamedTuple):
     name: str  # unique: channels are rebuilt, never reused
     src: int
     dst: int
-    slot_bytes: int = 1 << 20
-    num_slots: int = 4
+    slot_bytes: int = 1 << 20  # shm: bytes per slot
+    num_slots: int = 4  # shm: slots in the ring
+    kind: str = "shm"  # shm: one node | dist: torch.distributed over gloo | nccl: tensor bytes GPU to GPU
+    store: str = ""  # dist, nccl: HOST:PORT of the coordinator's TCPStore
 
 
 class Rewire(NamedTuple):

@@ -185,7 +185,8 @@ class StageRunner:
             if n_head and spec.rule == "logits":
                 logits.append((s.seq_id, k, result.logits[head : head + n_head]))
             elif n_head:
-                acc = rules.accumulate(acc, logprobs[head : head + n_head], torch.full((n_head,), spec.weights[k]))
+                weights = torch.full((n_head,), spec.weights[k], device=logprobs.device)
+                acc = rules.accumulate(acc, logprobs[head : head + n_head], weights)
             out = Rows(rows.start, rows.token_ids, trunk, acc)
             park = self._decide(s, spec, out, None if logprobs is None else logprobs[head : head + n_head], decisions)
             if park is not None and k + 1 <= spec.reach:
@@ -206,7 +207,7 @@ class StageRunner:
             return "park"
         if spec.rule == "wand":
             score = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
-            threshold = torch.tensor([spec.exit_thresholds[k]])
+            threshold = torch.tensor([spec.exit_thresholds[k]], device=score.device)
             if k == last or bool(rules.wand_exits(score, threshold)):
                 decisions.append(Decision(s.seq_id, k, int(score[0].argmax())))
                 return "final"

@@ -148,10 +148,11 @@ def test_memory_of_deferred_states_is_exactly_what_is_owed_over_a_long_wand_run(
     step = model.engine.step
 
     def sampling_step():
-        done = step()
-        owed = sum(seq.num_computed[k - 1] - seq.num_computed[k] for seq in model.engine.running for k in range(1, K))
+        stepped = step()  # the sequences it ran; those that finished are forgotten with the next plan
+        known = {seq.seq_id: seq for seq in [*model.engine.running, *stepped]}.values()
+        owed = sum(seq.num_computed[k - 1] - seq.num_computed[k] for seq in known for k in range(1, K))
         samples.append((*parked_bytes(model), owed))
-        return done
+        return stepped
 
     model.engine.step = sampling_step
     seqs = model.run(jobs)
@@ -163,3 +164,19 @@ def test_memory_of_deferred_states_is_exactly_what_is_owed_over_a_long_wand_run(
         assert own == behind, "a parked row holds only itself"
         assert own <= owed * row_bytes, f"{own} bytes parked for {owed} positions owed"
     assert samples[-1][:2] == (0, 0), "nothing stays parked once the sequences are done"
+
+
+def test_the_cluster_over_torch_distributed_channels_gives_the_same_tokens(ray_session, tiny_dir, tiny_model):
+    """Every channel over torch.distributed (gloo here; what workers on different hosts use, with
+    NCCL between GPUs): the same tokens in every mode."""
+    from coordinator.cluster import PoECluster
+    from coordinator.serving_config import ServingConfig
+
+    config = tiny_model.config
+    ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    with PoECluster.launch(tiny_dir, config=ServingConfig(transport="dist")) as cluster:
+        transport = cluster.engine.pipeline.transport
+        assert {e.kind for w in transport.wiring.values() for e in w.inbound + w.outbound} == {"dist"}
+        for mode, call in generation_calls(config).items():
+            assert torch.equal(call(cluster, ids), call(tiny_model, ids)), mode
+        assert torch.allclose(cluster.forward(ids), tiny_model.forward(ids), atol=1e-5)

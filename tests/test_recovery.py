@@ -138,7 +138,7 @@ def test_a_worker_that_hangs_is_killed_after_the_step_timeout_and_requests_keep_
     reference = PoEModel.from_pretrained(tiny_dir)
     ids = torch.tensor([prompt(i) for i in range(2)])
     expected = reference.generate(ids, 12)
-    with PoECluster.launch(tiny_dir, config=ServingConfig(step_timeout_s=3.0)) as cluster:
+    with PoECluster.launch(tiny_dir, config=ServingConfig(step_timeout_s=8.0)) as cluster:
         cluster.generate(ids, 2)  # warm-up
         rebuilt = watch_rebuilds(cluster)
         old_pid = ray.get(cluster.actors[1].pid.remote())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU checks on one GPU, in under 8 minutes: the mode suite on CUDA against the full-recompute
+# oracle (and the bucketed decode step as CUDA graphs), then `poe-serve bench` on the card's 1.5b
+# shape with cluster_configs/one-gpu.yaml, reported against the GPU's bandwidth floor.
+#   scripts/gpu-check.sh [OUT_DIR]     (default: benchmarks)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks}
+mkdir -p "$OUT"
+python3 - <<'PY'
+import torch
+assert torch.cuda.is_available(), "gpu-check: no CUDA device is visible (install a CUDA build of torch)"
+print("gpu-check:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+PY
+echo "gpu-check: 1/3 the mode suite on CUDA against the oracle"
+python3 -m pytest -q -p no:cacheprovider tests/test_modes_gpu.py
+CKPT=${POE_GPU_CHECKPOINT:-/tmp/poe-serve-1.5b}
+if [ ! -f "$CKPT/config.json" ]; then
+    echo "gpu-check: 2/3 writing the 1.5b preset to $CKPT"
+    poe-serve init-checkpoint "$CKPT" --preset 1.5b
+fi
+echo "gpu-check: 3/3 poe-serve bench, 1.5b, bf16, one GPU"
+poe-serve bench --checkpoint "$CKPT" --config cluster_configs/one-gpu.yaml --device cuda --dtype bfloat16 \
+    --sections floor,single_stream,transport,concurrency --concurrency 1,16,64 --new-tokens 32 \
+    --json "$OUT/1.5b-gpu.json"
+python3 - "$OUT/1.5b-gpu.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+floor, single = r["floor"]["single_stream_ceiling_tok_s"], r["single_stream"]
+print(f"gpu-check: bandwidth floor {r['floor']['memory_bandwidth_gbs']:.0f} GB/s over "
+      f"{r['floor']['weight_bytes'] / 2**30:.2f} GiB of weights -> {floor:.0f} tok/s single-stream ceiling")
+for who, figures in (("PoEModel", single["poe_model_tok_s"]), ("PoECluster", single["poe_cluster_tok_s"])):
+    print(f"gpu-check: {who} full {figures['full']:.1f} tok/s = {figures['full'] / floor:.0%} of the floor")
+for row in r["concurrency"]:
+    print(f"gpu-check: {row['concurrency']} concurrent: {row['aggregate_tok_s']:.0f} tok/s, {row['errors']} errors")
+PY
