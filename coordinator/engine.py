@@ -204,6 +204,7 @@ class Engine:
         if not exc.restarted and exc.stage not in self.stages_down:
             self.pipeline.remove_replica(exc.stage, stage.worker_ids.index(exc.worker_id))  # nothing left on it
         self.rebuild([seq for seq in held if not seq.finished])
+        self.pipeline.flush()  # the others undo the failed step now, not at the next step
         return failed
 
     def rebuild(self, seqs: list[Sequence]) -> None:

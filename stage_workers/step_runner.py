@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,7 @@ class StageRunner:
         self.inbound: dict[int, object] = {}  # upstream worker id -> channel (this runner reads)
         self.outbound: dict[int, object] = {}  # downstream worker id -> channel (this runner writes)
         self.control = None  # the coordinator's channel to this runner, watched while waiting (Ray)
+        self.backlog: deque = deque()  # its messages read while a step was still running
         self.specs: dict[int, SeqSpec] = {}  # the sequences this worker holds (it is among their homes)
         self.computed: dict[int, int] = {}  # seq_id -> positions in this stage's KV cache
         self.parked: dict[int, Rows] = {}  # rows computed upstream that this stage owes (WAND, drafts)
@@ -257,7 +259,7 @@ class StageRunner:
         for src in sources:
             channel = self.inbound[src]
             while True:
-                envelope = channel.recv(deadline, interrupt=self.control)
+                envelope = self.unless_aborted(lambda: channel.recv(deadline, interrupt=self.control), plan.step)
                 message = envelope.message
                 if (envelope.step, message.micro_batch) == (plan.step, index):
                     break
@@ -280,8 +282,24 @@ class StageRunner:
         deadline = time.monotonic() + RECV_TIMEOUT_S
         for dst, items in out.items():
             message = _boundary(plan.step, index, items)
-            self.outbound[dst].send(message, plan.step, plan.epoch, rows=message.token_ids.shape[0],
-                                    deadline=deadline, interrupt=self.control)
+            channel = self.outbound[dst]
+            self.unless_aborted(lambda: channel.send(message, plan.step, plan.epoch, rows=message.token_ids.shape[0],
+                                                     deadline=deadline, interrupt=self.control), plan.step)
+
+    def unless_aborted(self, wait, step: int):
+        """Run `wait` (a receive or send that the coordinator's channel interrupts). The coordinator
+        may send the next plan while this worker still finishes a step (it waits only for the
+        decisions); such messages are kept for later and the wait goes on. A plan that aborts
+        this step (the step failed elsewhere) ends it: Interrupted."""
+        while True:
+            try:
+                return wait()
+            except Interrupted:
+                while self.control.pending():
+                    message = self.control.recv().message
+                    self.backlog.append(message)
+                    if isinstance(message, StepPlan) and message.aborted == step:
+                        raise
 
     def rewire(self, inbound: dict, outbound: dict) -> None:
         """Use these channels from now on (the caller closes the ones dropped)."""
@@ -363,11 +381,11 @@ def _boundary(step: int, index: int, items: list[tuple[int, Rows, bool]]) -> Bou
 def serve_forever(runner: StageRunner, control, results, connect) -> None:
     """A worker process's loop: read the coordinator's messages in order and answer each step.
     `connect(rewire)` opens the channels of a `Rewire` and returns (inbound, outbound) dicts.
-    A step that fails here is undone and reported; one interrupted by a newer message (the
-    coordinator aborted it) is undone and dropped."""
+    A step that fails here is undone and reported; one the coordinator aborts while it runs is
+    undone and dropped."""
     runner.control = control
     while True:
-        message = control.recv().message
+        message = runner.backlog.popleft() if runner.backlog else control.recv().message
         if isinstance(message, Rewire):
             runner.rewire(*connect(message))
             continue
@@ -381,7 +399,8 @@ def serve_forever(runner: StageRunner, control, results, connect) -> None:
             result = StepResult(message.step, message.epoch, runner.worker_id, error=traceback.format_exc())
         if result is not None:
             try:
-                results.send(result, message.step, message.epoch, interrupt=control)
+                runner.unless_aborted(lambda: results.send(result, message.step, message.epoch, interrupt=control),
+                                      message.step)
             except Interrupted:
-                pass  # the coordinator moved on; the step is undone when its plan says so
+                pass  # the coordinator aborted the step: the plan that says so undoes it
         control.mark(message.step)  # done with it: a coordinator waiting too long sees who is not

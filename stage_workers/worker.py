@@ -138,8 +138,9 @@ class StageWorker:
         c = self.config
         per_position = 2 * len(self.slice.layers) * c.n_kv_head * c.head_dim * self.dtype.itemsize  # K and V
         weights = sum(p.nbytes for p in self.slice.parameters())
+        scratch = per_position * self.spec.kv_block_size  # the pool's padding block (stage_workers/kv_cache.py)
         free, total = device_memory(self.device)
-        return kv_tokens_for_memory(self.spec.memory_fraction, free, total, weights, per_position,
+        return kv_tokens_for_memory(self.spec.memory_fraction, free, total, weights + scratch, per_position,
                                     self.spec.kv_block_size, self.stage)
 
     def _check(self, batch: ExtendBatch) -> None:
