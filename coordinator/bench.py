@@ -226,7 +226,7 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
     from .cluster import PoECluster
     from .model import PoEModel
     from .tokenizer import load_tokenizer
-    from .transport_bench import measure
+    from .transport_bench import measure, relay_per_hop
 
     wanted = set(cfg.sections)
     progress = Progress(len(wanted) + (len(cfg.concurrency) - 1 if "concurrency" in wanted else 0), "bench",
@@ -268,7 +268,9 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
             if "transport" in wanted:
                 us_per_token = measure(config.n_embd, config.vocab_size, tokens=cfg.transport_tokens)
                 report["transport"] = {"n_embd": config.n_embd, "vocab_size": config.vocab_size,
-                                       "us_per_token": us_per_token, "per_hop_us": us_per_token["channels"] / 4}
+                                       "us_per_token": us_per_token,
+                                       "per_hop_us": relay_per_hop(config.n_embd, config.vocab_size,
+                                                                   cfg.transport_tokens * 5)}
                 progress.update(1, note="transport")
             if "concurrency" in wanted:
                 report["concurrency"] = concurrency_levels(cfg, cluster, config.vocab_size, progress)
@@ -331,7 +333,7 @@ def render(r: dict) -> str:
     if "transport" in r:
         lines.append("transport through 4 actors (us/token): " + "  ".join(
             f"{k} {v:.0f}" for k, v in r["transport"]["us_per_token"].items())
-            + f"; the data plane per hop: {r['transport']['per_hop_us']:.0f} us")
+            + f"; one hop of the transport: {r['transport']['per_hop_us']:.0f} us")
     if "concurrency" in r:
         lines += ["", f"{'concurrent':>10} {'tok/s':>8} {'x single':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} "
                       f"{'ttft99':>7} {'errors':>6} {'RSS MiB':>8}"]

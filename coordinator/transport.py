@@ -187,25 +187,34 @@ class ChannelTransport:
         decisions and stage logits (a failed worker's report ends the wait too)."""
         deadline = time.monotonic() + self.step_timeout_s
         packed = pack(plan, plan.step, plan.epoch)  # encoded once for every worker
-        for worker_id, channel in self.control.items():
-            self._wait(lambda: channel.send_packed(packed, deadline=time.monotonic() + LIVENESS_TICK_S),
+        # A worker of stage > 0 with a part in the step is woken by its upstream's data, one wake-up
+        # per worker per step instead of two (on a few cores, wake-ups are the cost); so its plan is
+        # written first, before any worker that could send it data is woken.
+        quiet = {w for w in participants if self.stage_of[w] > 0}
+        for worker_id in sorted(self.control, key=lambda w: w not in quiet):
+            channel, wake = self.control[worker_id], worker_id not in quiet
+            self._wait(lambda: channel.send_packed(packed, deadline=time.monotonic() + LIVENESS_TICK_S, wake=wake),
                        deadline, {worker_id})
-        readers = {channel: worker_id for worker_id, channel in self.results.items()}
+        readers = list(self.results.values())
         reports, items = [], 0
         while items < expected_items:
-            ready = select.select(list(readers), [], [], LIVENESS_TICK_S)[0]
-            for channel in ready:
-                envelope = channel.recv(deadline=time.monotonic() + LIVENESS_TICK_S)
-                if envelope.step != plan.step:
+            waiting = [channel for channel in readers if channel.pending()]
+            if not waiting:  # wake-ups are not counts: a channel is read once it says a message waits
+                ready = select.select(readers, [], [], LIVENESS_TICK_S)[0]
+                for channel in ready:
+                    channel.drain_wakeups()
+                if not ready:
+                    self._check(deadline, {w for w in participants if w in self.control and
+                                           self.control[w].marked() < plan.step})
+                continue
+            for channel in waiting:
+                report = channel.recv().message
+                if report.step != plan.step:
                     continue  # a report of an aborted step
-                report = envelope.message
                 reports.append(report)
                 items += len(report.decisions) + len(report.logits)
                 if report.error:
                     return reports
-            if not ready:
-                self._check(deadline, {w for w in participants if w in self.control and
-                                       self.control[w].marked() < plan.step})
         return reports
 
     def _wait(self, fn, deadline: float, waiting_on: set[int]) -> None:

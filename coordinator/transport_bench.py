@@ -4,8 +4,9 @@
 loop over shared-memory channels, driven by the real engine and `ChannelTransport`; each
 stage's stand-in worker returns its input state and fixed logits of the vocabulary's size
 instead of computing, so the time per token is the data plane's own cost (the plan broadcast,
-three stage-to-stage hops with x, x0, the backout residual and the Log-OP sum, four reports,
-and the Log-OP and decision math). `per_hop_us` is that over the four workers.
+three stage-to-stage hops with x, x0, the backout residual and the Log-OP sum, the report, and
+the runners' Log-OP and decision math). `per_hop_us` is the transport alone: a decode step's
+boundary message relayed through four worker processes over shared memory and back, per hop.
 
 The other figures are the designs it replaced, measured in the same run: four `Hop` actors
 take a trunk state (x, x0, x_backout: 3 x (B, C)) and hand it on with their stage's logits
@@ -21,12 +22,14 @@ Results are microseconds per token.
 from __future__ import annotations
 
 import time
+import uuid
 
 import ray
 import torch
 
+from stage_workers.channels import ShmChannel
 from stage_workers.config import config_from_dict
-from stage_workers.messages import ExtendResult, TrunkState, WorkerInfo
+from stage_workers.messages import Boundary, ExtendResult, Handoff, TrunkState, WorkerInfo
 
 from . import requests as rq
 from .cluster import CPU_WORKER_ENV, RayWorkers, RemoteWorker, StageActor, _data_slot_bytes
@@ -105,6 +108,49 @@ def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4) ->
             ray.kill(a)
 
 
+class Relay:
+    """A stand-in worker process that only passes messages on: what one hop of the transport costs."""
+
+    def serve(self, inbound: str, outbound: str, count: int) -> None:
+        source = ShmChannel.create(inbound, 1 << 22, 2)
+        sink = ShmChannel.attach(outbound, 1 << 22, 2)
+        for _ in range(count):
+            envelope = source.recv()
+            sink.send(envelope.message, envelope.step, envelope.epoch)
+
+
+def relay_per_hop(n_embd: int, vocab: int, tokens: int, stages: int = 4) -> float:
+    """Microseconds per hop of a decode step's Boundary (x, x0, the backout residual and a Log-OP
+    sum of the vocabulary's size) relayed through `stages` worker processes over shared memory
+    and back: stages + 1 hops per round trip."""
+    tag = uuid.uuid4().hex[:10]
+    names = [f"relay-{tag}-{i}" for i in range(stages + 1)]
+    back = ShmChannel.create(names[-1], 1 << 22, 2)
+    relays = [ray.remote(Relay).options(num_cpus=0, runtime_env={"env_vars": CPU_WORKER_ENV}).remote()
+              for _ in range(stages)]
+    done = [r.serve.remote(names[i], names[i + 1], tokens + 1) for i, r in enumerate(relays)]
+    first = ShmChannel.attach(names[0], 1 << 22, 2)
+    message = Boundary(0, 0, (Handoff(0, 40, 1, 1, False),), torch.tensor([7]),
+                       TrunkState(*(torch.randn(1, n_embd) for _ in range(3))), torch.randn(1, vocab))
+    try:
+        first.send(message, 0, 0)
+        back.recv()  # warm-up
+        started = time.perf_counter()
+        for step in range(1, tokens + 1):
+            first.send(message, step, 0)
+            back.recv()
+        elapsed = time.perf_counter() - started
+        ray.get(done)
+        return elapsed / tokens / (stages + 1) * 1e6
+    finally:
+        first.close()
+        back.close()
+        for r in relays:
+            ray.kill(r)
+        for n in names:
+            ShmChannel.unlink(n)
+
+
 def _time_per_token(fn, tokens: int) -> float:
     fn()  # warm-up
     started = time.perf_counter()
@@ -114,8 +160,7 @@ def _time_per_token(fn, tokens: int) -> float:
 
 
 def measure(n_embd: int, vocab: int, batch: int = 1, tokens: int = 200, stages: int = 4) -> dict[str, float]:
-    """Microseconds per token through `stages` actors for each transport (joins the running Ray),
-    and `per_hop_us`: the data plane's (`channels`) over its `stages` workers."""
+    """Microseconds per token through `stages` actors for each transport (joins the running Ray)."""
     new = channels_per_token(n_embd, vocab, tokens, stages)
     hops = [ray.remote(Hop).options(num_cpus=0).remote(vocab) for _ in range(stages)]
     ray.get([h.__ray_ready__.remote() for h in hops])

@@ -47,7 +47,7 @@ from .messages import decode, encode
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 # magic, flags, step, epoch, rows, marshalled bytes, tensors, total bytes
 HEADER = struct.Struct("<4sIqqqqqq")
-MARK = struct.Struct("<q")  # after the slots: the reader's progress mark
+COUNTERS = struct.Struct("<qq")  # after the slots: messages written (by the writer), the reader's progress mark
 MAGIC = b"PoE1"
 SPILLED = 1  # flag: the message is in a file of its own, named after the header
 ALIGN = 64
@@ -192,7 +192,7 @@ class ShmChannel:
         self.paths = _paths(name, ".ring", ".ready", ".free")
         fd = os.open(self.paths[0], os.O_RDWR)
         try:
-            self._map = mmap.mmap(fd, slot_bytes * num_slots + MARK.size)
+            self._map = mmap.mmap(fd, slot_bytes * num_slots + COUNTERS.size)
         finally:
             os.close(fd)
         self._view = memoryview(self._map)
@@ -208,7 +208,7 @@ class ShmChannel:
         ring, staged, ready, free = _paths(name, ".ring", ".staged", ".ready", ".free")
         fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, slot_bytes * num_slots + MARK.size)
+            os.ftruncate(fd, slot_bytes * num_slots + COUNTERS.size)
         finally:
             os.close(fd)
         for fifo in (ready, free):
@@ -241,10 +241,13 @@ class ShmChannel:
     def mark(self, value: int) -> None:
         """The reader records how far it got (a worker: the last step it finished), for the writer
         to read without any message: one store, no wake-up."""
-        MARK.pack_into(self._map, self.num_slots * self.slot_bytes, value)
+        struct.pack_into("<q", self._map, self.num_slots * self.slot_bytes + 8, value)
 
     def marked(self) -> int:
-        return MARK.unpack_from(self._map, self.num_slots * self.slot_bytes)[0]
+        return COUNTERS.unpack_from(self._map, self.num_slots * self.slot_bytes)[1]
+
+    def _written(self) -> int:
+        return COUNTERS.unpack_from(self._map, self.num_slots * self.slot_bytes)[0]
 
     # ---- waiting ----------------------------------------------------------------------------
     def fileno(self) -> int:
@@ -252,7 +255,33 @@ class ShmChannel:
         return self._ready
 
     def pending(self) -> bool:
-        return bool(select.select([self._ready], [], [], 0)[0])
+        """A message waits (the reader's side)."""
+        return self._written() > self._count
+
+    def _wait_message(self, deadline: float | None, interrupt, also) -> None:
+        """Until a message waits: sleep on the wake-up FIFO (and `also`: other channels whose
+        messages may come first) unless the written count already says one is there."""
+        watch = [self._ready, *also] + ([] if interrupt is None else [interrupt.fileno()])
+        while not self.pending():
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise ChannelTimeout(f"channel {self.name}: nothing arrived before the deadline")
+            ready = select.select(watch, [], [], wait)[0]
+            if self._ready in ready:
+                self.drain_wakeups()
+            if interrupt is not None and interrupt.fileno() in ready and not self.pending():
+                raise Interrupted(f"channel {self.name}: interrupted while waiting (nothing arrived)")
+            for channel in also:  # their messages wait for their own reads; here they only woke us
+                if channel in ready:
+                    channel.drain_wakeups()
+
+    def drain_wakeups(self) -> None:
+        """Forget pending wake-ups: they are not counts (the written count says what waits)."""
+        try:
+            while os.read(self._ready, 1 << 12):
+                pass
+        except BlockingIOError:
+            pass
 
     def _take_token(self, fd: int, deadline: float | None, interrupt, what: str) -> None:
         watch = [fd] if interrupt is None else [fd, interrupt.fileno()]
@@ -271,10 +300,12 @@ class ShmChannel:
 
     # ---- the writer --------------------------------------------------------------------------
     def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
-             interrupt=None) -> None:
-        self.send_packed(pack(message, step, epoch, rows), deadline, interrupt)
+             interrupt=None, wake: bool = True) -> None:
+        self.send_packed(pack(message, step, epoch, rows), deadline, interrupt, wake)
 
-    def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None) -> None:
+    def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None, wake: bool = True) -> None:
+        """`wake`: also wake the reader; False when something else will (a worker's upstream data)
+        and the message can wait in its slot until then."""
         assert not self.is_reader, f"channel {self.name}: the reader cannot send"
         if HEADER.size + packed[-2] > self.slot_bytes:  # too large for a slot: a file of its own, named in the slot
             spill = f"{self.name}.spill{self._spills}"
@@ -286,7 +317,9 @@ class ShmChannel:
         base = (self._count % self.num_slots) * self.slot_bytes
         self._count += 1
         _put(self._view, base, packed)
-        os.write(self._ready, b"\0")
+        struct.pack_into("<q", self._map, self.num_slots * self.slot_bytes, self._count)  # after the slot's bytes
+        if wake:
+            os.write(self._ready, b"\0")  # the system call also orders the stores above for the reader
 
     @staticmethod
     def _write_spill(spill: str, packed) -> None:
@@ -302,9 +335,11 @@ class ShmChannel:
             os.close(fd)
 
     # ---- the reader --------------------------------------------------------------------------
-    def recv(self, deadline: float | None = None, interrupt=None) -> Envelope:
+    def recv(self, deadline: float | None = None, interrupt=None, also=()) -> Envelope:
+        """The next message, waiting for it until `deadline`; a message on `interrupt` raises
+        Interrupted; readable `also` channels wake the wait too (messages may come without a wake-up)."""
         assert self.is_reader, f"channel {self.name}: the writer cannot receive"
-        self._take_token(self._ready, deadline, interrupt, "nothing arrived")
+        self._wait_message(deadline, interrupt, also)
         base = (self._count % self.num_slots) * self.slot_bytes
         self._count += 1
         flags, step, epoch, rows, message = _take(self._view, base, self.name)

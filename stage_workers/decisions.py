@@ -22,10 +22,10 @@ def divisor(weights: tuple[float, ...], stage: int, alpha: float) -> float:
     return sum(weights[: stage + 1]) ** (1.0 - alpha)
 
 
-def accumulate(acc: torch.Tensor | None, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """acc: (M, V) running sums or None (no stage added yet); logprobs: (M, V); weights: (M,) this
-    stage's weight of each row. The first term is `w * log p`, as `logop.combine` computes it."""
-    term = logprobs * weights[:, None]
+def accumulate(acc: torch.Tensor | None, logprobs: torch.Tensor, weight: float) -> torch.Tensor:
+    """acc: (M, V) running sums or None (no stage added yet); logprobs: (M, V); weight: this
+    stage's. The first term is `w * log p`, as `logop.combine` computes it."""
+    term = logprobs if weight == 1.0 else logprobs * weight  # x * 1.0 is x, bit for bit
     return term if acc is None else acc + term
 
 

@@ -49,8 +49,10 @@ class DistChannel:
         self._host = host
         self._groups = None  # (gloo for headers, the group for tensor bytes), made on first use
         self._arrived: deque[Envelope] = deque()
-        self._notify_r, self._notify_w = os.pipe()
+        self._notify_r, self._notify_w = os.pipe()  # wake-ups (not counts) for a reader waiting in select
+        os.set_blocking(self._notify_r, False)
         self._closed = False
+        self._error: Exception | None = None
         if is_reader:
             threading.Thread(target=self._receive_forever, name=f"recv-{name}", daemon=True).start()
 
@@ -69,8 +71,9 @@ class DistChannel:
              interrupt=None) -> None:
         self.send_packed(pack(message, step, epoch, rows, on_host=self.device.type != "cuda"))
 
-    def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None) -> None:
-        """Header and marshalled part over gloo; the tensors' bytes as one buffer (NCCL from a GPU)."""
+    def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None, wake: bool = True) -> None:
+        """Header and marshalled part over gloo; the tensors' bytes as one buffer (NCCL from a GPU).
+        (Every message wakes the reader's thread: `wake` is a shared-memory saving.)"""
         assert not self.is_reader, f"channel {self.name}: the reader cannot send"
         control, data = self._connect()
         stream_len = _aligned(len(packed.stream))
@@ -107,8 +110,9 @@ class DistChannel:
                     offset = -(-(offset + size) // 64) * 64
                 self._arrived.append(Envelope(step, epoch, rows, decode(plain, tensors)))
                 os.write(self._notify_w, b"\0")
-        except Exception:  # the channel was closed (its group aborted) or the peer went away
+        except Exception as exc:  # the channel was closed (its group aborted) or the peer went away
             if not self._closed:
+                self._error = exc
                 os.write(self._notify_w, b"!")
 
     def fileno(self) -> int:
@@ -117,20 +121,31 @@ class DistChannel:
     def pending(self) -> bool:
         return bool(self._arrived)
 
-    def recv(self, deadline: float | None = None, interrupt=None) -> Envelope:
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self._notify_r, 1 << 12):
+                pass
+        except BlockingIOError:
+            pass
+
+    def recv(self, deadline: float | None = None, interrupt=None, also=()) -> Envelope:
         assert self.is_reader, f"channel {self.name}: the writer cannot receive"
-        watch = [self._notify_r] if interrupt is None else [self._notify_r, interrupt.fileno()]
-        while True:
+        watch = [self._notify_r, *also] + ([] if interrupt is None else [interrupt.fileno()])
+        while not self._arrived:
+            if self._error is not None:
+                raise ConnectionError(f"channel {self.name}: the peer went away ({self._error})")
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 raise ChannelTimeout(f"channel {self.name}: nothing arrived before the deadline")
             ready = select.select(watch, [], [], wait)[0]
             if self._notify_r in ready:
-                if os.read(self._notify_r, 1) == b"!":
-                    raise ConnectionError(f"channel {self.name}: the peer went away")
-                return self._arrived.popleft()
-            if interrupt is not None and interrupt.fileno() in ready:
+                self.drain_wakeups()
+            if interrupt is not None and interrupt.fileno() in ready and not self._arrived:
                 raise Interrupted(f"channel {self.name}: interrupted while waiting (nothing arrived)")
+            for channel in also:
+                if channel in ready:
+                    channel.drain_wakeups()
+        return self._arrived.popleft()
 
     def mark(self, value: int) -> None:
         """Progress marks are a shared-memory feature; over the network the coordinator waits for the step timeout."""

@@ -290,12 +290,15 @@ class StepResult(NamedTuple):
 def encode(message) -> tuple[tuple, list[torch.Tensor]]:
     """A step message as (plain tuple for `marshal`, tensors laid out raw after it)."""
     kind = type(message)
-    if kind is Boundary:
-        trunk = message.trunk
-        tensors = [message.token_ids] + ([] if trunk is None else [trunk.x, trunk.x0])
+    if kind is Boundary:  # token ids in the plain part; x, x0 (and the backout residual) as one (S, N, C) tensor
+        trunk, tensors = message.trunk, []
+        if trunk is not None:
+            tensors.append(torch.stack([t for t in (trunk.x, trunk.x0, trunk.x_backout) if t is not None]))
+        if message.acc is not None:
+            tensors.append(message.acc)
         flags = (trunk is not None, trunk is not None and trunk.x_backout is not None, message.acc is not None)
-        tensors += [t for t in (None if trunk is None else trunk.x_backout, message.acc) if t is not None]
-        return (_BOUNDARY, message.step, message.micro_batch, tuple(map(tuple, message.handoffs)), flags), tensors
+        return (_BOUNDARY, message.step, message.micro_batch, tuple(map(tuple, message.handoffs)),
+                tuple(message.token_ids.tolist()), flags), tensors
     if kind is StepPlan:
         new = tuple(spec[:5] + (None if spec.sampling is None else tuple(vars(spec.sampling).values()),) + spec[6:]
                     for spec in message.new)
@@ -315,12 +318,12 @@ def decode(plain: tuple, tensors: list[torch.Tensor]):
     """The inverse of `encode`."""
     kind = plain[0]
     if kind == _BOUNDARY:
-        _, step, micro_batch, handoffs, (has_trunk, has_backout, has_acc) = plain
+        _, step, micro_batch, handoffs, token_ids, (has_trunk, has_backout, has_acc) = plain
         it = iter(tensors)
-        token_ids = next(it)
-        trunk = TrunkState(next(it), next(it), next(it) if has_backout else None) if has_trunk else None
-        return Boundary(step, micro_batch, tuple(Handoff(*h) for h in handoffs), token_ids, trunk,
-                        next(it) if has_acc else None)
+        states = next(it) if has_trunk else None  # (S, N, C)
+        trunk = None if states is None else TrunkState(states[0], states[1], states[2] if has_backout else None)
+        return Boundary(step, micro_batch, tuple(Handoff(*h) for h in handoffs), torch.tensor(token_ids, dtype=torch.long),
+                        trunk, next(it) if has_acc else None)
     if kind == _PLAN:
         _, step, epoch, frees, rollbacks, new, batches, aborted = plain
         specs = tuple(SeqSpec(*spec[:5], None if spec[5] is None else SamplingParams(*spec[5]), *spec[6:])

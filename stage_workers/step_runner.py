@@ -170,7 +170,7 @@ class StageRunner:
             heads.append(num_heads)
         batch = ExtendBatch(
             segments=segments,
-            token_ids=torch.cat([rows.token_ids for _, rows in work]),  # (N,)
+            token_ids=_cat([rows.token_ids for _, rows in work]),  # (N,)
             prev_token_ids=torch.tensor([s.prev_token for s, _ in work], dtype=torch.long) if k == 0 else None,
             trunk=TrunkState.cat([rows.trunk for _, rows in work]) if k else None,  # (N, C)
         )
@@ -187,8 +187,7 @@ class StageRunner:
             if n_head and spec.rule == "logits":
                 logits.append((s.seq_id, k, result.logits[head : head + n_head]))
             elif n_head:
-                weights = torch.full((n_head,), spec.weights[k], device=logprobs.device)
-                acc = rules.accumulate(acc, logprobs[head : head + n_head], weights)
+                acc = rules.accumulate(acc, logprobs[head : head + n_head], spec.weights[k])
             out = Rows(rows.start, rows.token_ids, trunk, acc)
             park = self._decide(s, spec, out, None if logprobs is None else logprobs[head : head + n_head], decisions)
             if park is not None and k + 1 <= spec.reach:
@@ -360,6 +359,9 @@ def takes_part(spec: SeqSpec, s: SeqStep, stage: int, worker_id: int) -> bool:
 
 def _split(message: Boundary) -> dict[int, tuple[Handoff, Rows]]:
     """A boundary message's rows, per sequence."""
+    if len(message.handoffs) == 1:  # the whole message is one sequence's: nothing to slice
+        h = message.handoffs[0]
+        return {h.seq_id: (h, Rows(h.start, message.token_ids, message.trunk, message.acc))}
     out, row, acc_row = {}, 0, 0
     for h in message.handoffs:
         rows = slice(row, row + h.length)
@@ -374,8 +376,12 @@ def _boundary(step: int, index: int, items: list[tuple[int, Rows, bool]]) -> Bou
     if not items:
         return Boundary(step, index, handoffs, torch.empty(0, dtype=torch.long), None, None)
     accs = [rows.acc for _, rows, _ in items if rows.acc is not None]
-    return Boundary(step, index, handoffs, torch.cat([rows.token_ids for _, rows, _ in items]),
-                    TrunkState.cat([rows.trunk for _, rows, _ in items]), torch.cat(accs) if accs else None)
+    return Boundary(step, index, handoffs, _cat([rows.token_ids for _, rows, _ in items]),
+                    TrunkState.cat([rows.trunk for _, rows, _ in items]), _cat(accs) if accs else None)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def serve_forever(runner: StageRunner, control, results, connect) -> None:
@@ -385,7 +391,9 @@ def serve_forever(runner: StageRunner, control, results, connect) -> None:
     undone and dropped."""
     runner.control = control
     while True:
-        message = runner.backlog.popleft() if runner.backlog else control.recv().message
+        # a step's plan may come without a wake-up: the upstream's data that follows it wakes this worker
+        upstream = tuple(runner.inbound.values())
+        message = runner.backlog.popleft() if runner.backlog else control.recv(also=upstream).message
         if isinstance(message, Rewire):
             runner.rewire(*connect(message))
             continue

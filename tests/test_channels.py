@@ -43,7 +43,7 @@ def messages():
                  torch.randn(1, 11)),
         Boundary(9, 0, (), torch.empty(0, dtype=torch.long), None, None),
         Boundary(2, 0, (Handoff(1, 0, 2, 0, False),), torch.arange(2),
-                 TrunkState(torch.randn(2, 4), torch.randn(2, 4).half(), None), None),
+                 TrunkState(torch.randn(2, 4).half(), torch.randn(2, 4).half(), None), None),
         StepPlan(12, 3, (1, 2), ((3, 9),), specs, steps, 11),
         StepResult(12, 3, 4, (Decision(3, 1, 17), Decision(5, 0, logprobs=(-0.5, math.nan), top=(((1, -0.1),),))),
                    ((5, 0, torch.randn(3, 11)),)),

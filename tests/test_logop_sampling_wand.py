@@ -77,7 +77,7 @@ def test_a_running_sum_of_weighted_stage_logprobs_is_the_logop_score():
     weights, alpha = (0.5, 0.0, 2.0), 0.3
     acc = None
     for lp, w in zip(lps, weights):
-        acc = acc if w == 0 else accumulate(acc, lp, torch.full((3,), w))
+        acc = acc if w == 0 else accumulate(acc, lp, w)
     expected = combine([lps[0], lps[2]], [0.5, 2.0], alpha)
     assert torch.equal(acc / divisor(weights, 2, alpha), expected), "bit for bit what the coordinator computed"
 
