@@ -105,21 +105,18 @@ class TrunkState:
         return TrunkState(move(self.x), move(self.x0), move(self.x_backout))
 
     def select(self, rows: torch.Tensor | slice) -> "TrunkState":
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return TrunkState(pick(self.x), pick(self.x0), pick(self.x_backout))
+        return TrunkState(self.x[rows], self.x0[rows], None if self.x_backout is None else self.x_backout[rows])
 
     @staticmethod
-    def cat(parts: list["TrunkState"]) -> "TrunkState":
+    def cat(parts: list["TrunkState"], cat=torch.cat) -> "TrunkState":
+        """`cat`: how tensors are put together (the runner passes one that reuses adjacent rows)."""
         if len(parts) == 1:
             return parts[0]
         backouts = [p.x_backout for p in parts]
         require(all(b is None for b in backouts) or all(b is not None for b in backouts),
                 "cannot pack trunk states from before and after the backout layer together")
-        return TrunkState(
-            torch.cat([p.x for p in parts]),
-            torch.cat([p.x0 for p in parts]),
-            None if backouts[0] is None else torch.cat(backouts),
-        )
+        return TrunkState(cat([p.x for p in parts]), cat([p.x0 for p in parts]),
+                          None if backouts[0] is None else cat(backouts))
 
 
 @dataclass

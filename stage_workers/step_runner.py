@@ -25,6 +25,7 @@ shared memory).
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from collections import deque
@@ -42,36 +43,79 @@ from .sampling import sample
 RECV_TIMEOUT_S = 600.0  # a neighbour that sends nothing this long is stuck; the coordinator also watches
 
 
-@dataclass
-class Rows:
-    """Consecutive positions of one sequence between stages: start..start+len-1."""
+@dataclass(frozen=True)
+class Block:
+    """Packed rows of several sequences: a received message's, or a computed batch's."""
 
-    start: int
-    token_ids: torch.Tensor  # (n,)
-    trunk: TrunkState | None  # (n, C) boundary states; None before stage 0 computed them (or when held)
-    acc: torch.Tensor | None  # (m, V) Log-OP sums of the last m rows (m <= n)
+    token_ids: torch.Tensor  # (N,)
+    trunk: TrunkState | None  # (N, C); None before stage 0 computed them (or when held)
+    acc: torch.Tensor | None  # (M, V) Log-OP sums of some of the rows
 
-    def __len__(self) -> int:
+    @property
+    def num_rows(self) -> int:
         return self.token_ids.shape[0]
 
     @property
     def num_acc(self) -> int:
         return 0 if self.acc is None else self.acc.shape[0]
 
+
+class Rows:
+    """Consecutive positions of one sequence between stages, start..start+len-1: rows
+    [row0, row0 + len) of a `Block`, whose last `num_acc` carry Log-OP sums (rows [acc0, acc0 +
+    num_acc) of the block's sums). Tensors are sliced only when one sequence's are asked for:
+    rows that tile a block go back together without a copy (`pack`)."""
+
+    __slots__ = ("start", "length", "num_acc", "block", "row0", "acc0")
+
+    def __init__(self, start: int, length: int, num_acc: int, block: Block, row0: int = 0, acc0: int = 0):
+        self.start, self.length, self.num_acc, self.block, self.row0, self.acc0 = start, length, num_acc, block, row0, acc0
+
+    @classmethod
+    def of(cls, start: int, token_ids: torch.Tensor, trunk: TrunkState | None, acc: torch.Tensor | None) -> "Rows":
+        """Rows made of tensors of their own."""
+        return cls(start, token_ids.shape[0], 0 if acc is None else acc.shape[0], Block(token_ids, trunk, acc))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _whole(self) -> bool:
+        return self.row0 == 0 and self.length == self.block.num_rows
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.block.token_ids if self._whole() else self.block.token_ids[self.row0 : self.row0 + self.length]
+
+    @property
+    def trunk(self) -> TrunkState | None:
+        t = self.block.trunk
+        return t if t is None or self._whole() else t.select(slice(self.row0, self.row0 + self.length))
+
+    @property
+    def acc(self) -> torch.Tensor | None:
+        if self.num_acc == 0:
+            return None
+        acc = self.block.acc
+        return acc if self.acc0 == 0 and self.num_acc == acc.shape[0] else acc[self.acc0 : self.acc0 + self.num_acc]
+
+    def without_acc(self) -> "Rows":
+        return Rows(self.start, self.length, 0, self.block, self.row0, self.acc0)
+
     def then(self, later: "Rows") -> "Rows":
         """These rows followed by `later` (which must start where these end)."""
         require(later.start == self.start + len(self), f"rows {self.start}+{len(self)} then rows at {later.start}")
-        require(self.acc is None or later.num_acc == len(later), "Log-OP sums must cover a suffix of the rows")
-        trunk = None if self.trunk is None else TrunkState.cat([self.trunk, later.trunk])
-        acc = later.acc if self.acc is None else torch.cat([self.acc, later.acc])
-        return Rows(self.start, torch.cat([self.token_ids, later.token_ids]), trunk, acc)
+        require(self.num_acc == 0 or later.num_acc == len(later), "Log-OP sums must cover a suffix of the rows")
+        block = pack([self, later])
+        return Rows(self.start, len(self) + len(later), block.num_acc, block)
 
     def kept(self) -> "Rows":
         """These rows as tensors of their own: rows kept across steps must not hold on to (and so keep
         alive) the whole batch message they arrived in."""
-        trunk = None if self.trunk is None else TrunkState(*(None if t is None else t.clone() for t in
-                                                             (self.trunk.x, self.trunk.x0, self.trunk.x_backout)))
-        return Rows(self.start, self.token_ids.clone(), trunk, None if self.acc is None else self.acc.clone())
+        trunk = self.trunk
+        trunk = None if trunk is None else TrunkState(*(None if t is None else t.clone()
+                                                        for t in (trunk.x, trunk.x0, trunk.x_backout)))
+        acc = self.acc
+        return Rows.of(self.start, self.token_ids.clone(), trunk, None if acc is None else acc.clone())
 
     def before(self, length: int) -> "Rows | None":
         """The rows at positions < length (None if none)."""
@@ -81,8 +125,26 @@ class Rows:
         if keep >= len(self):
             return self
         num_acc = max(0, keep - (len(self) - self.num_acc))
-        return Rows(self.start, self.token_ids[:keep], None if self.trunk is None else self.trunk.select(slice(0, keep)),
-                    None if self.acc is None or num_acc == 0 else self.acc[:num_acc])
+        return Rows(self.start, keep, num_acc, self.block, self.row0, self.acc0)
+
+
+def pack(parts: list[Rows]) -> Block:
+    """The parts' rows one after another (and their sums): the block itself, or a slice of it, when
+    the parts tile one block in order (a batch split per sequence and put back together)."""
+    first, last = parts[0], parts[-1]
+    block = first.block
+    tiled = all(p.block is block for p in parts) and all(
+        b.row0 == a.row0 + a.length and (b.num_acc == 0 or a.num_acc == 0 or b.acc0 == a.acc0 + a.num_acc)
+        for a, b in zip(parts, parts[1:]))
+    with_acc = [p for p in parts if p.num_acc]
+    accs_tiled = tiled and all(b.acc0 == a.acc0 + a.num_acc for a, b in zip(with_acc, with_acc[1:]))
+    if tiled and accs_tiled:
+        whole = Rows(first.start, last.row0 + last.length - first.row0, sum(p.num_acc for p in parts), block, first.row0,
+                     with_acc[0].acc0 if with_acc else 0)
+        return Block(whole.token_ids, whole.trunk, whole.acc)
+    accs = [p.acc for p in with_acc]
+    return Block(_cat([p.token_ids for p in parts]), None if first.block.trunk is None else
+                 TrunkState.cat([p.trunk for p in parts]), _cat(accs) if accs else None)
 
 
 class StageRunner:
@@ -134,7 +196,7 @@ class StageRunner:
         work = []  # (step, rows) computed here now
         for s in steps:
             if k == 0:
-                work.append((s, Rows(s.start, torch.tensor(s.tokens, dtype=torch.long), None, None)))
+                work.append((s, Rows.of(s.start, torch.tensor(s.tokens, dtype=torch.long), None, None)))
                 continue
             handoff, rows = arrived.get(s.seq_id, (None, None))
             if handoff is None:
@@ -168,33 +230,93 @@ class StageRunner:
                     f"{num_heads} positions that need a distribution")
             segments.append(Segment(s.seq_id, rows.start, len(rows), num_heads))
             heads.append(num_heads)
+        packed = pack([rows for _, rows in work])  # (N, ...): the upstream's message itself, in the usual case
         batch = ExtendBatch(
             segments=segments,
-            token_ids=_cat([rows.token_ids for _, rows in work]),  # (N,)
+            token_ids=packed.token_ids,  # (N,)
             prev_token_ids=torch.tensor([s.prev_token for s, _ in work], dtype=torch.long) if k == 0 else None,
-            trunk=TrunkState.cat([rows.trunk for _, rows in work]) if k else None,  # (N, C)
+            trunk=packed.trunk if k else None,  # (N, C)
         )
         result = self.worker.extend(batch)
         for s, rows in work:
             self.computed[s.seq_id] = rows.start + len(rows)
         logprobs = None if result.logits is None else log_probs(result.logits)  # (M, V)
-        onward, row, head = [], 0, 0
-        for (s, rows), n_head in zip(work, heads):
-            n = len(rows)
-            trunk = None if result.trunk is None else result.trunk.select(slice(row, row + n))  # (n, C)
+        outs = self._accumulate(work, heads, logprobs, packed, Block(packed.token_ids, result.trunk, None))
+        greedy = self._decide_greedy(work, outs)  # every plain argmax of the step, in one op
+        onward, head = [], 0
+        for (s, _), n_head, out in zip(work, heads, outs):
             spec = self.specs[s.seq_id]
-            acc = rows.acc
             if n_head and spec.rule == "logits":
                 logits.append((s.seq_id, k, result.logits[head : head + n_head]))
-            elif n_head:
-                acc = rules.accumulate(acc, logprobs[head : head + n_head], spec.weights[k])
-            out = Rows(rows.start, rows.token_ids, trunk, acc)
-            park = self._decide(s, spec, out, None if logprobs is None else logprobs[head : head + n_head], decisions)
+            park = greedy.get(s.seq_id)
+            if park is None:
+                park = self._decide(s, spec, out, None if logprobs is None else logprobs[head : head + n_head],
+                                    decisions)
+            elif park != "continue":
+                decisions.append(Decision(s.seq_id, k, park[1]))
+                park = "final"
             if park is not None and k + 1 <= spec.reach:
-                onward.append((s, out if park != "final" else Rows(out.start, out.token_ids, out.trunk, None),
-                               park != "continue"))
-            row, head = row + n, head + n_head
+                onward.append((s, out if park != "final" else out.without_acc(), park != "continue"))
+            head += n_head
         return onward
+
+    def _accumulate(self, work, heads: list[int], logprobs: torch.Tensor | None, packed: Block, out: Block
+                    ) -> list[Rows]:
+        """Each sequence's rows after this stage, with w_k * log p_k added to the Log-OP sums that came
+        from upstream: for the whole batch in one op when every sequence with a distribution to add
+        brought its sums (or none did), one sequence at a time otherwise."""
+        k = self.stage
+        weights = [self.specs[s.seq_id].weights[k] if n and self.specs[s.seq_id].rule != "logits" else 0.0
+                   for (s, _), n in zip(work, heads)]
+        carrying = {rows.num_acc > 0 for (_, rows), w in zip(work, weights) if w}
+        if all(weights) and len(carrying) == 1:  # the whole batch at once (the usual case)
+            lp = logprobs if len(set(weights)) == 1 else logprobs * torch.tensor(
+                [w for w, n in zip(weights, heads) for _ in range(n)], device=logprobs.device)[:, None]
+            total = rules.accumulate(packed.acc if carrying == {True} else None, lp,
+                                     weights[0] if lp is logprobs else 1.0)  # (M, V)
+            block, rows_out, row, head = Block(out.token_ids, out.trunk, total), [], 0, 0
+            for (_, rows), n in zip(work, heads):
+                rows_out.append(Rows(rows.start, len(rows), n, block, row, head))
+                row, head = row + len(rows), head + n
+            return rows_out
+        rows_out, row, head = [], 0, 0
+        for (_, rows), n, w in zip(work, heads, weights):
+            acc = rules.accumulate(rows.acc, logprobs[head : head + n], w) if w else rows.acc
+            trunk = None if out.trunk is None else out.trunk.select(slice(row, row + len(rows)))
+            rows_out.append(Rows.of(rows.start, rows.token_ids, trunk, acc))
+            row, head = row + len(rows), head + n
+        return rows_out
+
+    def _decide_greedy(self, work, outs: list[Rows]) -> dict[int, object]:
+        """The step's plain decisions at once: a greedy token at the deepest stage, and WAND's
+        margin test. seq_id -> "continue" (WAND goes on) or ("final", token)."""
+        k, last = self.stage, self.num_stages - 1
+        picked, last_rows, divisors, thresholds = [], [], [], []
+        for (s, _), rows in zip(work, outs):
+            spec = self.specs[s.seq_id]
+            if rows.num_acc == 0 or s.action != "decide":
+                continue
+            if spec.rule == "wand" or (spec.rule == "sample" and spec.sampling is None and k == s.depth):
+                picked.append(s.seq_id)
+                last_rows.append(rows)
+                divisors.append(rules.divisor(spec.weights, k, spec.alpha))
+                thresholds.append(-math.inf if spec.rule != "wand" or k == last else spec.exit_thresholds[k])
+        if not picked:
+            return {}
+        block = last_rows[0].block
+        if all(r.block is block for r in last_rows):  # one gather from the batch's sums
+            index = torch.tensor([r.acc0 + r.num_acc - 1 for r in last_rows], device=block.acc.device)
+            stacked = block.acc.index_select(0, index)  # (B, V)
+        else:
+            stacked = _cat([r.acc[-1:] for r in last_rows])  # (B, V)
+        scores = stacked / divisors[0] if len(set(divisors)) == 1 else \
+            stacked / torch.tensor(divisors, device=stacked.device)[:, None]
+        tokens = scores.argmax(dim=-1).tolist()
+        wand = [t > -math.inf for t in thresholds]
+        exits = rules.wand_exits(scores, torch.tensor(thresholds, device=scores.device)).tolist() if any(wand) \
+            else [True] * len(picked)
+        return {seq_id: ("final", token) if done or not w else "continue"
+                for seq_id, token, done, w in zip(picked, tokens, exits, wand)}
 
     def _decide(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor | None, decisions: list) -> str | None:
         """Apply the sequence's rule at this stage. Returns how its rows go on: "continue" (the next
@@ -230,7 +352,7 @@ class StageRunner:
             decisions.append(Decision(s.seq_id, k, int(own[-1].argmax())))
             if k == last:
                 held = self.held.get(s.seq_id)
-                kept = Rows(rows.start, rows.token_ids, None, rows.acc)
+                kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
                 self.held[s.seq_id] = kept.kept() if held is None else held.then(kept)
                 return None
             return "park"
@@ -240,7 +362,7 @@ class StageRunner:
         """Speculative verification at the last stage: the full-PoE choice at the last committed
         position and each drafted one; drafts kept up to the first disagreement, plus one token."""
         held = self.held.pop(s.seq_id, None)
-        kept = Rows(rows.start, rows.token_ids, None, rows.acc)
+        kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
         rows = kept if held is None else held.then(kept)
         scores = rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha)  # (k+1, V)
         targets = scores.argmax(dim=-1).tolist()
@@ -358,15 +480,11 @@ def takes_part(spec: SeqSpec, s: SeqStep, stage: int, worker_id: int) -> bool:
 
 
 def _split(message: Boundary) -> dict[int, tuple[Handoff, Rows]]:
-    """A boundary message's rows, per sequence."""
-    if len(message.handoffs) == 1:  # the whole message is one sequence's: nothing to slice
-        h = message.handoffs[0]
-        return {h.seq_id: (h, Rows(h.start, message.token_ids, message.trunk, message.acc))}
+    """A boundary message's rows, per sequence (views into the message, sliced only if needed)."""
+    block = Block(message.token_ids, message.trunk, message.acc)
     out, row, acc_row = {}, 0, 0
     for h in message.handoffs:
-        rows = slice(row, row + h.length)
-        acc = None if h.num_acc == 0 else message.acc[acc_row : acc_row + h.num_acc]
-        out[h.seq_id] = (h, Rows(h.start, message.token_ids[rows], message.trunk.select(rows), acc))
+        out[h.seq_id] = (h, Rows(h.start, h.length, h.num_acc, block, row, acc_row))
         row, acc_row = row + h.length, acc_row + h.num_acc
     return out
 
@@ -375,13 +493,25 @@ def _boundary(step: int, index: int, items: list[tuple[int, Rows, bool]]) -> Bou
     handoffs = tuple(Handoff(seq_id, rows.start, len(rows), rows.num_acc, park) for seq_id, rows, park in items)
     if not items:
         return Boundary(step, index, handoffs, torch.empty(0, dtype=torch.long), None, None)
-    accs = [rows.acc for _, rows, _ in items if rows.acc is not None]
-    return Boundary(step, index, handoffs, _cat([rows.token_ids for _, rows, _ in items]),
-                    TrunkState.cat([rows.trunk for _, rows, _ in items]), _cat(accs) if accs else None)
+    block = pack([rows for _, rows, _ in items])  # the computed batch itself when everything goes on together
+    return Boundary(step, index, handoffs, block.token_ids, block.trunk, block.acc)
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    """The tensors one after another along dim 0; no copy when they are already adjacent rows of one
+    buffer (a batch's rows split per sequence and put back together, the common case)."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first
+    end, last = first.data_ptr(), tensors[-1]
+    for t in tensors:  # consecutive in memory, between two ends of one storage: rows of one buffer
+        if t.data_ptr() != end or not t.is_contiguous():
+            return torch.cat(tensors)
+        end += t.nbytes
+    if last.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+        return torch.cat(tensors)
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def serve_forever(runner: StageRunner, control, results, connect) -> None:
