@@ -171,5 +171,9 @@ class Autoscaler:
             if target is not None and not self._stop.is_set():
                 log.info("autoscaler: stage %d: %d -> %d replicas (utilization %s, KV usage %.2f)", k,
                          signals[k].replicas, target, stage.utilization(), stage.kv_usage())
-                self.model.scale_stage(k, target)
+                try:
+                    self.model.scale_stage(k, target)
+                except (ValueError, RuntimeError) as exc:  # no room in the cluster: tried again after the delay
+                    log.warning("autoscaler: stage %d: could not scale to %d replicas: %s", k, target, exc)
+                    continue
                 self.history.append((now, k, target))

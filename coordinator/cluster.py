@@ -7,7 +7,8 @@ in-process model, over shared-memory channels (`serve`): plans from the coordina
 states straight to the next stage's actor, decisions back. `RayWorkers` is what the channel
 transport (coordinator/transport.py) needs from Ray: start a loop, find dead actors, wait for a
 restart, kill a stuck one. A stage may run several replicas (`replicas` in the serving config)
-and `scale_stage` changes that count while requests run. The engine, pipeline, replica
+and `scale_stage` changes that count while requests run, by hand or by the stage's autoscaler
+(coordinator/autoscaler.py, from its `autoscaling:` block). The engine, pipeline, replica
 placement and modes are the in-process ones.
 """
 
@@ -32,12 +33,14 @@ from stage_workers.step_runner import StageRunner, serve_forever
 from stage_workers.worker import StageWorker, WorkerSpec
 
 from . import requests as rq
+from .autoscaler import Autoscaler
 from .engine import EngineConfig
 from .model import PoEModel
 from .serving_config import ServingConfig, StagePlacement, load_serving_config
 from .transport import ChannelTransport
 
 PLACEMENT_TIMEOUT_S = 120
+NODE_START_TIMEOUT_S = 600  # with cluster_autoscaling: how long a new replica may wait for Ray to add a node
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
 ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on the others
 # OpenMP threads that finished their work sleep instead of spinning, so a waiting CPU worker
@@ -182,15 +185,15 @@ def _bundle(p: StagePlacement) -> dict[str, float]:
     return {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.01}
 
 
-def _reserve(bundles: list[dict[str, float]], strategy: str):
+def _reserve(bundles: list[dict[str, float]], strategy: str, timeout: float = PLACEMENT_TIMEOUT_S):
     """A ready placement group, or a RuntimeError saying what did not fit."""
     group = placement_group(bundles, strategy=strategy)
     try:
-        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        ray.get(group.ready(), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise RuntimeError(
-            f"Ray could not place the stage workers within {PLACEMENT_TIMEOUT_S}s: bundles "
+            f"Ray could not place the stage workers within {timeout:g}s: bundles "
             f"{bundles} do not fit the cluster's resources {ray.cluster_resources()}"
         ) from None
     return group
@@ -244,6 +247,9 @@ class PoECluster(PoEModel):
         model.placement_group, model.replicas = group, replicas  # stage -> its replicas, engine order
         model.spare_bundles = []  # (stage, bundle index) of the launch group freed by scaling down
         model._scaling = threading.Lock()
+        scaled = {k: serving.placement(k).autoscaling for k in range(model_config.num_stages)
+                  if serving.placement(k).autoscaling is not None}
+        model.autoscaler = Autoscaler(model, scaled).start() if scaled else None
         return model
 
     @property
@@ -275,8 +281,8 @@ class PoECluster(PoEModel):
 
     def _check_room(self, stage: int, more: int) -> None:
         """Refuse at once a count the cluster's resources can never hold (rather than wait for
-        placement groups that cannot be placed)."""
-        if more <= 0:
+        placement groups that cannot be placed), unless Ray adds nodes on demand (cluster_autoscaling)."""
+        if more <= 0 or self.serving_config.cluster_autoscaling:
             return
         bundle, total = _bundle(self.serving_config.placement(stage)), ray.cluster_resources()
         held = {key: sum(_bundle(self.serving_config.placement(k)).get(key, 0) * len(rs)
@@ -296,7 +302,8 @@ class PoECluster(PoEModel):
             self.spare_bundles.remove(spare)
             group, index, own = self.placement_group, spare[1], False
         else:
-            group, index, own = _reserve([_bundle(self.serving_config.placement(stage))], "PACK"), 0, True
+            timeout = NODE_START_TIMEOUT_S if self.serving_config.cluster_autoscaling else PLACEMENT_TIMEOUT_S
+            group, index, own = _reserve([_bundle(self.serving_config.placement(stage))], "PACK", timeout), 0, True
         replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.dtype, stage, group, index),
                           group, index, own)
         try:
@@ -318,6 +325,8 @@ class PoECluster(PoEModel):
         return ray.get([a.rss_bytes.remote() for a in self.actors])
 
     def shutdown(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         self.loop.stop()
         for actor in self.actors:
             ray.kill(actor)

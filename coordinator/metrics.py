@@ -5,21 +5,24 @@ counts every request the loop serves, whoever sent it (gRPC, HTTP, Python). It w
 request's event queue as it is submitted and counts what the caller is told, as the loop puts it:
 every way the loop ends a request is counted, whichever code path ends it. Each step tells it
 which sequences ran (queue time, prefill tokens) and how long the step took. Request counts and
-KV usage are read from the engine at scrape time. `observe_stage_busy` is the hook the data plane
-feeds with worker busy time. It knows the loop's events and the engine's counts, not HTTP or gRPC.
+KV usage are read from the engine at scrape time, and each stage's busy time from its workers. It
+knows the loop's events, the engine's counts and the model's stage signals, not HTTP or gRPC.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .engine_loop import Event, EngineLoop, RequestHandle
+
+log = logging.getLogger("poe_serve.metrics")
 
 PREFIX = "poe:"
 # seconds; from 1 ms (a decode step of a small model) to over 15 min (a long queued generation)
@@ -48,7 +51,7 @@ class Metrics:
         """`model`: a PoEModel or PoECluster (its engine's counts are read at scrape time)."""
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineGauges(model.engine, model_name))
+        self.registry.register(_EngineGauges(model, model_name))
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(PREFIX + name, doc, ["model_name", *labels], registry=self.registry)
@@ -63,7 +66,6 @@ class Metrics:
         self.draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative draft tokens proposed")
         self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted")
         self.wand_exits = counter("wand_exits", "WAND tokens by the stage they exited at", "stage")
-        self.stage_busy = counter("stage_busy_seconds", "Seconds a stage's workers spent computing", "stage")
         self.ttft = histogram("time_to_first_token_seconds", "Submission to first generated token")
         self.itl = histogram("inter_token_latency_seconds", "Between successive deliveries of a request's tokens")
         self.e2e = histogram("e2e_request_latency_seconds", "Submission to the end, of requests that ran to it")
@@ -71,7 +73,6 @@ class Metrics:
         self.step_time = histogram("engine_step_seconds", "One engine step: schedule, every stage, update")
         for k in range(model.config.num_stages):  # every stage's series from the start, at 0
             self.wand_exits.labels(model_name, str(k))
-            self.stage_busy.labels(model_name, str(k))
         self._admitting: dict[int, _Watched] = {}  # id -> queue of each request not yet run by a step
         self._lock = threading.Lock()
 
@@ -89,11 +90,6 @@ class Metrics:
         finished_reason=stop rather than abort."""
         if isinstance(handle.events, _Watched):
             handle.events.finished_reason = "stop"
-
-    def observe_stage_busy(self, stage: int, seconds: float) -> None:
-        """Add a stage's worker busy time (the data plane reports it per step; the coordinator
-        cannot see inside a worker's call)."""
-        self.stage_busy.labels(self.model_name, str(stage)).inc(seconds)
 
     # ---- told by the engine loop --------------------------------------------------------------
     def on_submit(self, handle: RequestHandle) -> None:
@@ -140,11 +136,13 @@ class Metrics:
 
 
 class _EngineGauges(Collector):
-    """Read from the engine at scrape time: requests running and waiting, and the share of each
-    replica's KV blocks promised to admitted sequences (each is promised its whole length)."""
+    """Read at scrape time: requests running and waiting, the share of each replica's KV blocks
+    promised to admitted sequences (each is promised its whole length), and each stage's busy
+    seconds summed over its live workers (a restarted or removed worker's time starts again from
+    0, which Prometheus' rate() reads as a counter reset)."""
 
-    def __init__(self, engine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, model, model_name: str):
+        self.model, self.engine, self.model_name = model, model.engine, model_name
 
     def collect(self):
         running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the running batch",
@@ -158,4 +156,15 @@ class _EngineGauges(Collector):
         for k, stage in enumerate(self.engine.stages):
             for r, (capacity, promised) in enumerate(zip(list(stage.capacity), list(stage.promised))):
                 kv.add_metric([self.model_name, str(k), str(r)], promised / capacity if capacity else 0.0)
-        return [running, waiting, kv]
+        busy = CounterMetricFamily(PREFIX + "stage_busy_seconds", "Seconds a stage's workers spent computing "
+                                   "and deciding (utilization: rate / replicas)", labels=["model_name", "stage"])
+        replicas = GaugeMetricFamily(PREFIX + "stage_replicas", "Workers serving a stage (autoscaling moves it)",
+                                     labels=["model_name", "stage"])
+        for k, stage in enumerate(self.engine.stages):
+            replicas.add_metric([self.model_name, str(k)], len(stage.workers))
+        try:
+            for k, signals in enumerate(self.model.stage_signals()):
+                busy.add_metric([self.model_name, str(k)], signals.busy_s)
+        except Exception as exc:  # a worker being restarted: this scrape has no busy figures
+            log.warning("stage busy time not read: %s", exc)
+        return [running, waiting, kv, replicas, busy]

@@ -16,6 +16,7 @@ from stage_workers.config import ModelConfig, load_config
 from stage_workers.worker import StageWorker, WorkerSpec
 
 from . import requests as rq
+from .autoscaler import StageSignals
 from .engine import Engine, EngineConfig
 from .engine_loop import EngineLoop
 from stage_workers.logop import combine, log_probs, normalize
@@ -69,6 +70,17 @@ class PoEModel:
     def replica_infos(self) -> list[tuple[int, object]]:
         """(replica index, WorkerInfo) of every worker, stage by stage, in `workers` order."""
         return [(r, w.info()) for stage in self.engine.stages for r, w in enumerate(list(stage.workers))]
+
+    def stage_signals(self) -> list[StageSignals]:
+        """Each stage's load now (the autoscaler's and the busy-time metric's input): its replicas,
+        their busy seconds, and its KV blocks promised and held. Read from outside the engine loop:
+        a worker's busy time comes from the worker itself (a Ray call for an actor)."""
+        signals = []
+        for stage in self.engine.stages:
+            workers, promised, capacity = list(stage.workers), list(stage.promised), list(stage.capacity)
+            signals.append(StageSignals(len(workers), sum(w.info().busy_s for w in workers), sum(promised),
+                                        sum(capacity)))
+        return signals
 
     # ---- running requests ------------------------------------------------------------------
     def run(self, requests: list) -> list[Sequence]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from .autoscaler import AutoscalingConfig, autoscaling_from_yaml
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local-cpu.yaml"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -29,6 +31,7 @@ class StagePlacement:
     num_threads: int | None = None  # torch threads of a CPU worker; None: every core of its node
     replicas: int = 1  # workers serving this stage; a sequence stays on one
     cuda_graphs: bool | None = None  # decode steps as CUDA graphs per batch bucket; None: on for CUDA
+    autoscaling: AutoscalingConfig | None = None  # replicas follow load within [min, max]; `replicas` is the start
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ServingConfig:
     pipeline_micro_batches: int = 1  # groups of a step's sequences in flight at once, one stage apart
     step_timeout_s: float = 300.0  # a worker silent this long in a step is stuck: killed and restarted
     transport: str = "auto"  # channels: auto (shared memory on one node and device, else torch.distributed) | shm | dist
+    cluster_autoscaling: bool = False  # Ray adds nodes for pending replicas (KubeRay): scale-ups wait, not refused
     source: str = ""
 
     def placement(self, stage: int) -> StagePlacement:
@@ -60,6 +64,8 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+    if raw.get("autoscaling") is not None:
+        raw = {**raw, "autoscaling": autoscaling_from_yaml(raw["autoscaling"], where)}
     p = replace(base, **raw)
     for key in ("num_cpus", "num_gpus"):
         value = getattr(p, key)
@@ -85,6 +91,10 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
         raise ValueError(f"{where}: cuda_graphs={p.cuda_graphs!r} must be null, true or false")
     if not isinstance(p.replicas, int) or p.replicas < 1:
         raise ValueError(f"{where}: replicas={p.replicas!r} must be an integer >= 1")
+    scaling = p.autoscaling
+    if scaling is not None and not scaling.min_replicas <= p.replicas <= scaling.max_replicas:
+        raise ValueError(f"{where}: replicas={p.replicas} is outside autoscaling's "
+                         f"[min_replicas, max_replicas] = [{scaling.min_replicas}, {scaling.max_replicas}]")
     return p
 
 
@@ -93,7 +103,8 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
     limit_keys = ("max_num_seqs", "max_queue", "max_worker_restarts", "max_recoveries", "max_prefill_chunk",
                   "max_num_batched_tokens", "pipeline_micro_batches")
-    known = {"stages", "defaults", "placement_strategy", "step_timeout_s", "transport", *limit_keys}
+    known = {"stages", "defaults", "placement_strategy", "step_timeout_s", "transport", "cluster_autoscaling",
+             *limit_keys}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
@@ -115,8 +126,11 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     transport = raw.get("transport", ServingConfig.transport)
     if transport not in ("auto", "shm", "dist"):
         raise ValueError(f"{source}: transport={transport!r}; allowed: auto, shm, dist")
+    cluster_autoscaling = raw.get("cluster_autoscaling", False)
+    if not isinstance(cluster_autoscaling, bool):
+        raise ValueError(f"{source}: cluster_autoscaling={cluster_autoscaling!r} must be true or false")
     return ServingConfig(stages, defaults, strategy, source=source, step_timeout_s=float(timeout), transport=transport,
-                         **limits)
+                         cluster_autoscaling=cluster_autoscaling, **limits)
 
 
 def load_serving_config(path: str | Path | None = None) -> ServingConfig:

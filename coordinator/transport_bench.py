@@ -62,6 +62,7 @@ class EchoWorker:
 
     def __init__(self, stage: int, n_embd: int, vocab: int):
         self.stage, self.n_embd, self.device = stage, n_embd, torch.device("cpu")
+        self.busy_s = 0.0
         self.logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(stage))  # (1, V)
 
     def extend(self, batch) -> ExtendResult:

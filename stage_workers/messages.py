@@ -150,6 +150,7 @@ class WorkerInfo:
     kv_num_blocks: int
     kv_free_blocks: int
     resident_bytes: int  # weights plus preallocated KV cache
+    busy_s: float = 0.0  # seconds spent computing and deciding since the process started (stage utilization)
 
 
 # ---- the step: coordinator -> every worker --------------------------------------------------

@@ -160,7 +160,6 @@ class StageRunner:
         self.parked: dict[int, Rows] = {}  # rows computed upstream that this stage owes (WAND, drafts)
         self.held: dict[int, Rows] = {}  # last stage: drafted positions' sums awaiting verification
         self._undo: tuple[int, dict] | None = None  # (step, seq_id -> state before it)
-        self.busy_s = 0.0  # time spent computing and deciding, over all steps (per-stage busy metrics)
 
     # ---- the step ------------------------------------------------------------------------------
     def run_step(self, plan: StepPlan) -> StepResult | None:
@@ -209,7 +208,7 @@ class StageRunner:
                 work.append((s, rows))
         started = time.perf_counter()
         onward = self._compute_and_decide(work, decisions, logits) if work else []
-        self.busy_s += time.perf_counter() - started
+        self.worker.busy_s += time.perf_counter() - started
         self._send(plan, index, steps, onward)
 
     # ---- compute and decide --------------------------------------------------------------------

@@ -61,6 +61,7 @@ class StageWorker:
         self.device = torch.device(spec.device)
         self.dtype = resolve_dtype(spec.dtype, spec.device)
         self.slice = stage_slice
+        self.busy_s = 0.0  # seconds its step runner spent computing and deciding (stage utilization)
         tokens = spec.kv_cache_tokens or self._tokens_from_memory() or 8 * config.sequence_len
         self.cache = PagedKVCache(
             num_layers=len(stage_slice.layers),
@@ -128,6 +129,7 @@ class StageWorker:
             kv_num_blocks=self.cache.num_blocks,
             kv_free_blocks=self.cache.num_free_blocks,
             resident_bytes=weight_bytes + self.cache.nbytes,
+            busy_s=self.busy_s,
         )
 
     # ---- helpers ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class FakeWorker:
         self.tokens: dict[int, list[int]] = {}
         self.calls: list[list[tuple[int, int, int, int]]] = []  # per call: (seq, start, length, heads)
         self.rollbacks: list[tuple[int, int]] = []
+        self.busy_s = 0.0
 
     def extend(self, batch) -> ExtendResult:
         self.calls.append([(s.seq_id, s.start, s.length, s.num_heads) for s in batch.segments])
@@ -61,4 +62,4 @@ class FakeWorker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.stage, (self.stage, self.stage), "cpu", "float32", 0, self.block_size,
-                          self.kv_blocks, self.kv_blocks, 0)
+                          self.kv_blocks, self.kv_blocks, 0, self.busy_s)

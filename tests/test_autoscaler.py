@@ -9,10 +9,12 @@ import time
 import pytest
 import torch
 
+from coordinator import requests as rq
 from coordinator.autoscaler import AutoscalingConfig, StageAutoscaler, StageSignals, autoscaling_from_yaml
 
 
 CLOCK = {"t": 0.0, "busy": 0.0}
+UTILIZATION_TARGET = 0.3  # the Ray test: drafting keeps stage 0 busier than this (~0.45 measured), the others not (~0.15)
 
 
 def feed(scaler: StageAutoscaler, t0: float, seconds: int, busy_share: float, replicas: int, kv=(0, 100)):
@@ -66,3 +68,55 @@ def test_autoscaling_blocks_are_checked_with_the_field_named():
         with pytest.raises(ValueError, match="x.yaml: stages\\[0\\]: autoscaling: " + message.replace("(", "\\(")
                            .replace(")", "\\)").replace("[", "\\[").replace("]", "\\]")):
             autoscaling_from_yaml(raw, "x.yaml: stages[0]")
+
+
+def test_on_ray_speculative_load_grows_stage_0_idleness_shrinks_it_and_no_token_changes(ray_session, tiny_dir,
+                                                                                          tiny_model):
+    """Drafting keeps stage 0 busy while the later stages mostly wait: with the same autoscaling
+    block on every stage, only stage 0 grows under the load, and it shrinks back once idle."""
+    from coordinator.cluster import PoECluster
+    from coordinator.serving_config import ServingConfig, StagePlacement
+
+    config = tiny_model.config
+    mode = rq.speculative_mode(config, 0, 8)
+    prompts = torch.randint(0, config.vocab_size, (6, 12), generator=torch.Generator().manual_seed(11))
+    jobs = [rq.build_requests(config, prompts[i : i + 1], 40, mode)[0] for i in range(len(prompts))]
+    expected = [s.new_tokens for s in tiny_model.run(jobs)]
+    scaling = AutoscalingConfig(min_replicas=1, max_replicas=2, target_utilization=UTILIZATION_TARGET,
+                                upscale_delay_s=1.0, downscale_delay_s=2.0, metrics_interval_s=0.25,
+                                look_back_period_s=1.0)
+    serving = ServingConfig(stages=(StagePlacement(autoscaling=scaling),) * config.num_stages)
+    with PoECluster.launch(tiny_dir, config=serving) as cluster:
+        stop, outputs, errors = threading.Event(), [], []
+
+        def load(client: int) -> None:  # one client: request after request, round the prompts
+            i = client
+            while not stop.is_set():
+                try:
+                    outputs.append((i, cluster.run([jobs[i]])[0].new_tokens))
+                except BaseException as exc:  # the assertion below names it
+                    errors.append(exc)
+                    return
+                i = (i + 1) % len(jobs)
+
+        clients = [threading.Thread(target=load, args=(c,)) for c in range(len(jobs))]
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 120
+        while [len(r) for r in cluster.replicas][0] < 2 and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+        grown = len(outputs)
+        while len(outputs) < grown + len(jobs) and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)  # requests keep running on the grown stage
+        stop.set()
+        for t in clients:
+            t.join()
+        assert not errors, errors[0]
+        assert [len(r) for r in cluster.replicas] == [2, 1, 1, 1], cluster.autoscaler.history
+        while len(cluster.replicas[0]) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        history = [(stage, replicas) for _, stage, replicas in cluster.autoscaler.history]
+        assert history == [(0, 2), (0, 1)], "stage 0 grew under drafting and shrank when idle; no other stage moved"
+        assert len(outputs) > grown + len(jobs) - 1
+        assert all(tokens == expected[i] for i, tokens in outputs), "a request's tokens changed"
+        assert cluster.run(jobs[:2])[0].new_tokens == expected[0]

@@ -302,6 +302,12 @@ BAD_PLACEMENTS = {  # id: (file text, what the error must say after the file nam
     "zero-token-budget": ("max_num_batched_tokens: 0\n", "max_num_batched_tokens=0 must be an integer >= 1"),
     "negative-recoveries": ("max_recoveries: -1\n", "max_recoveries=-1 must be an integer >= 0"),
     "zero-step-timeout": ("step_timeout_s: 0\n", "step_timeout_s=0 must be a number of seconds > 0"),
+    "autoscaling-unknown-key": ("stages:\n  - {autoscaling: {max: 2, target_utilization: 0.5}}\n",
+                                "stages[0]: autoscaling: unknown key 'max'"),
+    "replicas-outside-autoscaling": ("stages:\n  - {replicas: 3, autoscaling: {max_replicas: 2, target_kv_usage: 0.5}}\n",
+                                     "stages[0]: replicas=3 is outside autoscaling's [min_replicas, max_replicas] = [1, 2]"),
+    "cluster-autoscaling-not-bool": ("cluster_autoscaling: sometimes\n",
+                                     "cluster_autoscaling='sometimes' must be true or false"),
     "not-a-mapping": ("- PACK\n", "expected a YAML mapping"),
     "not-yaml": ("defaults: [\n", "not valid YAML"),
 }

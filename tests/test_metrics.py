@@ -9,7 +9,6 @@ request while it runs and return to zero after.
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -133,12 +132,16 @@ def test_every_ending_is_counted_by_its_reason(served):
     assert value(m, "poe:e2e_request_latency_seconds_count") == 3  # the ones that ran to their end
 
 
-def test_stage_busy_time_is_fed_through_its_hook(served):
-    assert {value(scrape(served.url), "poe:stage_busy_seconds_total", stage=str(k)) for k in range(4)} == {0}
-    threads = [threading.Thread(target=served.http.metrics.observe_stage_busy, args=(1, 0.25)) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    m = scrape(served.url)
-    assert [value(m, "poe:stage_busy_seconds_total", stage=str(k)) for k in range(4)] == [0, 0.5, 0, 0]
+def test_stage_busy_time_counts_the_stages_a_request_ran_through(served):
+    busy = lambda m: [value(m, "poe:stage_busy_seconds_total", stage=str(k)) for k in range(4)]  # noqa: E731
+    first = scrape(served.url)
+    assert busy(first) == [0, 0, 0, 0]
+    assert [value(first, "poe:stage_replicas", stage=str(k)) for k in range(4)] == [1, 1, 1, 1]
+    ids = prompt_ids(6)
+    served.client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0,
+                                     extra_body={"poe_mode": "stage", "stage": 0})
+    only_first = busy(scrape(served.url))
+    assert only_first[0] > 0 and only_first[1:] == [0, 0, 0], "a stage-0 drafter ran stage 0 alone"
+    served.client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    full = busy(scrape(served.url))
+    assert full[0] > only_first[0] and all(b > 0 for b in full[1:]), "the full model ran every stage"
