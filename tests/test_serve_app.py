@@ -78,3 +78,34 @@ def test_the_builder_takes_serve_args_and_refuses_unknown_ones(tiny_dir):
         call_user_app_builder_with_args_if_necessary(build, {"checkpoint": str(tiny_dir), "chekpoint": "x"})
     with pytest.raises(pydantic.ValidationError, match="grpc_port"):
         call_user_app_builder_with_args_if_necessary(build, {"checkpoint": str(tiny_dir), "grpc_port": "50051"})
+
+
+def test_the_app_serves_completions_under_ray_serve(ray_session, tiny_dir, tiny_model):
+    """The deployment itself on the session's Ray (about 10 s here): it launches the stage workers,
+    answers /ready and a completion with the in-process model's tokens, and Serve reports it RUNNING."""
+    import json
+    import socket
+    import urllib.request
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        app = call_user_app_builder_with_args_if_necessary(build, {"checkpoint": str(tiny_dir), "served_model_name": "tiny",
+                                                                  "shutdown_timeout_s": 5})
+        serve.run(app, name="poe-serve", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(url + "/ready", timeout=30) as reply:
+            assert json.loads(reply.read()) == {"status": "ready"}
+        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0, "return_token_ids": True}
+        request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            tokens = json.loads(reply.read())["choices"][0]["token_ids"]
+        assert tokens == tiny_model.generate([[1, 2, 3]], 5)[0, 3:].tolist()
+        assert serve.status().applications["poe-serve"].status == "RUNNING"
+    finally:
+        serve.shutdown()
