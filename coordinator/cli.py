@@ -204,9 +204,9 @@ def cmd_serve(args) -> None:
         tokenizer = load_tokenizer(checkpoint)
         server = Server(cluster, tokenizer, host=args.host, port=args.port,
                         max_queue=cluster.serving_config.max_queue, security=security)
-        # the OpenAI-compatible HTTP API and /metrics, on the same engine loop (coordinator/http_api.py)
+        # the OpenAI-compatible HTTP API and /metrics, on the same engine loop and drain (coordinator/http_api.py)
         http = serve_http(cluster, tokenizer, args.host, args.http_port, args.metrics_port, security,
-                          args.served_model_name or Path(checkpoint).name)
+                          args.served_model_name or Path(checkpoint).name, drain=server.admission)
     except BaseException:
         cluster.shutdown()
         raise

@@ -1,14 +1,17 @@
 """The OpenAI-compatible HTTP front: a thin FastAPI app over the `EngineLoop`, served by uvicorn.
 
 Routes: `POST /v1/completions` (whole, or streamed as server-sent events by sse-starlette),
-`GET /v1/models`, `/health` (the process answers), `/ready` (the engine loop runs and no stage
-is down) and `/metrics` (Prometheus, coordinator/metrics.py). A completion is validated at the
-boundary (http_schema's pydantic models, then the gRPC checks through http_wire), submitted to
-the shared engine loop as one sequence per choice, and its events become JSON as they come. A
-client that goes away has its sequences aborted, freeing their KV, as gRPC does. Errors are
-OpenAI's JSON shape: 400 naming the field, 401, 404, 429 (queue full), 503 (a lost worker, not
-ready). `prompt_logprobs` is the one place the front reads model scores. The front knows requests
-and events, not how the engine computes them.
+`GET /v1/models`, `/health` (liveness: the engine loop has not died), `/ready` (readiness: not
+draining, the engine loop runs and no stage is down) and `/metrics` (Prometheus,
+coordinator/metrics.py). The probes answer without the bearer token, as vLLM's /health does: a
+Kubernetes probe cannot read a Secret. A completion counts as in flight in the server's `Drain`
+(shared with gRPC) until its last byte is sent; once the drain started, new ones are 503. A
+completion is validated at the boundary (http_schema's pydantic models, then the gRPC checks
+through http_wire), submitted to the shared engine loop as one sequence per choice, and its
+events become JSON as they come. A client that goes away has its sequences aborted, freeing its
+KV, as gRPC does. Errors are OpenAI's JSON shape: 400 naming the field, 401, 404, 429 (queue
+full), 503 (a lost worker, not ready, draining). `prompt_logprobs` is the one place the front
+reads model scores. The front knows requests and events, not how the engine computes them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from stage_workers.messages import WorkerLost
 
 from . import requests as rq
 from . import wire
+from .drain import Drain
 from .engine_loop import EngineLoop, Event, QueueFull, RequestHandle
 from .http_schema import Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage
 from .http_wire import BadRequest, ChoiceText, CompletionPlan, completion_plan, from_validation_errors, logprobs_of
@@ -45,6 +49,8 @@ from .security import ServerSecurity
 from .tokenizer import Tokenizer
 
 THREAD_HEADROOM = 16  # event-reading threads beyond running + queued sequences
+PROBE_PATHS = ("/health", "/ready")  # answered without the bearer token
+ADMITTED_PATHS = ("/v1/completions",)  # counted in flight by the drain, refused once it started
 
 
 def prompt_logprobs(loop: EngineLoop, ids: list[int], top_n: int
@@ -95,20 +101,40 @@ def api_error(exc: BaseException, param: str | None = None) -> ApiError:
 
 
 class BearerToken:
-    """ASGI middleware: every route needs `Authorization: Bearer <token>` (compared in constant
-    time), checked before the body is read, as the gRPC interceptor does for every RPC."""
+    """ASGI middleware: every route but the probes needs `Authorization: Bearer <token>` (compared
+    in constant time), checked before the body is read, as the gRPC interceptor does for every RPC."""
 
     def __init__(self, app, token: str):
         self.app, self.expected = app, f"Bearer {token}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"] not in PROBE_PATHS:
             sent = dict(scope["headers"]).get(b"authorization")
             if sent is None or not hmac.compare_digest(sent, self.expected):
                 error = ApiError(401, "missing 'Authorization: Bearer <token>' header" if sent is None else
                                  "invalid bearer token", "authentication_error", code="invalid_api_key")
                 return await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class Admission:
+    """ASGI middleware: a completion counts in `drain` from its first byte in to its last byte out
+    (a stream's included), so a drain waits for it; once the drain started, new ones are 503."""
+
+    def __init__(self, app, drain: Drain):
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in ADMITTED_PATHS:
+            return await self.app(scope, receive, send)
+        if not self.drain.enter():
+            refused = ApiError(503, "draining: the server is shutting down and takes no new requests; "
+                               "retry on another replica", "service_unavailable", code="draining")
+            return await refused.response()(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.leave()
 
 
 # ---- completions -------------------------------------------------------------------------------
@@ -126,24 +152,39 @@ class _Choice:
 class Front:
     """The routes' handlers over one model's engine loop."""
 
-    def __init__(self, model, tokenizer: Tokenizer, model_name: str, metrics: Metrics):
+    def __init__(self, model, tokenizer: Tokenizer, model_name: str, metrics: Metrics, drain: Drain):
         self.model, self.loop, self.tokenizer, self.config = model, model.loop, tokenizer, model.config
-        self.model_name, self.metrics, self.created = model_name, metrics, int(time.time())
+        self.model_name, self.metrics, self.drain, self.created = model_name, metrics, drain, int(time.time())
         # A sequence's events are read by a thread blocked on its queue: room for the running batch and the queue
         self.limiter = anyio.CapacityLimiter(model.engine.engine_config.max_num_seqs + self.loop.max_queue
                                              + THREAD_HEADROOM)
 
-    def check_ready(self) -> None:
-        """503 unless the engine loop runs and every stage has a live worker."""
+    def not_ready(self) -> str | None:
+        """Why new requests would not all be served (draining, the engine loop down, a stage down), or None."""
+        if self.drain.draining:
+            return "draining: the server is shutting down"
+        if not self.loop.alive:
+            return "the engine loop is not running"
         down = self.model.stages_down()
-        reason = "the engine loop is not running" if not self.loop.alive else (
-            f"stages {down} have no live worker" if down else None)
+        return f"stages {down} have no live worker" if down else None
+
+    def check_ready(self) -> None:
+        """503 unless ready (readiness)."""
+        reason = self.not_ready()
         if reason is not None:
             raise ApiError(503, f"not ready: {reason}", "service_unavailable", code="not_ready")
 
     async def ready(self) -> dict:
         self.check_ready()
         return {"status": "ready"}
+
+    async def health(self) -> dict:
+        """200 unless the engine loop died or was stopped (liveness: only a new process helps). A
+        stage down is not a liveness failure: Ray may bring it back, and readiness covers it."""
+        failure = self.loop.failure()
+        if failure is not None:
+            raise ApiError(503, f"not live: {failure}", "service_unavailable", code="engine_loop_down")
+        return {"status": "ok"}
 
     async def models(self) -> JSONResponse:
         card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.config.sequence_len)
@@ -308,7 +349,8 @@ class Front:
 
 # ---- the app and its server --------------------------------------------------------------------
 def build_app(front: Front, metrics: Metrics, token: str | None, api: bool = True) -> FastAPI:
-    """The ASGI app: the OpenAI routes, health and readiness (with `api`), and /metrics."""
+    """The ASGI app: the OpenAI routes, health and readiness (with `api`), and /metrics; the
+    completions admitted through `front.drain`."""
     app = FastAPI(title="poe-serve", openapi_url="/openapi.json" if api else None, docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -336,17 +378,14 @@ def build_app(front: Front, metrics: Metrics, token: str | None, api: bool = Tru
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     if api:
-        app.get("/health")(_health)
+        app.get("/health")(front.health)
         app.get("/ready")(front.ready)
         app.get("/v1/models")(front.models)
         app.post("/v1/completions", response_model=None)(front.completions)
-    if token:
+    app.add_middleware(Admission, drain=front.drain)
+    if token:  # added last, so it runs first: no answer, not even 503, without the token
         app.add_middleware(BearerToken, token=token)
     return app
-
-
-async def _health() -> dict:
-    return {"status": "ok"}
 
 
 def _ssl_options(security: ServerSecurity) -> dict:
@@ -360,13 +399,14 @@ def _ssl_options(security: ServerSecurity) -> dict:
 
 
 class HttpServer:
-    """The app on uvicorn in its own thread; `api=False` serves /metrics alone (--metrics-port)."""
+    """The app on uvicorn in its own thread; `api=False` serves /metrics alone (--metrics-port).
+    `drain`: the gRPC server's admission, so one drain covers both fronts (default: its own)."""
 
     def __init__(self, model, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 8000,
                  security: ServerSecurity = ServerSecurity(), model_name: str = "poe", api: bool = True,
-                 grace: float = 5.0):
+                 grace: float = 5.0, drain: Drain | None = None):
         self.metrics = Metrics(model, model_name)
-        front = Front(model, tokenizer, model_name, self.metrics)
+        front = Front(model, tokenizer, model_name, self.metrics, drain or Drain())
         config = uvicorn.Config(build_app(front, self.metrics, security.token, api), log_level="warning",
                                 lifespan="off", timeout_graceful_shutdown=grace, **_ssl_options(security))
         config.load()  # reads the TLS files now, so a bad one fails here rather than in the server's thread
@@ -394,11 +434,12 @@ class HttpServer:
 
 
 def serve_http(model, tokenizer: Tokenizer, host: str, http_port: int | None, metrics_port: int | None,
-               security: ServerSecurity, model_name: str) -> HttpServer | None:
+               security: ServerSecurity, model_name: str, drain: Drain | None = None) -> HttpServer | None:
     """`poe-serve serve`'s HTTP side: with `http_port`, the OpenAI API and /metrics there; else
-    with `metrics_port`, /metrics alone; else nothing. Give at most one port."""
+    with `metrics_port`, /metrics alone; else nothing. Give at most one port. `drain`: the gRPC
+    server's, so that SIGTERM drains both."""
     assert http_port is None or metrics_port is None, "/metrics is on the HTTP port when HTTP is on"
     if http_port is None and metrics_port is None:
         return None
     return HttpServer(model, tokenizer, host, metrics_port if http_port is None else http_port, security,
-                      model_name, api=http_port is not None)
+                      model_name, api=http_port is not None, drain=drain)

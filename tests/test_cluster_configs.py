@@ -3,6 +3,9 @@
 Three kinds live there: placement configs (ServingConfig keys, read by `load_serving_config`),
 Ray cluster-launcher configs (`ray up`) and KubeRay manifests; a file of no known kind fails.
 Nothing here starts Ray or talks to a cloud or to Kubernetes: resources are checked on paper.
+KubeRay manifests are validated against the KubeRay CRDs' schemas (vendored in tests/schemas/)
+and their Services and pod templates against Kubernetes' own (the kubernetes-validate package),
+both strict: an unknown field is an error, as `kubectl apply --validate=strict` makes it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import socket
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 
@@ -26,6 +31,8 @@ KUBERAY_KINDS = ("RayJob", "RayService", "RayCluster")
 KINDS = ("placement", "launcher", "kuberay")
 NUM_STAGES = preset_config("1.5b").num_stages  # the card's layout [12, 5, 4, 3]
 MULTI_NODE = CONFIG_DIR / "multi-node.yaml"  # the placement the cluster-launcher configs are sized for
+SCHEMAS = Path(__file__).parent / "schemas"  # KubeRay CRD schemas: see extract_crd_schema.py
+KUBERNETES_VERSION = "1.33.0"  # the Kubernetes API the pod templates and Services are checked against
 
 
 def config_kind(path: Path) -> str:
@@ -95,7 +102,7 @@ def test_every_config_file_is_a_known_kind(path):
 def test_the_directory_covers_each_deployment():
     expected = {"local-cpu.yaml": "placement", "one-gpu.yaml": "placement", "four-gpus.yaml": "placement",
                 "multi-node.yaml": "placement", "ray-cluster-launcher.yaml": "launcher",
-                "kuberay-rayjob.yaml": "kuberay"}
+                "kuberay-rayjob.yaml": "kuberay", "kuberay-rayservice.yaml": "kuberay"}
     assert {name: config_kind(CONFIG_DIR / name) for name in expected if (CONFIG_DIR / name).is_file()} == expected
 
 
@@ -265,22 +272,234 @@ def test_rayjob_gpu_workers_fit_its_placement_config(path):
         f"{path}: {bundles(config)} ({config.placement_strategy}) do not fit the worker pods {pods}")
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
-def test_service_targets_the_port_the_entrypoint_serves(path):
-    docs = kuberay_docs(path)
-    if "RayJob" not in docs:
-        pytest.skip(f"{path}: no RayJob")
-    port = int(serve_flags(path, docs["RayJob"])["--port"])
+def container_ports(pod: dict) -> dict:
+    return {p.get("name"): p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def service_targets(path: Path, docs: dict, pod: dict) -> list[int]:
+    """The head pod's ports the Service sends traffic to (after checking that it selects the head)."""
     service = docs.get("Service")
-    assert service is not None, f"{path}: no Service exposes the gRPC port {port}"
-    pod = head_pod(docs["RayJob"])
+    assert service is not None, f"{path}: no Service exposes the server"
     labels = pod.get("metadata", {}).get("labels", {})
     selector = service["spec"]["selector"]
     assert selector.items() <= labels.items(), f"{path}: Service selector {selector} misses head labels {labels}"
-    container_ports = {p.get("name"): p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
-    assert port in container_ports.values(), f"{path}: the head container does not declare port {port}"
-    targets = [container_ports.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]]
-    assert port in targets, f"{path}: Service targets {targets}, the entrypoint serves {port}"
+    ports = container_ports(pod)
+    return [ports.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]]
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_service_targets_the_ports_the_entrypoint_serves(path):
+    docs = kuberay_docs(path)
+    if "RayJob" not in docs:
+        pytest.skip(f"{path}: no RayJob")
+    flags, pod = serve_flags(path, docs["RayJob"]), head_pod(docs["RayJob"])
+    targets = service_targets(path, docs, pod)
+    for flag in ("--port", "--http-port"):
+        port = int(flags[flag])
+        assert port in container_ports(pod).values(), f"{path}: the head container does not declare {flag} {port}"
+        assert port in targets, f"{path}: Service targets {targets}, the entrypoint serves {flag} {port}"
+
+
+PROBE_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/\S*)")
+
+
+def probe_urls(probe: dict) -> list[tuple[int, str]]:
+    """(port, path) of each URL a probe asks: httpGet's, or those in an exec probe's command."""
+    if "httpGet" in probe:
+        return [(probe["httpGet"]["port"], probe["httpGet"]["path"])]
+    return [(int(port), route) for port, route in PROBE_URL.findall(" ".join(probe["exec"]["command"]))]
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_rayjob_probes_ask_the_servers_ready_and_health_on_its_http_port(path):
+    docs = kuberay_docs(path)
+    if "RayJob" not in docs:
+        pytest.skip(f"{path}: no RayJob")
+    http_port = int(serve_flags(path, docs["RayJob"])["--http-port"])
+    (container,) = head_pod(docs["RayJob"])["spec"]["containers"]
+    for probe, route in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        assert probe in container, f"{path}: the head container has no {probe}"
+        urls = probe_urls(container[probe])
+        assert (http_port, route) in urls, f"{path}: {probe} asks {urls}, not {route} on --http-port {http_port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_probe(probe: dict, http_port: int, server_port: int, ray_health_url: str) -> int:
+    """Run an exec probe's command here, against `server_port` instead of the manifest's port."""
+    command = [arg.replace(f"127.0.0.1:{http_port}/", f"127.0.0.1:{server_port}/")
+               .replace(f"/127.0.0.1/{http_port}", f"/127.0.0.1/{server_port}")
+               .replace("http://127.0.0.1:52365/api/healthz", ray_health_url) for arg in probe["exec"]["command"]]
+    return subprocess.run(command, timeout=30).returncode
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_rayjob_probes_pass_until_the_server_listens_then_follow_it(path, tiny_dir):
+    """KubeRay submits the job only once the head pod is Ready: before the server listens, both
+    probes pass; then readiness fails while a stage is down and liveness only once the loop died."""
+    from coordinator import PoEModel, load_tokenizer
+    from coordinator.http_api import HttpServer
+
+    docs = kuberay_docs(path)
+    if "RayJob" not in docs:
+        pytest.skip(f"{path}: no RayJob")
+    http_port = int(serve_flags(path, docs["RayJob"])["--http-port"])
+    (container,) = head_pod(docs["RayJob"])["spec"]["containers"]
+    ready, live = container["readinessProbe"], container["livenessProbe"]
+    model = PoEModel.from_pretrained(tiny_dir)
+    http = HttpServer(model, load_tokenizer(tiny_dir), port=0)
+    ray_healthy, nobody = f"{http.url}/health", free_port()  # stands in for Ray's agent
+    try:
+        assert run_probe(ready, http_port, nobody, ray_healthy) == 0, "not listening yet: must pass"
+        assert run_probe(live, http_port, nobody, ray_healthy) == 0, "not listening yet: must pass"
+        assert run_probe(ready, http_port, nobody, f"http://127.0.0.1:{nobody}/api/healthz") != 0, "Ray down"
+        assert run_probe(ready, http_port, http.port, ray_healthy) == 0
+        model.engine.stages_down.add(1)
+        assert run_probe(ready, http_port, http.port, ray_healthy) != 0, "a stage down: not ready"
+        assert run_probe(live, http_port, http.port, ray_healthy) == 0, "a stage down: still live"
+        model.engine.stages_down.discard(1)
+        model.loop.stop()
+        assert run_probe(live, http_port, http.port, f"{http.url}/metrics") != 0, "the loop died: not live"
+    finally:
+        http.stop()
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+
+
+def shutdown_timeout(path: Path, doc: dict) -> float:
+    """The drain time of the server a RayJob or a RayService runs."""
+    if doc["kind"] == "RayJob":
+        return float(serve_flags(path, doc).get("--shutdown-timeout", 30))
+    (application,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    return float(application["args"].get("shutdown_timeout_s", 30))
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_pods_wait_longer_than_the_drain_before_sigkill(path):
+    for doc in (d for d in kuberay_docs(path).values() if d["kind"] in ("RayJob", "RayService")):
+        timeout = shutdown_timeout(path, doc)
+        for template in pod_templates(doc):
+            grace = template["spec"].get("terminationGracePeriodSeconds", 30)
+            assert grace > timeout, f"{path}: terminationGracePeriodSeconds {grace} <= the drain's {timeout} s"
+        if doc["kind"] == "RayJob":  # `ray job stop` (KubeRay's, on deletion) SIGKILLs after this
+            (head,) = head_pod(doc)["spec"]["containers"]
+            env = {e["name"]: e.get("value") for e in head.get("env", [])}
+            assert float(env.get("RAY_JOB_STOP_WAIT_TIME_S", 3)) > timeout, f"{path}: RAY_JOB_STOP_WAIT_TIME_S"
+            assert "poe-serve [s]erve" in " ".join(head["lifecycle"]["preStop"]["exec"]["command"]), path
+
+
+# --- KubeRay RayService -------------------------------------------------------------------------
+
+
+def serve_application(path: Path, rayservice: dict) -> dict:
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)  # Ray Serve's own schema of serveConfigV2
+    (application,) = config["applications"]
+    for deployment in application.get("deployments", []):  # DeploymentSchema allows unknown keys
+        unknown = set(deployment) - set(DeploymentSchema.model_fields)
+        assert not unknown, f"{path}: serveConfigV2 deployment {deployment['name']}: unknown keys {unknown}"
+    return application
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_rayservice_builds_the_serve_app_from_its_args(path):
+    import importlib
+
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # as Serve calls it
+
+    rayservice = kuberay_docs(path).get("RayService")
+    if rayservice is None:
+        pytest.skip(f"{path}: no RayService")
+    application = serve_application(path, rayservice)
+    module, _, name = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    app = call_user_app_builder_with_args_if_necessary(builder, application["args"])  # validates the args
+    names = {d["name"] for d in application.get("deployments", [])}
+    assert names <= {app._bound_deployment.name}, f"{path}: serveConfigV2 names deployments {names}"
+    config_path = REPO / application["args"]["config"]
+    assert config_kind(config_path) == "placement", f"{path}: args.config {config_path}"
+    load_serving_config(config_path).check_num_stages(NUM_STAGES)
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_rayservice_pins_the_coordinator_to_the_head_that_exposes_its_grpc_port(path):
+    docs = kuberay_docs(path)
+    if "RayService" not in docs:
+        pytest.skip(f"{path}: no RayService")
+    application = serve_application(path, docs["RayService"])
+    (deployment,) = application["deployments"]
+    wanted = deployment["ray_actor_options"]["resources"]
+    head = docs["RayService"]["spec"]["rayClusterConfig"]["headGroupSpec"]
+    offered = json.loads(json.loads(head["rayStartParams"]["resources"]))  # KubeRay's quoted JSON
+    assert all(offered.get(k, 0) >= v for k, v in wanted.items()), f"{path}: the head offers {offered}, not {wanted}"
+    port = application["args"]["grpc_port"]
+    assert port in service_targets(path, docs, head["template"]), f"{path}: no Service targets grpc_port {port}"
+
+
+# --- schemas ------------------------------------------------------------------------------------
+
+
+def strict(schema):
+    """The schema with unknown properties refused wherever it lists properties (as the API server's
+    strict field validation does), except where it keeps unknown fields on purpose."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_kuberay_manifests_match_the_crd_schemas(path):
+    import jsonschema  # in the test extra: a missing install fails here rather than skipping
+
+    for doc in kuberay_docs(path).values():
+        if doc["kind"] in ("RayJob", "RayService"):
+            schema = json.loads((SCHEMAS / f"{doc['kind'].lower()}-v1.json").read_text())
+            errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                      for e in jsonschema.Draft7Validator(strict(schema)).iter_errors(doc)]
+            assert not errors, f"{path}: {doc['kind']} does not match the KubeRay CRD: {errors}"
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_services_and_pod_templates_match_the_kubernetes_schemas(path):
+    import kubernetes_validate  # in the test extra: a missing install fails here rather than skipping
+
+    for doc in kuberay_docs(path).values():
+        if doc["kind"] == "Service":
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        elif doc["kind"] in ("RayJob", "RayService"):
+            for template in pod_templates(doc):  # a PodTemplateSpec is a Pod's metadata and spec
+                pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template", **template.get("metadata", {})},
+                       "spec": template["spec"]}
+                kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+
+
+def test_a_misspelt_field_fails_the_schemas():
+    import jsonschema
+    import kubernetes_validate
+
+    rayjob = kuberay_docs(CONFIG_DIR / "kuberay-rayjob.yaml")["RayJob"]
+    rayjob["spec"]["shutdownAfterJobFinish"] = True
+    with pytest.raises(jsonschema.ValidationError, match="shutdownAfterJobFinish"):
+        jsonschema.validate(rayjob, strict(json.loads((SCHEMAS / "rayjob-v1.json").read_text())))
+    (container,) = head_pod(rayjob)["spec"]["containers"]
+    container["readinessProbe"]["periodSecond"] = 5
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": [container]}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="periodSecond"):
+        kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
 
 
 # --- errors name the file and the field ---------------------------------------------------------

@@ -14,6 +14,7 @@ import http.client
 import json
 import re
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -175,6 +176,59 @@ def test_models_health_and_readiness(served, client):
     finally:
         served.model.engine.stages_down.discard(2)
     assert call(served.url, "/ready")[0] == 200
+
+
+def test_health_fails_only_when_the_engine_loop_is_down(tiny_dir, tokenizer):
+    """Liveness: a stage down is readiness' business (test above); a loop that ended is not live."""
+    model = PoEModel.from_pretrained(tiny_dir)
+    http = HttpServer(model, tokenizer, port=0, model_name=MODEL)
+    try:
+        assert call(http.url, "/health") == (200, {"status": "ok"})
+        model.loop.stop()
+        status, reply = call(http.url, "/health")
+        assert status == 503 and reply["error"]["code"] == "engine_loop_down", reply
+        assert call(http.url, "/ready")[0] == 503
+    finally:
+        http.stop()
+
+
+def test_a_drain_lets_http_streams_finish_and_refuses_new_completions(tiny_dir, tokenizer, reference):
+    """One drain for both fronts (as `poe-serve serve` on SIGTERM): the gRPC server's drain waits
+    for an HTTP stream in flight, which gets every token, while /ready and new completions are 503."""
+    model = PoEModel.from_pretrained(tiny_dir)
+    grpc_server = Server(model, tokenizer, port=0)
+    http = HttpServer(model, tokenizer, port=0, model_name=MODEL, drain=grpc_server.admission)
+    ids = prompt_ids(seed=60)
+    last, compute = model.workers[-1], model.workers[-1].extend
+    last.extend = lambda batch: time.sleep(0.05) or compute(batch)  # the stream lasts 3 s: still in flight below
+    try:
+        stream = urllib.request.urlopen(urllib.request.Request(
+            http.url + "/v1/completions", json.dumps(body(prompt=ids, max_tokens=60, temperature=0, stream=True,
+                                                          return_token_ids=True)).encode(),
+            {"Content-Type": "application/json"}), timeout=60)
+        lines = [stream.readline()]  # the first tokens came: in flight
+        left: list[int] = []
+        drainer = threading.Thread(target=lambda: left.append(grpc_server.drain(time.monotonic() + 60)))
+        drainer.start()
+        wait_for(lambda: grpc_server.admission.draining)
+        status, reply = call(http.url, "/ready")
+        assert status == 503 and "draining" in reply["error"]["message"]
+        status, reply = call(http.url, "/v1/completions", body(prompt=ids, max_tokens=2))
+        assert status == 503 and reply["error"]["code"] == "draining", reply
+        assert reply["error"]["type"] == "service_unavailable" and "shutting down" in reply["error"]["message"]
+        assert call(http.url, "/health")[0] == 200  # draining is not a liveness failure
+        assert drainer.is_alive()  # waiting for the stream
+        lines += stream.readlines()
+        events = [line[len(b"data: "):].strip() for line in lines if line.startswith(b"data: ")]
+        assert events[-1] == b"[DONE]"
+        tokens = [t for e in events[:-1] for t in json.loads(e)["choices"][0].get("token_ids", [])]
+        assert tokens == expected(reference, "full", ids, 60)
+        drainer.join(30)
+        assert left == [0]
+    finally:
+        http.stop()
+        grpc_server.stop(0)
+        model.loop.stop()
 
 
 def test_engine_errors_map_to_openai_statuses():
@@ -446,9 +500,11 @@ def test_bearer_token_and_tls(tiny_dir, tokenizer, certs):  # noqa: F811
         with client("wrong-token") as wrong, pytest.raises(openai.AuthenticationError) as err:
             wrong.completions.create(model=MODEL, prompt="x", max_tokens=2)
         assert err.value.body["code"] == "invalid_api_key"
-        for path in ("/health", "/metrics", "/v1/models"):  # no token at all
+        for path in ("/metrics", "/v1/models"):  # no token at all
             status, reply = call(http.url, path, context=trust)
             assert status == 401 and "missing" in reply["error"]["message"]
+        for path, answer in (("/health", "ok"), ("/ready", "ready")):  # probes: a kubelet has no token
+            assert call(http.url, path, context=trust) == (200, {"status": answer})
         assert call(http.url, "/v1/completions", b"{not json", context=trust)[0] == 401  # before the body is read
         with client(TOKEN) as right:  # closed before the server stops: TLS keep-alive would hold its shutdown
             assert right.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
