@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from coordinator.progress import Progress
 from coordinator.tokenizer import Tokenizer, byte_level_encoding
+from stage_workers.compute_thread import off_main_thread
 from stage_workers.checkpoint import INDEX_FILE, SINGLE_FILE, expected_shapes
 from stage_workers.config import CONFIG_FILE, ModelConfig, config_from_dict
 
@@ -138,8 +139,9 @@ def init_checkpoint(directory: str | Path, preset: str, seed: int = 0, dtype: st
                     max_shard_bytes: int | None = None, name_prefix: str = "", **overrides) -> Path:
     config = preset_config(preset, **overrides)
     tokenizer = Tokenizer(byte_level_encoding(config.vocab_size))
-    return save_checkpoint(
-        directory, config, random_tensors(config, seed), tokenizer,
+    # drawn off the main thread, which must not own an OpenMP team (stage_workers/compute_thread.py)
+    return off_main_thread(
+        save_checkpoint, directory, config, random_tensors(config, seed), tokenizer,
         dtype=dtype or DEFAULT_DTYPE[preset],
         max_shard_bytes=max_shard_bytes if max_shard_bytes is not None else PRESET_SHARD_BYTES[preset],
         name_prefix=name_prefix,

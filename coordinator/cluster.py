@@ -27,6 +27,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stage_workers.channels import open_channel
+from stage_workers.compute_thread import compute_here, off_main_thread
 from stage_workers.config import load_config
 from stage_workers.messages import Edge, Rewire, WorkerInfo
 from stage_workers.step_runner import StageRunner, serve_forever
@@ -43,9 +44,12 @@ PLACEMENT_TIMEOUT_S = 120
 NODE_START_TIMEOUT_S = 600  # with cluster_autoscaling: how long a new replica may wait for Ray to add a node
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
 ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on the others
-# OpenMP threads that finished their work sleep instead of spinning, so a waiting CPU worker
-# leaves the cores to the one computing (spinning workers halved single-stream decode, 24 -> 16 tok/s)
-CPU_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# OpenMP threads spin only briefly (about 30k spins) after a parallel region before they sleep:
+# long enough to bridge the gaps between one stage's ops, short enough that a worker waiting for
+# its next step leaves the cores to the one computing. (Spinning at libgomp's default halved
+# single-stream decode, 24 -> 16 tok/s; never spinning, OMP_WAIT_POLICY=PASSIVE, woke the team
+# through the kernel at every op: small preset 50 vs 55-59 tok/s, 1.5b bf16 163 vs 147 ms/token.)
+CPU_WORKER_ENV = {"GOMP_SPINCOUNT": "30000"}
 
 
 class StageActor:
@@ -56,7 +60,8 @@ class StageActor:
             # Ray caps a 0.5-CPU actor at one thread; a sequence's stages run one after another,
             # so the computing worker may take every core (idle ones sleep: CPU_WORKER_ENV)
             spec = replace(spec, num_threads=len(os.sched_getaffinity(0)))
-        self.worker = StageWorker.from_checkpoint(checkpoint, spec)
+        self.worker = off_main_thread(StageWorker.from_checkpoint, checkpoint, spec)
+        self.num_threads = spec.num_threads  # set by the thread that will compute (`serve`)
         self.channels: dict[str, ShmChannel] = {}  # data channels by name
 
     def placement(self) -> tuple[str, str]:
@@ -67,6 +72,7 @@ class StageActor:
     def serve(self, worker_id: int, num_stages: int, control: Edge, results: Edge) -> None:
         """Run this worker's step loop on the coordinator's channels; it returns only if it fails
         (the coordinator watches this call to learn that the worker is gone)."""
+        compute_here(self.num_threads)  # this thread runs every step
         runner = StageRunner(self.worker, worker_id, num_stages)
         host = ray.util.get_node_ip_address()
         control_channel = open_channel(control, is_reader=True, host=host)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from stage_workers.config import ModelConfig, load_config
+from stage_workers.compute_thread import off_main_thread
 from stage_workers.worker import StageWorker, WorkerSpec
 
 from . import requests as rq
@@ -51,7 +52,9 @@ class PoEModel:
         specs = [WorkerSpec(stage=k, device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens,
                             memory_fraction=memory_fraction)
                  for k in range(config.num_stages)]
-        workers = [[StageWorker.from_checkpoint(path, spec) for _ in range(n)] for spec, n in zip(specs, replicas)]
+        # loaded off the main thread, which must not own an OpenMP team (stage_workers/compute_thread.py)
+        workers = [[off_main_thread(StageWorker.from_checkpoint, path, spec) for _ in range(n)]
+                   for spec, n in zip(specs, replicas)]
         return cls(config, workers, engine_config)
 
     @property

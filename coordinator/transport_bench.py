@@ -84,7 +84,7 @@ class EchoStageActor(StageActor):
     """`StageActor` with an `EchoWorker` in place of a model slice."""
 
     def __init__(self, stage: int, n_embd: int, vocab: int):
-        self.worker, self.channels = EchoWorker(stage, n_embd, vocab), {}
+        self.worker, self.channels, self.num_threads = EchoWorker(stage, n_embd, vocab), {}, None
 
 
 def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4) -> float:

@@ -51,7 +51,7 @@ class WorkerSpec:
     kv_cache_tokens: int | None = None  # KV pool size in positions; None: from memory_fraction, else 8 * sequence_len
     memory_fraction: float | None = None  # share of the device's memory for weights + KV (stage_workers/memory.py)
     kv_block_size: int = 16
-    num_threads: int | None = None  # torch intra-op threads for a CPU worker; None leaves torch's default
+    num_threads: int | None = None  # torch threads of a CPU worker, set by the thread running its steps; None: default
     cuda_graphs: bool | None = None  # decode steps as CUDA graphs per batch bucket; None: on for a CUDA device
 
 
@@ -80,8 +80,6 @@ class StageWorker:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, spec: WorkerSpec) -> "StageWorker":
         """Read config.json and only this stage's tensors."""
-        if spec.num_threads:
-            torch.set_num_threads(spec.num_threads)
         config = load_config(checkpoint_dir)
         if not 0 <= spec.stage < config.num_stages:
             raise ValueError(f"stage {spec.stage} is out of range; the checkpoint has stages 0..{config.num_stages - 1}")
