@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hypothesis import settings
 
 from checkpoints.writer import init_checkpoint
@@ -18,6 +19,10 @@ from checkpoints.writer import init_checkpoint
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# The tests' own torch work (oracles, expected tokens) runs on the main thread with one thread, so
+# it never owns an OpenMP team that would slow the engine loop's thread (stage_workers/compute_thread.py)
+torch.set_num_threads(1)
 
 # name -> init_checkpoint keyword arguments
 VARIANTS = {
