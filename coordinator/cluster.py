@@ -43,6 +43,7 @@ from .transport import ChannelTransport
 PLACEMENT_TIMEOUT_S = 120
 NODE_START_TIMEOUT_S = 600  # with cluster_autoscaling: how long a new replica may wait for Ray to add a node
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
+SIGNALS_TIMEOUT_S = 5.0  # load signals (busy time) not read within this are skipped this round
 ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on the others
 # OpenMP threads spin only briefly (about 30k spins) after a parallel region before they sleep:
 # long enough to bridge the gaps between one stage's ops, short enough that a worker waiting for
@@ -325,6 +326,12 @@ class PoECluster(PoEModel):
             remove_placement_group(replica.group)
         else:
             self.spare_bundles.append((stage, replica.bundle_index))
+
+    def _busy_seconds(self, workers: list) -> list[float]:
+        """One round of calls to the workers, answered within SIGNALS_TIMEOUT_S: a worker that Ray is
+        restarting would otherwise hold up a metrics scrape or the autoscaler until it is back."""
+        infos = ray.get([w.actor.info.remote() for w in workers], timeout=SIGNALS_TIMEOUT_S)
+        return [info.busy_s for info in infos]
 
     def worker_rss(self) -> list[int]:
         """Resident bytes of each worker's process, stage by stage."""

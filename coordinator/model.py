@@ -78,12 +78,13 @@ class PoEModel:
         """Each stage's load now (the autoscaler's and the busy-time metric's input): its replicas,
         their busy seconds, and its KV blocks promised and held. Read from outside the engine loop:
         a worker's busy time comes from the worker itself (a Ray call for an actor)."""
-        signals = []
-        for stage in self.engine.stages:
-            workers, promised, capacity = list(stage.workers), list(stage.promised), list(stage.capacity)
-            signals.append(StageSignals(len(workers), sum(w.info().busy_s for w in workers), sum(promised),
-                                        sum(capacity)))
-        return signals
+        stages = [(list(stage.workers), list(stage.promised), list(stage.capacity)) for stage in self.engine.stages]
+        busy = iter(self._busy_seconds([w for workers, _, _ in stages for w in workers]))
+        return [StageSignals(len(workers), sum(next(busy) for _ in workers), sum(promised), sum(capacity))
+                for workers, promised, capacity in stages]
+
+    def _busy_seconds(self, workers: list) -> list[float]:
+        return [w.info().busy_s for w in workers]
 
     # ---- running requests ------------------------------------------------------------------
     def run(self, requests: list) -> list[Sequence]:

@@ -145,3 +145,13 @@ def test_stage_busy_time_counts_the_stages_a_request_ran_through(served):
     served.client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
     full = busy(scrape(served.url))
     assert full[0] > only_first[0] and all(b > 0 for b in full[1:]), "the full model ran every stage"
+
+
+def test_a_scrape_while_a_worker_cannot_answer_leaves_out_busy_time_and_nothing_else(served, monkeypatch):
+    def unreadable(workers):
+        raise TimeoutError("stage worker is being restarted")
+
+    monkeypatch.setattr(served.model, "_busy_seconds", unreadable)
+    m = scrape(served.url)
+    assert not any(name == "poe:stage_busy_seconds_total" for name, _ in m)
+    assert value(m, "poe:stage_replicas", stage="0") == 1 and ("poe:num_requests_running", ()) in m
