@@ -9,8 +9,8 @@ Sections, in order (each a dict in the JSON report):
 - `transport`: microseconds per token through four worker processes with no model work: the
   data plane (`channels`, and per hop) and, in the same run, the Ray-call designs it replaced
   (`coordinator.transport_bench`).
-- `concurrency`: at each level, that many concurrent streaming gRPC requests against a server
-  over `PoECluster`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
+- `concurrency`: at each level, that many concurrent streaming gRPC requests (from a client
+  process of their own) against a server over `PoECluster`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
   workers' peak resident memory.
 - `modes`: every mode once through `PoECluster` (seconds per token) and each stage worker's
   parameters, weights + KV bytes and process RSS (the 1.5b memory check uses this alone).
@@ -23,11 +23,13 @@ this machine; compare ratios within one report only.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,12 +111,14 @@ def single_stream(model, ids: torch.Tensor, n: int, modes: tuple[str, ...]) -> d
     return {m: tokens_per_second(calls[m], n) for m in modes}
 
 
-def concurrency_level(address: str, level: int, prompts: list[list[int]], n: int, cluster) -> dict:
+def stream_clients(address: str, level: int, prompts: list[list[int]], n: int) -> dict:
+    """`level` gRPC clients streaming at once, one thread each. It runs in a process of its own
+    (`concurrency_level`), as real clients would, so their gRPC work does not share the server's
+    interpreter lock."""
     from .client import PoEClient
 
     latencies, ttfts, errors, tokens = [], [], [], 0
     lock = threading.Lock()
-    peak_rss = [0]
 
     def one(i: int) -> None:
         nonlocal tokens
@@ -135,6 +139,18 @@ def concurrency_level(address: str, level: int, prompts: list[list[int]], n: int
             ttfts.append(first if first is not None else latencies[-1])
             tokens += count
 
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(level)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"elapsed": time.perf_counter() - t0, "latencies": latencies, "ttfts": ttfts, "errors": errors,
+            "tokens": tokens}
+
+
+def concurrency_level(address: str, level: int, prompts: list[list[int]], n: int, cluster) -> dict:
+    peak_rss = [0]
     stop = threading.Event()
 
     def watch_memory() -> None:
@@ -143,19 +159,15 @@ def concurrency_level(address: str, level: int, prompts: list[list[int]], n: int
 
     watcher = threading.Thread(target=watch_memory, daemon=True)
     watcher.start()
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(level)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+        run = clients.submit(stream_clients, address, level, prompts, n).result()
     stop.set()
     watcher.join()
+    latencies, ttfts, errors = run["latencies"], run["ttfts"], run["errors"]
     ok = bool(latencies)
     return {
         "concurrency": level, "requests_ok": len(latencies), "errors": len(errors), "first_error": errors[:1],
-        "aggregate_tok_s": tokens / elapsed,
+        "aggregate_tok_s": run["tokens"] / run["elapsed"],
         "latency_p50_s": percentile(latencies, 0.5) if ok else None,
         "latency_p99_s": percentile(latencies, 0.99) if ok else None,
         "ttft_p50_s": percentile(ttfts, 0.5) if ok else None,
