@@ -430,6 +430,37 @@ def test_rayservice_builds_the_serve_app_from_its_args(path):
     load_serving_config(config_path).check_num_stages(NUM_STAGES)
 
 
+def worker_pods(spec: dict, count: str) -> list[dict[str, float]]:
+    """Resources of every worker pod of a RayCluster spec, `count` (minReplicas, maxReplicas) per group."""
+    pods = []
+    for group in spec["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        pods += [{"CPU": quantity(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}] * group[count]
+    return pods
+
+
+@pytest.mark.parametrize("path", files_of("kuberay"))
+def test_an_autoscaled_placement_runs_on_a_cluster_that_adds_nodes_for_it(path):
+    """Stages with autoscaling: blocks need Ray's in-tree autoscaler on, cluster_autoscaling in
+    the placement (so scale-ups wait for nodes), pods for the starting replicas at minReplicas and
+    room for every stage at its max_replicas at maxReplicas."""
+    docs = kuberay_docs(path)
+    if "RayService" not in docs:
+        pytest.skip(f"{path}: no RayService")
+    config = load_serving_config(REPO / serve_application(path, docs["RayService"])["args"]["config"])
+    scaled = [config.placement(k).autoscaling for k in range(NUM_STAGES)]
+    if not any(scaled):
+        pytest.skip(f"{path}: no stage is autoscaled")
+    spec = docs["RayService"]["spec"]["rayClusterConfig"]
+    assert spec.get("enableInTreeAutoscaling") is True and config.cluster_autoscaling, path
+    most = [{"CPU": config.placement(k).num_cpus, "GPU": config.placement(k).num_gpus}
+            for k, a in enumerate(scaled) for _ in range(a.max_replicas if a else config.placement(k).replicas)]
+    assert can_place(bundles(config), worker_pods(spec, "minReplicas"), config.placement_strategy)
+    assert can_place(most, worker_pods(spec, "maxReplicas"), config.placement_strategy), (
+        f"{path}: every stage at max_replicas needs {len(most)} bundles; maxReplicas pods cannot hold them")
+
+
 @pytest.mark.parametrize("path", files_of("kuberay"))
 def test_rayservice_pins_the_coordinator_to_the_head_that_exposes_its_grpc_port(path):
     docs = kuberay_docs(path)
