@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -63,7 +62,7 @@ class StageActor:
             spec = replace(spec, num_threads=len(os.sched_getaffinity(0)))
         self.worker = off_main_thread(StageWorker.from_checkpoint, checkpoint, spec)
         self.num_threads = spec.num_threads  # set by the thread that will compute (`serve`)
-        self.channels: dict[str, ShmChannel] = {}  # data channels by name
+        self.channels: dict[str, object] = {}  # data channels by name (shared memory or torch.distributed)
 
     def placement(self) -> tuple[str, str]:
         """(this node's address, this worker's device: cpu, or cuda:<the GPUs Ray gave it>)."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import PagedKVCache
-from .messages import Segment
+from .messages import Segment, require
 from .step_inputs import StepInputs
 
 
@@ -43,7 +43,7 @@ class CacheAttention:
             k_len = starts + lengths - k_lo  # (B,)
             k_max = max(s.start + s.length - max(s.start - window, 0) for s in segments)  # widest key span
             if key_span is not None:
-                assert key_span >= k_max or key_span >= window + 1, f"key span {key_span} < {k_max}"
+                require(key_span >= k_max or key_span >= window + 1, f"key span {key_span} < {k_max}")
                 k_max = min(key_span, window + 1)
             j = torch.arange(k_max, device=device)
             k_valid = j < k_len[:, None]  # (B, K)

@@ -48,6 +48,7 @@ SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gette
 # magic, flags, step, epoch, rows, marshalled bytes, tensors, total bytes
 HEADER = struct.Struct("<4sIqqqqqq")
 COUNTERS = struct.Struct("<qq")  # after the slots: messages written (by the writer), the reader's progress mark
+COUNTER = struct.Struct("<q")  # one of them
 MAGIC = b"PoE1"
 SPILLED = 1  # flag: the message is in a file of its own, named after the header
 ALIGN = 64
@@ -184,6 +185,37 @@ def _paths(name: str, *suffixes: str) -> tuple[Path, ...]:
     return tuple(SHM_DIR / f"poe-{name}{suffix}" for suffix in suffixes)
 
 
+def wait_for_message(channel, deadline: float | None, interrupt, also=(), check=None) -> None:
+    """Until `channel.pending()`: sleep on its wake-up descriptor (`fileno()`) and on `also`
+    (other channels whose messages may come first; here they only wake the wait), unless a message
+    is already there. `interrupt` readable while nothing arrived raises Interrupted; `check()`
+    runs before each sleep (to raise what the channel learnt meanwhile)."""
+    watch = [channel.fileno(), *also] + ([] if interrupt is None else [interrupt.fileno()])
+    while not channel.pending():
+        if check is not None:
+            check()
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            raise ChannelTimeout(f"channel {channel.name}: nothing arrived before the deadline")
+        ready = select.select(watch, [], [], wait)[0]
+        if channel.fileno() in ready:
+            channel.drain_wakeups()
+        if interrupt is not None and interrupt.fileno() in ready and not channel.pending():
+            raise Interrupted(f"channel {channel.name}: interrupted while waiting (nothing arrived)")
+        for other in also:
+            if other in ready:
+                other.drain_wakeups()
+
+
+def drain(fd: int) -> None:
+    """Read a non-blocking descriptor empty."""
+    try:
+        while os.read(fd, 1 << 12):
+            pass
+    except BlockingIOError:
+        pass
+
+
 class ShmChannel:
     """A ring of `num_slots` slots of `slot_bytes` in shared memory; see the module docstring."""
 
@@ -241,7 +273,7 @@ class ShmChannel:
     def mark(self, value: int) -> None:
         """The reader records how far it got (a worker: the last step it finished), for the writer
         to read without any message: one store, no wake-up."""
-        struct.pack_into("<q", self._map, self.num_slots * self.slot_bytes + 8, value)
+        COUNTER.pack_into(self._map, self.num_slots * self.slot_bytes + COUNTER.size, value)
 
     def marked(self) -> int:
         return COUNTERS.unpack_from(self._map, self.num_slots * self.slot_bytes)[1]
@@ -258,30 +290,9 @@ class ShmChannel:
         """A message waits (the reader's side)."""
         return self._written() > self._count
 
-    def _wait_message(self, deadline: float | None, interrupt, also) -> None:
-        """Until a message waits: sleep on the wake-up FIFO (and `also`: other channels whose
-        messages may come first) unless the written count already says one is there."""
-        watch = [self._ready, *also] + ([] if interrupt is None else [interrupt.fileno()])
-        while not self.pending():
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                raise ChannelTimeout(f"channel {self.name}: nothing arrived before the deadline")
-            ready = select.select(watch, [], [], wait)[0]
-            if self._ready in ready:
-                self.drain_wakeups()
-            if interrupt is not None and interrupt.fileno() in ready and not self.pending():
-                raise Interrupted(f"channel {self.name}: interrupted while waiting (nothing arrived)")
-            for channel in also:  # their messages wait for their own reads; here they only woke us
-                if channel in ready:
-                    channel.drain_wakeups()
-
     def drain_wakeups(self) -> None:
         """Forget pending wake-ups: they are not counts (the written count says what waits)."""
-        try:
-            while os.read(self._ready, 1 << 12):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self._ready)
 
     def _take_token(self, fd: int, deadline: float | None, interrupt, what: str) -> None:
         watch = [fd] if interrupt is None else [fd, interrupt.fileno()]
@@ -307,25 +318,26 @@ class ShmChannel:
         """`wake`: also wake the reader; False when something else will (a worker's upstream data)
         and the message can wait in its slot until then."""
         assert not self.is_reader, f"channel {self.name}: the reader cannot send"
-        if HEADER.size + packed[-2] > self.slot_bytes:  # too large for a slot: a file of its own, named in the slot
+        if HEADER.size + packed.total > self.slot_bytes:  # too large for a slot: a file of its own, named in the slot
             spill = f"{self.name}.spill{self._spills}"
             self._spills += 1
             self._write_spill(spill, packed)
             stream = marshal.dumps((spill, ()))
-            packed = Packed(SPILLED, *packed[1:4], stream, [], *_layout(stream, []))
+            total, offsets = _layout(stream, [])
+            packed = packed._replace(flags=SPILLED, stream=stream, tensors=[], total=total, offsets=offsets)
         self._take_token(self._free, deadline, interrupt, "no slot was freed")
         base = (self._count % self.num_slots) * self.slot_bytes
         self._count += 1
         _put(self._view, base, packed)
-        struct.pack_into("<q", self._map, self.num_slots * self.slot_bytes, self._count)  # after the slot's bytes
+        COUNTER.pack_into(self._map, self.num_slots * self.slot_bytes, self._count)  # after the slot's bytes
         if wake:
             os.write(self._ready, b"\0")  # the system call also orders the stores above for the reader
 
     @staticmethod
-    def _write_spill(spill: str, packed) -> None:
+    def _write_spill(spill: str, packed: Packed) -> None:
         fd = os.open(SHM_DIR / f"poe-{spill}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            size = HEADER.size + packed[-2]
+            size = HEADER.size + packed.total
             os.ftruncate(fd, size)
             with mmap.mmap(fd, size) as spill_map:
                 view = memoryview(spill_map)
@@ -339,7 +351,7 @@ class ShmChannel:
         """The next message, waiting for it until `deadline`; a message on `interrupt` raises
         Interrupted; readable `also` channels wake the wait too (messages may come without a wake-up)."""
         assert self.is_reader, f"channel {self.name}: the writer cannot receive"
-        self._wait_message(deadline, interrupt, also)
+        wait_for_message(self, deadline, interrupt, also)
         base = (self._count % self.num_slots) * self.slot_bytes
         self._count += 1
         flags, step, epoch, rows, message = _take(self._view, base, self.name)

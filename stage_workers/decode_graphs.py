@@ -54,8 +54,7 @@ class DecodeGraphs:
             segments=segs + [Segment(PADDING, 0, 1, int(with_head))] * (size - B),
             token_ids=_pad(batch.token_ids, size, 0),
             prev_token_ids=None if batch.prev_token_ids is None else _pad(batch.prev_token_ids, size, -1),
-            trunk=None if batch.trunk is None else TrunkState(*(
-                None if t is None else _pad(t, size, 0) for t in (batch.trunk.x, batch.trunk.x0, batch.trunk.x_backout))),
+            trunk=None if batch.trunk is None else batch.trunk.map(lambda t: _pad(t, size, 0)),
         )
         inputs = StepInputs.build(padded, w.cache, table_width=-(-span // w.cache.block_size)).to(w.device)
         trunk = None if padded.trunk is None else padded.trunk.to(w.device, w.dtype)
@@ -66,8 +65,7 @@ class DecodeGraphs:
             if key not in self.graphs:
                 self.graphs[key] = _Graph(self, padded.segments, inputs, trunk, span)
             result = self.graphs[key].replay(inputs, trunk)
-        out_trunk = None if result.trunk is None else TrunkState(*(
-            None if t is None else t[:B].clone() for t in (result.trunk.x, result.trunk.x0, result.trunk.x_backout)))
+        out_trunk = None if result.trunk is None else result.trunk.map(lambda t: t[:B].clone())
         return ExtendResult(out_trunk, None if result.logits is None else result.logits[:B].clone())
 
     def step(self, segments: list[Segment], inputs: StepInputs, trunk: TrunkState | None, span: int) -> ExtendResult:
@@ -84,8 +82,7 @@ class _Graph:
     def __init__(self, owner: DecodeGraphs, segments: list[Segment], inputs: StepInputs, trunk, span: int):
         self.inputs = StepInputs(**{f.name: None if getattr(inputs, f.name) is None else getattr(inputs, f.name).clone()
                                     for f in fields(inputs)})
-        self.trunk = None if trunk is None else TrunkState(*(None if t is None else t.clone()
-                                                             for t in (trunk.x, trunk.x0, trunk.x_backout)))
+        self.trunk = None if trunk is None else trunk.map(torch.clone)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the main stream, as capture requires

@@ -17,15 +17,13 @@ from __future__ import annotations
 import datetime
 import marshal
 import os
-import select
 import threading
-import time
 from collections import deque
 
 import torch
 import torch.distributed as dist
 
-from .channels import ChannelTimeout, Envelope, Interrupted, Packed, _aligned, pack
+from .channels import Envelope, Packed, _aligned, drain, pack, wait_for_message
 from .messages import decode
 
 HEADER_FIELDS = 5  # step, epoch, rows, marshalled bytes, tensor bytes
@@ -122,30 +120,16 @@ class DistChannel:
         return bool(self._arrived)
 
     def drain_wakeups(self) -> None:
-        try:
-            while os.read(self._notify_r, 1 << 12):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self._notify_r)
 
     def recv(self, deadline: float | None = None, interrupt=None, also=()) -> Envelope:
         assert self.is_reader, f"channel {self.name}: the writer cannot receive"
-        watch = [self._notify_r, *also] + ([] if interrupt is None else [interrupt.fileno()])
-        while not self._arrived:
-            if self._error is not None:
-                raise ConnectionError(f"channel {self.name}: the peer went away ({self._error})")
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                raise ChannelTimeout(f"channel {self.name}: nothing arrived before the deadline")
-            ready = select.select(watch, [], [], wait)[0]
-            if self._notify_r in ready:
-                self.drain_wakeups()
-            if interrupt is not None and interrupt.fileno() in ready and not self._arrived:
-                raise Interrupted(f"channel {self.name}: interrupted while waiting (nothing arrived)")
-            for channel in also:
-                if channel in ready:
-                    channel.drain_wakeups()
+        wait_for_message(self, deadline, interrupt, also, check=self._check_peer)
         return self._arrived.popleft()
+
+    def _check_peer(self) -> None:
+        if self._error is not None:
+            raise ConnectionError(f"channel {self.name}: the peer went away ({self._error})")
 
     def mark(self, value: int) -> None:
         """Progress marks are a shared-memory feature; over the network the coordinator waits for the step timeout."""

@@ -22,7 +22,7 @@ read-only view of the transport's buffer, so nothing writes into a received mess
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -100,9 +100,12 @@ class TrunkState:
     x_backout: torch.Tensor | None  # (N, C) residual after layer n_layer//2, once computed
     __reduce__ = _reduce
 
+    def map(self, fn) -> "TrunkState":
+        """`fn` applied to each tensor (the backout residual only once computed)."""
+        return TrunkState(fn(self.x), fn(self.x0), None if self.x_backout is None else fn(self.x_backout))
+
     def to(self, device, dtype) -> "TrunkState":
-        move = lambda t: None if t is None else to_device(t, torch.device(device)).to(dtype)  # noqa: E731
-        return TrunkState(move(self.x), move(self.x0), move(self.x_backout))
+        return self.map(lambda t: to_device(t, torch.device(device)).to(dtype))
 
     def select(self, rows: torch.Tensor | slice) -> "TrunkState":
         return TrunkState(self.x[rows], self.x0[rows], None if self.x_backout is None else self.x_backout[rows])

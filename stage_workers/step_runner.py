@@ -112,8 +112,7 @@ class Rows:
         """These rows as tensors of their own: rows kept across steps must not hold on to (and so keep
         alive) the whole batch message they arrived in."""
         trunk = self.trunk
-        trunk = None if trunk is None else TrunkState(*(None if t is None else t.clone()
-                                                        for t in (trunk.x, trunk.x0, trunk.x_backout)))
+        trunk = None if trunk is None else trunk.map(torch.clone)
         acc = self.acc
         return Rows.of(self.start, self.token_ids.clone(), trunk, None if acc is None else acc.clone())
 
@@ -133,12 +132,11 @@ def pack(parts: list[Rows]) -> Block:
     the parts tile one block in order (a batch split per sequence and put back together)."""
     first, last = parts[0], parts[-1]
     block = first.block
-    tiled = all(p.block is block for p in parts) and all(
-        b.row0 == a.row0 + a.length and (b.num_acc == 0 or a.num_acc == 0 or b.acc0 == a.acc0 + a.num_acc)
-        for a, b in zip(parts, parts[1:]))
     with_acc = [p for p in parts if p.num_acc]
-    accs_tiled = tiled and all(b.acc0 == a.acc0 + a.num_acc for a, b in zip(with_acc, with_acc[1:]))
-    if tiled and accs_tiled:
+    tiled = (all(p.block is block for p in parts)
+             and all(b.row0 == a.row0 + a.length for a, b in zip(parts, parts[1:]))
+             and all(b.acc0 == a.acc0 + a.num_acc for a, b in zip(with_acc, with_acc[1:])))
+    if tiled:
         whole = Rows(first.start, last.row0 + last.length - first.row0, sum(p.num_acc for p in parts), block, first.row0,
                      with_acc[0].acc0 if with_acc else 0)
         return Block(whole.token_ids, whole.trunk, whole.acc)
@@ -320,26 +318,19 @@ class StageRunner:
     def _decide(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor | None, decisions: list) -> str | None:
         """Apply the sequence's rule at this stage. Returns how its rows go on: "continue" (the next
         stage computes them now), "park" (the next stage keeps them, with their sums), "final"
-        (a token was decided: the next stage keeps them, without sums), or None (held here)."""
+        (a token was decided: the next stage keeps them, without sums), or None (held here).
+        WAND and greedy tokens are not here: `_decide_greedy` decides them for the whole batch."""
         k, last = self.stage, self.num_stages - 1
         if s.action == "none" or spec.rule == "logits":  # nothing to decide; the deepest stage says it is done
             if k < s.depth:
                 return "continue"
             decisions.append(Decision(s.seq_id, k))
             return "park"
-        if spec.rule == "wand":
-            score = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
-            threshold = torch.tensor([spec.exit_thresholds[k]], device=score.device)
-            if k == last or bool(rules.wand_exits(score, threshold)):
-                decisions.append(Decision(s.seq_id, k, int(score[0].argmax())))
-                return "final"
-            return "continue"
         if k < s.depth:
             return "continue"
-        if spec.rule == "sample":
+        if spec.rule == "sample":  # a sampled token (greedy ones: `_decide_greedy`)
             score = rows.acc[-1] / rules.divisor(spec.weights, k, spec.alpha)  # (V,)
-            token = int(score.argmax()) if spec.sampling is None else sample(
-                score - torch.logsumexp(score, dim=-1), spec.sampling, s.uniform)
+            token = sample(score - torch.logsumexp(score, dim=-1), spec.sampling, s.uniform)
             decisions.append(Decision(s.seq_id, k, token))
             return "final"
         if spec.rule == "score":

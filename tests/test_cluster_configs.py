@@ -239,6 +239,16 @@ def quantity(value) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
+def worker_pods(spec: dict, count: str) -> list[dict[str, float]]:
+    """Resources of every worker pod of a RayCluster spec, `count` (minReplicas, maxReplicas) per group."""
+    pods = []
+    for group in spec["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        pods += [{"CPU": quantity(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}] * group[count]
+    return pods
+
+
 @pytest.mark.parametrize("path", files_of("kuberay"))
 def test_rayjob_serves_an_existing_placement_config(path):
     rayjob = kuberay_docs(path).get("RayJob")
@@ -261,13 +271,12 @@ def test_rayjob_gpu_workers_fit_its_placement_config(path):
     if rayjob is None:
         pytest.skip(f"{path}: no RayJob")
     config = load_serving_config(REPO / serve_flags(path, rayjob)["--config"])
-    pods = []
-    for group in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+    spec = rayjob["spec"]["rayClusterSpec"]
+    for group in spec["workerGroupSpecs"]:
         (container,) = group["template"]["spec"]["containers"]
         requests, limits = container["resources"]["requests"], container["resources"]["limits"]
         assert requests.get("nvidia.com/gpu") == limits.get("nvidia.com/gpu"), f"{path}: GPU requests != limits"
-        pod = {"CPU": quantity(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}
-        pods += [pod] * group.get("minReplicas", group["replicas"])
+    pods = worker_pods(spec, "minReplicas")
     assert can_place(bundles(config), pods, config.placement_strategy), (
         f"{path}: {bundles(config)} ({config.placement_strategy}) do not fit the worker pods {pods}")
 
@@ -428,16 +437,6 @@ def test_rayservice_builds_the_serve_app_from_its_args(path):
     config_path = REPO / application["args"]["config"]
     assert config_kind(config_path) == "placement", f"{path}: args.config {config_path}"
     load_serving_config(config_path).check_num_stages(NUM_STAGES)
-
-
-def worker_pods(spec: dict, count: str) -> list[dict[str, float]]:
-    """Resources of every worker pod of a RayCluster spec, `count` (minReplicas, maxReplicas) per group."""
-    pods = []
-    for group in spec["workerGroupSpecs"]:
-        (container,) = group["template"]["spec"]["containers"]
-        limits = container["resources"]["limits"]
-        pods += [{"CPU": quantity(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}] * group[count]
-    return pods
 
 
 @pytest.mark.parametrize("path", files_of("kuberay"))
