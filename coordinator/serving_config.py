@@ -28,7 +28,7 @@ class StagePlacement:
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     kv_cache_tokens: int | None = None  # KV pool per replica in positions; None: memory_fraction, else 8 * sequence_len
     memory_fraction: float | None = None  # share of the device's total memory for weights + KV; None: unused
-    num_threads: int | None = None  # torch threads of a CPU worker; None: every core of its node
+    num_threads: int | None = None  # most torch threads of a CPU worker (small steps run on one); None: every core of its node
     replicas: int = 1  # workers serving this stage; a sequence stays on one
     cuda_graphs: bool | None = None  # decode steps as CUDA graphs per batch bucket; None: on for CUDA
     autoscaling: AutoscalingConfig | None = None  # replicas follow load within [min, max]; `replicas` is the start

@@ -10,7 +10,12 @@ relu on 16 rows, the shape of a small model's decode step):
 - the OpenMP thread count is per thread: in a Ray actor (OMP_NUM_THREADS=1) a count set on the
   thread that loaded the worker leaves the thread that computes single-threaded.
 So a worker is loaded on a short-lived thread (`off_main_thread`) and the thread that runs its
-steps sets its own thread count (`compute_here`). Nothing here knows models or Ray.
+steps sets its own thread count (`compute_here`).
+
+A third behaviour matters when several workers share a node's cores: after a step, a worker's
+idle OpenMP threads spin for a while, taking cores from the stage that computes next. A step too
+small to gain from a second thread therefore runs on one (`step_threads`): its team stays asleep.
+Nothing here knows models or Ray.
 """
 
 from __future__ import annotations
@@ -43,8 +48,28 @@ def off_main_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     return value
 
 
+# Below this many multiply-adds in a step's largest matmul (rows x weight elements), a step runs on
+# one thread. Measured on 2 cores (small preset, width 256, in one process): one thread decodes as
+# fast as two up to batch 4 (1M MACs in the MLP's matmuls), two are 1.13-1.4x faster from batch 8
+# (2M). In a cluster of four CPU workers, one thread for those steps made single-stream decode
+# 1.28x faster on average, and steadier (README, Benchmarks).
+PARALLEL_MIN_MACS = 1_500_000
+
+
+def step_threads(rows: int, largest_weight: int, most: int) -> int:
+    """OpenMP threads for a step of `rows` positions whose largest matmul weight has
+    `largest_weight` elements, on a worker allowed `most`."""
+    return most if rows * largest_weight >= PARALLEL_MIN_MACS else 1
+
+
+def use_threads(num_threads: int) -> None:
+    """The calling thread's OpenMP thread count, changed only if it differs (a change costs ~10 us)."""
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
 def compute_here(num_threads: int | None) -> None:
     """Make the calling thread, the one that runs a worker's steps, use `num_threads` OpenMP
     threads (None: leave the default)."""
     if num_threads:
-        torch.set_num_threads(num_threads)
+        use_threads(num_threads)

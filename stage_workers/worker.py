@@ -16,6 +16,7 @@ import torch
 
 from .attention import CacheAttention
 from .checkpoint import CheckpointReader
+from .compute_thread import step_threads, use_threads
 from .config import ModelConfig, load_config
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCacheFull, PagedKVCache
@@ -51,7 +52,7 @@ class WorkerSpec:
     kv_cache_tokens: int | None = None  # KV pool size in positions; None: from memory_fraction, else 8 * sequence_len
     memory_fraction: float | None = None  # share of the device's memory for weights + KV (stage_workers/memory.py)
     kv_block_size: int = 16
-    num_threads: int | None = None  # torch threads of a CPU worker, set by the thread running its steps; None: default
+    num_threads: int | None = None  # most torch threads of a CPU worker (small steps use one: compute_thread.py); None: default
     cuda_graphs: bool | None = None  # decode steps as CUDA graphs per batch bucket; None: on for a CUDA device
 
 
@@ -92,6 +93,9 @@ class StageWorker:
     @torch.inference_mode()
     def extend(self, batch: ExtendBatch) -> ExtendResult:
         self._check(batch)
+        if self.spec.num_threads and self.device.type == "cpu":
+            largest = 4 * self.config.n_embd * self.config.n_embd  # the MLP's matmuls
+            use_threads(step_threads(batch.token_ids.shape[0], largest, self.spec.num_threads))
         old = {seg.seq_id: self.cache.length(seg.seq_id) for seg in batch.segments}
         for seg in batch.segments:
             self.cache.reserve(seg.seq_id, seg.start + seg.length)

@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from stage_workers.compute_thread import compute_here, off_main_thread
+from stage_workers.compute_thread import PARALLEL_MIN_MACS, compute_here, off_main_thread, step_threads
+from stage_workers.messages import ExtendBatch, Segment
 from stage_workers.worker import StageWorker, WorkerSpec
 
 
@@ -34,3 +35,33 @@ def test_compute_here_sets_the_calling_threads_count():
     assert seen == 1
     compute_here(None)  # leaves it alone
     torch.set_num_threads(before)
+
+
+def test_a_step_too_small_for_two_threads_runs_on_one():
+    assert step_threads(1, PARALLEL_MIN_MACS - 1, 2) == 1
+    assert step_threads(2, PARALLEL_MIN_MACS // 2, 4) == 4
+    assert step_threads(10**6, 10**6, 1) == 1
+
+
+def test_a_cpu_worker_picks_its_threads_per_step_and_computes_the_same(tiny_dir):
+    """A worker allowed two threads decodes one position on one and a long prompt chunk on two;
+    what it computes equals a worker that never changes its count."""
+    allowed = StageWorker.from_checkpoint(tiny_dir, WorkerSpec(stage=0, num_threads=2))
+    plain = StageWorker.from_checkpoint(tiny_dir, WorkerSpec(stage=0))
+    width = allowed.config.n_embd
+    long = -(-PARALLEL_MIN_MACS // (4 * width * width))  # positions that make a step worth two threads
+    assert long < allowed.config.sequence_len - 1
+    ids = torch.arange(long + 1) % allowed.config.vocab_size
+
+    def steps(worker):  # on a thread of its own: the test's main thread keeps its count
+        prompt = worker.extend(ExtendBatch([Segment(0, 0, long, 1)], ids[:long], torch.tensor([-1])))
+        after_prompt = torch.get_num_threads()
+        decode = worker.extend(ExtendBatch([Segment(0, long, 1, 1)], ids[long:], ids[long - 1 : long]))
+        return prompt, after_prompt, decode, torch.get_num_threads()
+
+    prompt, after_prompt, decode, after_decode = off_main_thread(steps, allowed)
+    assert (after_prompt, after_decode) == (2, 1)
+    same_prompt, _, same_decode, _ = off_main_thread(steps, plain)
+    for got, want in ((prompt, same_prompt), (decode, same_decode)):
+        torch.testing.assert_close(got.logits, want.logits)
+        torch.testing.assert_close(got.trunk.x, want.trunk.x)
