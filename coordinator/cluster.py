@@ -55,11 +55,13 @@ CPU_WORKER_ENV = {"GOMP_SPINCOUNT": "30000"}
 class StageActor:
     """Runs inside the actor process: a stage worker and, once `serve` is called, its step loop."""
 
-    def __init__(self, checkpoint: str, spec: WorkerSpec):
+    def __init__(self, checkpoint: str, spec: WorkerSpec, side_by_side: int = 1):
+        """`side_by_side`: how many workers of a node may compute at once (the step's micro-batches)."""
         if spec.device == "cpu" and spec.num_threads is None:
             # Ray caps a 0.5-CPU actor at one thread; a sequence's stages run one after another,
-            # so the computing worker may take every core (idle ones sleep: CPU_WORKER_ENV)
-            spec = replace(spec, num_threads=len(os.sched_getaffinity(0)))
+            # so the computing worker may take every core (idle ones sleep: CPU_WORKER_ENV), or
+            # its share of them when micro-batches keep several stages busy at once
+            spec = replace(spec, num_threads=max(1, len(os.sched_getaffinity(0)) // side_by_side))
         self.worker = off_main_thread(StageWorker.from_checkpoint, checkpoint, spec)
         self.num_threads = spec.num_threads  # set by the thread that will compute (`serve`)
         self.channels: dict[str, object] = {}  # data channels by name (shared memory or torch.distributed)
@@ -365,7 +367,8 @@ def _start_actor(checkpoint: str, serving: ServingConfig, dtype: str | None, sta
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
     ).remote(checkpoint, WorkerSpec(stage=stage, device=p.device, dtype=dtype or p.dtype,
                                     kv_cache_tokens=p.kv_cache_tokens, memory_fraction=p.memory_fraction,
-                                    num_threads=p.num_threads, cuda_graphs=p.cuda_graphs))
+                                    num_threads=p.num_threads, cuda_graphs=p.cuda_graphs),
+             min(serving.pipeline_micro_batches, load_config(checkpoint).num_stages))
 
 
 def _data_slot_bytes(config, serving: ServingConfig) -> int:
