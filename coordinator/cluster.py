@@ -235,7 +235,8 @@ class PoECluster(PoEModel):
         dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
         replicas: list[list[Replica]] = [[] for _ in range(model_config.num_stages)]
         for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
-            replicas[k].append(Replica(_start_actor(checkpoint, serving, dtype, k, group, i), group, i, False))
+            replicas[k].append(Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, k, group, i),
+                                       group, i, False))
         workers = [[RemoteWorker(r.actor, k) for r in rs] for k, rs in enumerate(replicas)]
         engine_config = EngineConfig(max_num_seqs=serving.max_num_seqs, max_recoveries=serving.max_recoveries,
                                      max_prefill_chunk=serving.max_prefill_chunk,
@@ -312,8 +313,8 @@ class PoECluster(PoEModel):
         else:
             timeout = NODE_START_TIMEOUT_S if self.serving_config.cluster_autoscaling else PLACEMENT_TIMEOUT_S
             group, index, own = _reserve([_bundle(self.serving_config.placement(stage))], "PACK", timeout), 0, True
-        replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.dtype, stage, group, index),
-                          group, index, own)
+        replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.config.num_stages, self.dtype, stage,
+                                       group, index), group, index, own)
         try:
             ray.get(replica.actor.pid.remote())
         except ray.exceptions.RayActorError as exc:
@@ -358,7 +359,8 @@ class PoECluster(PoEModel):
         self.shutdown()
 
 
-def _start_actor(checkpoint: str, serving: ServingConfig, dtype: str | None, stage: int, group, bundle_index: int):
+def _start_actor(checkpoint: str, serving: ServingConfig, num_stages: int, dtype: str | None, stage: int, group,
+                 bundle_index: int):
     p = serving.placement(stage)
     return ray.remote(StageActor).options(
         num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=serving.max_worker_restarts,
@@ -368,7 +370,7 @@ def _start_actor(checkpoint: str, serving: ServingConfig, dtype: str | None, sta
     ).remote(checkpoint, WorkerSpec(stage=stage, device=p.device, dtype=dtype or p.dtype,
                                     kv_cache_tokens=p.kv_cache_tokens, memory_fraction=p.memory_fraction,
                                     num_threads=p.num_threads, cuda_graphs=p.cuda_graphs),
-             min(serving.pipeline_micro_batches, load_config(checkpoint).num_stages))
+             min(serving.pipeline_micro_batches, num_stages))
 
 
 def _data_slot_bytes(config, serving: ServingConfig) -> int:

@@ -153,15 +153,14 @@ class _EngineGauges(Collector):
         waiting.add_metric([self.model_name], len(self.engine.waiting))
         kv = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV blocks promised / held by a replica (0..1)",
                                labels=["model_name", "stage", "replica"])
-        for k, stage in enumerate(self.engine.stages):
-            for r, (capacity, promised) in enumerate(zip(list(stage.capacity), list(stage.promised))):
-                kv.add_metric([self.model_name, str(k), str(r)], promised / capacity if capacity else 0.0)
-        busy = CounterMetricFamily(PREFIX + "stage_busy_seconds", "Seconds a stage's workers spent computing "
-                                   "and deciding (utilization: rate / replicas)", labels=["model_name", "stage"])
         replicas = GaugeMetricFamily(PREFIX + "stage_replicas", "Workers serving a stage (autoscaling moves it)",
                                      labels=["model_name", "stage"])
         for k, stage in enumerate(self.engine.stages):
+            for r, (capacity, promised) in enumerate(zip(list(stage.capacity), list(stage.promised))):
+                kv.add_metric([self.model_name, str(k), str(r)], promised / capacity if capacity else 0.0)
             replicas.add_metric([self.model_name, str(k)], len(stage.workers))
+        busy = CounterMetricFamily(PREFIX + "stage_busy_seconds", "Seconds a stage's workers spent computing "
+                                   "and deciding (utilization: rate / replicas)", labels=["model_name", "stage"])
         try:
             for k, signals in enumerate(self.model.stage_signals()):
                 busy.add_metric([self.model_name, str(k)], signals.busy_s)

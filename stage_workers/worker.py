@@ -63,6 +63,7 @@ class StageWorker:
         self.dtype = resolve_dtype(spec.dtype, spec.device)
         self.slice = stage_slice
         self.busy_s = 0.0  # seconds its step runner spent computing and deciding (stage utilization)
+        self.largest_weight = 4 * config.n_embd * config.n_embd  # the MLP's matmuls: what sets a step's threads
         tokens = spec.kv_cache_tokens or self._tokens_from_memory() or 8 * config.sequence_len
         self.cache = PagedKVCache(
             num_layers=len(stage_slice.layers),
@@ -94,8 +95,7 @@ class StageWorker:
     def extend(self, batch: ExtendBatch) -> ExtendResult:
         self._check(batch)
         if self.spec.num_threads and self.device.type == "cpu":
-            largest = 4 * self.config.n_embd * self.config.n_embd  # the MLP's matmuls
-            use_threads(step_threads(batch.token_ids.shape[0], largest, self.spec.num_threads))
+            use_threads(step_threads(batch.token_ids.shape[0], self.largest_weight, self.spec.num_threads))
         old = {seg.seq_id: self.cache.length(seg.seq_id) for seg in batch.segments}
         for seg in batch.segments:
             self.cache.reserve(seg.seq_id, seg.start + seg.length)

@@ -224,6 +224,14 @@ def kuberay_docs(path: Path) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
+def kuberay_docs_with(path: Path, kind: str) -> dict[str, dict]:
+    """`kuberay_docs(path)`, skipping the test where the file has no `kind` document."""
+    docs = kuberay_docs(path)
+    if kind not in docs:
+        pytest.skip(f"{path}: no {kind}")
+    return docs
+
+
 def serve_flags(path: Path, rayjob: dict) -> dict[str, str]:
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:2] == ["poe-serve", "serve"], f"{path}: entrypoint {argv[:2]} is not `poe-serve serve`"
@@ -251,9 +259,7 @@ def worker_pods(spec: dict, count: str) -> list[dict[str, float]]:
 
 @pytest.mark.parametrize("path", files_of("kuberay"))
 def test_rayjob_serves_an_existing_placement_config(path):
-    rayjob = kuberay_docs(path).get("RayJob")
-    if rayjob is None:
-        pytest.skip(f"{path}: no RayJob")
+    rayjob = kuberay_docs_with(path, "RayJob")["RayJob"]
     assert rayjob["apiVersion"] == "ray.io/v1"
     flags = serve_flags(path, rayjob)
     config_path = REPO / flags["--config"]
@@ -267,9 +273,7 @@ def test_rayjob_serves_an_existing_placement_config(path):
 
 @pytest.mark.parametrize("path", files_of("kuberay"))
 def test_rayjob_gpu_workers_fit_its_placement_config(path):
-    rayjob = kuberay_docs(path).get("RayJob")
-    if rayjob is None:
-        pytest.skip(f"{path}: no RayJob")
+    rayjob = kuberay_docs_with(path, "RayJob")["RayJob"]
     config = load_serving_config(REPO / serve_flags(path, rayjob)["--config"])
     spec = rayjob["spec"]["rayClusterSpec"]
     for group in spec["workerGroupSpecs"]:
@@ -298,9 +302,7 @@ def service_targets(path: Path, docs: dict, pod: dict) -> list[int]:
 
 @pytest.mark.parametrize("path", files_of("kuberay"))
 def test_service_targets_the_ports_the_entrypoint_serves(path):
-    docs = kuberay_docs(path)
-    if "RayJob" not in docs:
-        pytest.skip(f"{path}: no RayJob")
+    docs = kuberay_docs_with(path, "RayJob")
     flags, pod = serve_flags(path, docs["RayJob"]), head_pod(docs["RayJob"])
     targets = service_targets(path, docs, pod)
     for flag in ("--port", "--http-port"):
@@ -321,9 +323,7 @@ def probe_urls(probe: dict) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("path", files_of("kuberay"))
 def test_rayjob_probes_ask_the_servers_ready_and_health_on_its_http_port(path):
-    docs = kuberay_docs(path)
-    if "RayJob" not in docs:
-        pytest.skip(f"{path}: no RayJob")
+    docs = kuberay_docs_with(path, "RayJob")
     http_port = int(serve_flags(path, docs["RayJob"])["--http-port"])
     (container,) = head_pod(docs["RayJob"])["spec"]["containers"]
     for probe, route in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
@@ -353,9 +353,7 @@ def test_rayjob_probes_pass_until_the_server_listens_then_follow_it(path, tiny_d
     from coordinator import PoEModel, load_tokenizer
     from coordinator.http_api import HttpServer
 
-    docs = kuberay_docs(path)
-    if "RayJob" not in docs:
-        pytest.skip(f"{path}: no RayJob")
+    docs = kuberay_docs_with(path, "RayJob")
     http_port = int(serve_flags(path, docs["RayJob"])["--http-port"])
     (container,) = head_pod(docs["RayJob"])["spec"]["containers"]
     ready, live = container["readinessProbe"], container["livenessProbe"]
@@ -425,9 +423,7 @@ def test_rayservice_builds_the_serve_app_from_its_args(path):
 
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # as Serve calls it
 
-    rayservice = kuberay_docs(path).get("RayService")
-    if rayservice is None:
-        pytest.skip(f"{path}: no RayService")
+    rayservice = kuberay_docs_with(path, "RayService")["RayService"]
     application = serve_application(path, rayservice)
     module, _, name = application["import_path"].partition(":")
     builder = getattr(importlib.import_module(module), name)
@@ -444,9 +440,7 @@ def test_an_autoscaled_placement_runs_on_a_cluster_that_adds_nodes_for_it(path):
     """Stages with autoscaling: blocks need Ray's in-tree autoscaler on, cluster_autoscaling in
     the placement (so scale-ups wait for nodes), pods for the starting replicas at minReplicas and
     room for every stage at its max_replicas at maxReplicas."""
-    docs = kuberay_docs(path)
-    if "RayService" not in docs:
-        pytest.skip(f"{path}: no RayService")
+    docs = kuberay_docs_with(path, "RayService")
     config = load_serving_config(REPO / serve_application(path, docs["RayService"])["args"]["config"])
     scaled = [config.placement(k).autoscaling for k in range(NUM_STAGES)]
     if not any(scaled):
@@ -462,9 +456,7 @@ def test_an_autoscaled_placement_runs_on_a_cluster_that_adds_nodes_for_it(path):
 
 @pytest.mark.parametrize("path", files_of("kuberay"))
 def test_rayservice_pins_the_coordinator_to_the_head_that_exposes_its_grpc_port(path):
-    docs = kuberay_docs(path)
-    if "RayService" not in docs:
-        pytest.skip(f"{path}: no RayService")
+    docs = kuberay_docs_with(path, "RayService")
     application = serve_application(path, docs["RayService"])
     (deployment,) = application["deployments"]
     wanted = deployment["ray_actor_options"]["resources"]
