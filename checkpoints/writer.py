@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from coordinator.progress import Progress
+from tools.progress import Progress
 from coordinator.tokenizer import Tokenizer, byte_level_encoding
 from stage_workers.compute_thread import off_main_thread
 from stage_workers.checkpoint import INDEX_FILE, SINGLE_FILE, expected_shapes

@@ -1,6 +1,6 @@
 """The coordinator decides: Log-OP, the modes, scheduling, and serving over stage workers."""
 
-from .model import PoEModel
-from .tokenizer import Tokenizer, load_tokenizer
+from coordinator.model import PoEModel
+from coordinator.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["PoEModel", "Tokenizer", "load_tokenizer"]

@@ -1,9 +1,11 @@
 """`PoEModel`: the model card's Python surface, served by stage workers through the engine.
 
-`from_pretrained` builds in-process `StageWorker`s, one per stage or several replicas of a
-stage; `PoECluster` (coordinator/cluster.py) is the same class over Ray actors. Every method
-validates its arguments once, turns them into requests, runs the engine until they finish and
-packs the results as the card returns them. This module knows nothing of Ray or gRPC.
+One front over two worker backends with the same worker interface: `from_pretrained` builds
+`InProcessWorkers` (stage workers in this process, one per stage or several replicas of a
+stage); `on_ray` places each worker in its own Ray actor (`RayCluster`,
+coordinator/ray_cluster/cluster.py). Every method validates its arguments once, turns them
+into requests, runs the engine until they finish and packs the results as the card returns
+them. This module knows nothing of Ray or gRPC: a backend owns where its workers run.
 """
 
 from __future__ import annotations
@@ -12,29 +14,52 @@ from pathlib import Path
 
 import torch
 
-from stage_workers.config import ModelConfig, load_config
 from stage_workers.compute_thread import off_main_thread
+from stage_workers.config import ModelConfig, load_config
+from stage_workers.logop import combine, log_probs, normalize
 from stage_workers.worker import StageWorker, WorkerSpec
 
-from . import requests as rq
-from .autoscaler import StageSignals
-from .engine import Engine, EngineConfig
-from .engine_loop import EngineLoop
-from stage_workers.logop import combine, log_probs, normalize
-from .pipeline import Pipeline
-from .sequence import Sequence
-from .wand import bounds_from_gaps, exit_gaps
+from coordinator.core import requests as rq
+from coordinator.core.autoscaler import Autoscaler, AutoscalingConfig, StageSignals
+from coordinator.core.engine import Engine, EngineConfig
+from coordinator.core.engine_loop import EngineLoop
+from coordinator.core.pipeline import Pipeline
+from coordinator.core.sequence import Sequence
+from coordinator.core.wand import bounds_from_gaps, exit_gaps
+
+
+class InProcessWorkers:
+    """The in-process backend: stage workers in this process, reached over in-memory channels."""
+
+    transport = None  # steps reach the workers in process (coordinator/core/transport.py)
+    scalable = False  # the replica count is fixed at from_pretrained(replicas=...)
+
+    def __init__(self, workers: list):
+        self.workers = workers  # per stage, one worker or a list of that stage's replicas
+
+    def busy_seconds(self, workers: list) -> list[float]:
+        return [w.info().busy_s for w in workers]
+
+    def scale_stage(self, model: "PoEModel", stage: int, replicas: int) -> None:
+        raise ValueError("scale_stage: this model's stage workers run in process, where the replica count is "
+                         "fixed at from_pretrained(replicas=...); allowed: a model on Ray (PoEModel.on_ray)")
+
+    def close(self) -> None:
+        """Nothing to release: the workers go with this process."""
 
 
 class PoEModel:
-    def __init__(self, config: ModelConfig, workers: list, engine_config: EngineConfig = EngineConfig(),
-                 transport=None):
-        """`workers`: per stage, one worker or a list of that stage's replicas; `transport`: how a
-        step reaches them (None: in process, coordinator/transport.py)."""
-        assert len(workers) == config.num_stages, "one worker (or list of replicas) per stage"
-        self.config = config
-        self.engine = Engine(config, Pipeline(workers, transport), engine_config)
+    def __init__(self, config: ModelConfig, backend, engine_config: EngineConfig = EngineConfig(),
+                 autoscaling: dict[int, AutoscalingConfig] | None = None):
+        """`backend`: where the stage workers run (`InProcessWorkers`, or `RayCluster`): its
+        `workers` (per stage, one worker or a list of replicas), `transport` (how a step reaches
+        them), `scalable`, `busy_seconds`, `scale_stage` and `close`. `autoscaling`: stage -> its policy; those
+        stages' replicas follow their load (coordinator/core/autoscaler.py)."""
+        assert len(backend.workers) == config.num_stages, "one worker (or list of replicas) per stage"
+        self.config, self.backend = config, backend
+        self.engine = Engine(config, Pipeline(backend.workers, backend.transport), engine_config)
         self.loop = EngineLoop(self.engine)  # the one thread that drives the engine; shared by all callers
+        self.autoscaler = Autoscaler(self, autoscaling).start() if autoscaling else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device=None, kv_cache_tokens: int | None = None,
@@ -55,16 +80,21 @@ class PoEModel:
         # loaded off the main thread, which must not own an OpenMP team (stage_workers/compute_thread.py)
         workers = [[off_main_thread(StageWorker.from_checkpoint, path, spec) for _ in range(n)]
                    for spec, n in zip(specs, replicas)]
-        return cls(config, workers, engine_config)
+        return cls(config, InProcessWorkers(workers), engine_config)
+
+    @classmethod
+    def on_ray(cls, checkpoint: str | Path, config=None, dtype=None, address: str | None = None) -> "PoEModel":
+        """Each stage worker in its own Ray actor, placed by the serving config (a YAML path, a
+        `ServingConfig`, or None for cluster_configs/local-cpu.yaml); starts a local Ray, or joins
+        the one at `address`. `shutdown()` (or leaving a `with` block) releases it all."""
+        from coordinator.ray_cluster.cluster import launch  # Ray is imported only with this backend
+
+        return launch(cls, checkpoint, config, dtype, address)
 
     @property
     def workers(self) -> list:
         """Every stage worker, stage by stage (a stage's replicas side by side)."""
         return [w for stage in self.engine.stages for w in stage.workers]
-
-    def worker_infos(self):
-        """One per stage (a replicated stage's KV and memory summed over its replicas)."""
-        return [stage.info() for stage in self.engine.stages]
 
     def stages_down(self) -> list[int]:
         """Stages with no live worker left (a lost worker Ray could not restart); empty when all serve."""
@@ -79,12 +109,31 @@ class PoEModel:
         their busy seconds, and its KV blocks promised and held. Read from outside the engine loop:
         a worker's busy time comes from the worker itself (a Ray call for an actor)."""
         stages = [(list(stage.workers), list(stage.promised), list(stage.capacity)) for stage in self.engine.stages]
-        busy = iter(self._busy_seconds([w for workers, _, _ in stages for w in workers]))
+        busy = iter(self.backend.busy_seconds([w for workers, _, _ in stages for w in workers]))
         return [StageSignals(len(workers), sum(next(busy) for _ in workers), sum(promised), sum(capacity))
                 for workers, promised, capacity in stages]
 
-    def _busy_seconds(self, workers: list) -> list[float]:
-        return [w.info().busy_s for w in workers]
+    def scale_stage(self, stage: int, replicas: int) -> None:
+        """Serve `stage` with `replicas` workers from now on, while requests run (on Ray): an added
+        worker loads its slice before it takes sequences; a removed one's sequences move to the
+        others (KV rebuilt from committed tokens, tokens unchanged)."""
+        rq.check_stage(self.config, stage)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise ValueError(f"replicas={replicas!r} is invalid; allowed: an integer >= 1")
+        self.backend.scale_stage(self, stage, replicas)
+
+    def shutdown(self) -> None:
+        """Stop the autoscaler and the engine loop, then release the workers (their actors, on Ray)."""
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+        self.loop.stop()
+        self.backend.close()
+
+    def __enter__(self) -> "PoEModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # ---- running requests ------------------------------------------------------------------
     def run(self, requests: list) -> list[Sequence]:

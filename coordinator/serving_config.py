@@ -1,8 +1,9 @@
 """How stages map onto machines, read once from a YAML file in cluster_configs/.
 
-`ServingConfig` holds one `StagePlacement` per stage (defaults, overridden per stage) and the
-engine's limits. Unknown keys and bad values are errors that name the file and the field. It
-knows nothing about Ray's API; `coordinator.cluster` turns it into placement groups.
+`ServingConfig` holds one `StagePlacement` per stage (defaults, overridden per stage), the
+engine's limits (an `EngineConfig`, the same dataclass an in-process model takes) and the
+server's. Unknown keys and bad values are errors that name the file and the field. It knows
+nothing about Ray's API; `coordinator.ray_cluster.cluster` turns it into placement groups.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .autoscaler import AutoscalingConfig, autoscaling_from_yaml
+from coordinator.core.autoscaler import AutoscalingConfig, autoscaling_from_yaml
+from coordinator.core.engine import EngineConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local-cpu.yaml"
@@ -39,13 +41,9 @@ class ServingConfig:
     stages: tuple[StagePlacement, ...] = ()  # empty: `defaults` for every stage
     defaults: StagePlacement = StagePlacement()
     placement_strategy: str = "PACK"
-    max_num_seqs: int = 64  # sequences decoding at once
+    engine: EngineConfig = EngineConfig()  # the engine's limits: top-level keys of the YAML (max_num_seqs, ...)
     max_queue: int = 256  # requests waiting for KV room before RESOURCE_EXHAUSTED
     max_worker_restarts: int = 3  # Ray restarts of a lost worker process (Ray's max_restarts)
-    max_recoveries: int = 2  # times one sequence may be rebuilt after losing a worker before it fails
-    max_prefill_chunk: int = 256  # prompt positions of one sequence fed per step; longer prompts go in chunks
-    max_num_batched_tokens: int = 2048  # positions fed per step over all sequences (vLLM's name)
-    pipeline_micro_batches: int = 1  # groups of a step's sequences in flight at once, one stage apart
     step_timeout_s: float = 300.0  # a worker silent this long in a step is stuck: killed and restarted
     transport: str = "auto"  # channels: auto (shared memory on one node and device, else torch.distributed) | shm | dist
     cluster_autoscaling: bool = False  # Ray adds nodes for pending replicas (KubeRay): scale-ups wait, not refused
@@ -101,10 +99,10 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
 def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
-    limit_keys = ("max_num_seqs", "max_queue", "max_worker_restarts", "max_recoveries", "max_prefill_chunk",
-                  "max_num_batched_tokens", "pipeline_micro_batches")
+    engine_keys = tuple(f.name for f in fields(EngineConfig))
+    limit_keys = ("max_queue", "max_worker_restarts")
     known = {"stages", "defaults", "placement_strategy", "step_timeout_s", "transport", "cluster_autoscaling",
-             *limit_keys}
+             *limit_keys, *engine_keys}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
@@ -117,9 +115,13 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
         raise ValueError(f"{source}: placement_strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
     limits = {k: raw.get(k, getattr(ServingConfig, k)) for k in limit_keys}
     for key, value in limits.items():
-        low = 0 if key in ("max_worker_restarts", "max_recoveries") else 1
+        low = 0 if key == "max_worker_restarts" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{source}: {key}={value!r} must be an integer >= {low}")
+    try:
+        engine = EngineConfig(**{k: raw[k] for k in engine_keys if k in raw})
+    except ValueError as exc:  # EngineConfig's own check names the key
+        raise ValueError(f"{source}: {exc}") from None
     timeout = raw.get("step_timeout_s", ServingConfig.step_timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ValueError(f"{source}: step_timeout_s={timeout!r} must be a number of seconds > 0")
@@ -130,7 +132,7 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     if not isinstance(cluster_autoscaling, bool):
         raise ValueError(f"{source}: cluster_autoscaling={cluster_autoscaling!r} must be true or false")
     return ServingConfig(stages, defaults, strategy, source=source, step_timeout_s=float(timeout), transport=transport,
-                         cluster_autoscaling=cluster_autoscaling, **limits)
+                         cluster_autoscaling=cluster_autoscaling, engine=engine, **limits)
 
 
 def load_serving_config(path: str | Path | None = None) -> ServingConfig:

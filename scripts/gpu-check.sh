@@ -29,7 +29,7 @@ r = json.load(open(sys.argv[1]))
 floor, single = r["floor"]["single_stream_ceiling_tok_s"], r["single_stream"]
 print(f"gpu-check: bandwidth floor {r['floor']['memory_bandwidth_gbs']:.0f} GB/s over "
       f"{r['floor']['weight_bytes'] / 2**30:.2f} GiB of weights -> {floor:.0f} tok/s single-stream ceiling")
-for who, figures in (("PoEModel", single["poe_model_tok_s"]), ("PoECluster", single["poe_cluster_tok_s"])):
+for who, figures in (("PoEModel", single["poe_model_tok_s"]), ("PoEModel.on_ray", single["poe_cluster_tok_s"])):
     print(f"gpu-check: {who} full {figures['full']:.1f} tok/s = {figures['full'] / floor:.0%} of the floor")
 for row in r["concurrency"]:
     print(f"gpu-check: {row['concurrency']} concurrent: {row['aggregate_tok_s']:.0f} tok/s, {row['errors']} errors")

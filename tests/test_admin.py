@@ -1,6 +1,6 @@
 """The PoEAdmin service: scaling a stage's replicas on a running server, through gRPC and the CLI.
 
-Over `PoECluster` on the session's Ray: a stage scales up and back down while a request is in
+Over a model on Ray (`PoEModel.on_ray`) on the session's Ray: a stage scales up and back down while a request is in
 flight, tokens stay those of `PoEModel`, and ModelInfo lists every replica. Over an in-process
 model scaling is refused; bad arguments are INVALID_ARGUMENT naming the field.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from coordinator import PoEModel, load_tokenizer
-from coordinator.cli import main
-from coordinator.client import PoEClient
-from coordinator.server import Server
+from tools.cli import main
+from tools.client import PoEClient
+from coordinator.grpc_api.server import Server
 
 
 def ids(seed: int) -> list[int]:
@@ -24,10 +24,10 @@ def ids(seed: int) -> list[int]:
 
 
 def test_scale_stage_while_serving_keeps_tokens_and_lists_replicas(ray_session, tiny_dir, tiny_model, capsys):
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
 
     expected = tiny_model.generate(torch.tensor([ids(1)]), 24)[0, 20:].tolist()
-    with PoECluster.launch(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir) as cluster:
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
         try:
             with PoEClient(server.address, timeout=120) as client:

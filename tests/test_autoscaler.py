@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from coordinator import requests as rq
-from coordinator.autoscaler import AutoscalingConfig, StageAutoscaler, StageSignals, autoscaling_from_yaml
+from coordinator.core import requests as rq
+from coordinator.core.autoscaler import AutoscalingConfig, StageAutoscaler, StageSignals, autoscaling_from_yaml
 
 
 CLOCK = {"t": 0.0, "busy": 0.0}
@@ -74,7 +74,7 @@ def test_on_ray_speculative_load_grows_stage_0_idleness_shrinks_it_and_no_token_
                                                                                           tiny_model):
     """Drafting keeps stage 0 busy while the later stages mostly wait: with the same autoscaling
     block on every stage, only stage 0 grows under the load, and it shrinks back once idle."""
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
     from coordinator.serving_config import ServingConfig, StagePlacement
 
     config = tiny_model.config
@@ -86,7 +86,7 @@ def test_on_ray_speculative_load_grows_stage_0_idleness_shrinks_it_and_no_token_
                                 upscale_delay_s=1.0, downscale_delay_s=2.0, metrics_interval_s=0.25,
                                 look_back_period_s=1.0)
     serving = ServingConfig(stages=(StagePlacement(autoscaling=scaling),) * config.num_stages)
-    with PoECluster.launch(tiny_dir, config=serving) as cluster:
+    with PoEModel.on_ray(tiny_dir, config=serving) as cluster:
         stop, outputs, errors = threading.Event(), [], []
 
         def load(client: int) -> None:  # one client: request after request, round the prompts
@@ -103,7 +103,7 @@ def test_on_ray_speculative_load_grows_stage_0_idleness_shrinks_it_and_no_token_
         for t in clients:
             t.start()
         deadline = time.monotonic() + 120
-        while [len(r) for r in cluster.replicas][0] < 2 and time.monotonic() < deadline and not errors:
+        while [len(r) for r in cluster.backend.replicas][0] < 2 and time.monotonic() < deadline and not errors:
             time.sleep(0.1)
         grown = len(outputs)
         while len(outputs) < grown + len(jobs) and time.monotonic() < deadline and not errors:
@@ -112,8 +112,8 @@ def test_on_ray_speculative_load_grows_stage_0_idleness_shrinks_it_and_no_token_
         for t in clients:
             t.join()
         assert not errors, errors[0]
-        assert [len(r) for r in cluster.replicas] == [2, 1, 1, 1], cluster.autoscaler.history
-        while len(cluster.replicas[0]) > 1 and time.monotonic() < deadline:
+        assert [len(r) for r in cluster.backend.replicas] == [2, 1, 1, 1], cluster.autoscaler.history
+        while len(cluster.backend.replicas[0]) > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         history = [(stage, replicas) for _, stage, replicas in cluster.autoscaler.history]
         assert history == [(0, 2), (0, 1)], "stage 0 grew under drafting and shrank when idle; no other stage moved"

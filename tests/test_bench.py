@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from coordinator.bench import SECTIONS, BenchConfig, run_bench
+from tools.bench import SECTIONS, BenchConfig, run_bench
 
 
 def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from coordinator.cli import main
+from tools.cli import main
 
 
 def test_init_checkpoint_writes_a_loadable_sharded_checkpoint(tmp_path, capsys):
@@ -59,5 +59,5 @@ def test_calibrate_writes_bounds_the_loader_picks_up(tiny_dir, tmp_path):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "--help"], capture_output=True, text=True, check=True)
     assert "init-checkpoint" in out.stdout and "generate" in out.stdout

@@ -1,4 +1,4 @@
-"""How `PoECluster` starts its CPU stage workers in their Ray processes."""
+"""How the Ray backend starts its CPU stage workers in their Ray processes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import replace
 import ray
 import torch
 
-from coordinator.cluster import PoECluster
+from coordinator import PoEModel
 from coordinator.serving_config import load_serving_config
 
 
@@ -16,8 +16,8 @@ def test_cpu_workers_compute_on_every_core_and_sleep_soon_when_idle(ray_session,
     """Ray would give a 0.5-CPU actor one thread; a sequence's stages compute one at a time, so
     each worker takes every core, and waiting workers' OpenMP threads spin only briefly on them."""
     probe = lambda actor: (torch.get_num_threads(), os.environ.get("GOMP_SPINCOUNT"))  # noqa: E731 (a lambda travels by value)
-    with PoECluster.launch(tiny_dir) as cluster:
-        seen = ray.get([a.__ray_call__.remote(probe) for a in cluster.actors])
+    with PoEModel.on_ray(tiny_dir) as cluster:
+        seen = ray.get([a.__ray_call__.remote(probe) for a in cluster.backend.actors])
     assert seen == [(len(os.sched_getaffinity(0)), "30000")] * 4
 
 
@@ -25,9 +25,9 @@ def test_with_micro_batches_cpu_workers_share_the_cores(ray_session, tiny_dir, t
     """Two micro-batches keep two stages computing at once: each worker takes half the cores (at
     least one), not all of them, which would put twice as many OpenMP threads as cores to work
     (16 gRPC streams on small, 2 cores: 66-72 tok/s against 328-346 with one micro-batch)."""
-    serving = replace(load_serving_config(None), pipeline_micro_batches=2)
-    with PoECluster.launch(tiny_dir, config=serving) as cluster:
-        seen = ray.get([a.__ray_call__.remote(lambda actor: actor.num_threads) for a in cluster.actors])
+    serving = replace(load_serving_config(None), engine=EngineConfig(pipeline_micro_batches=2))
+    with PoEModel.on_ray(tiny_dir, config=serving) as cluster:
+        seen = ray.get([a.__ray_call__.remote(lambda actor: actor.num_threads) for a in cluster.backend.actors])
         ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
         assert torch.equal(torch.as_tensor(cluster.generate(ids, 6)), torch.as_tensor(tiny_model.generate(ids, 6)))
     assert seen == [max(1, len(os.sched_getaffinity(0)) // 2)] * 4

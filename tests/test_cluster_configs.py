@@ -60,7 +60,7 @@ def stage_placements(config: ServingConfig) -> list[StagePlacement]:
 
 
 def bundles(config: ServingConfig) -> list[dict[str, float]]:
-    """One Ray placement-group bundle per stage worker, as coordinator.cluster asks for them."""
+    """One Ray placement-group bundle per stage worker, as coordinator.ray_cluster.cluster asks for them."""
     return [{"CPU": p.num_cpus, "GPU": p.num_gpus} for p in stage_placements(config) for _ in range(p.replicas)]
 
 
@@ -209,7 +209,7 @@ def test_launcher_starts_enough_gpu_nodes_for_the_multi_node_placement(path):
     config = load_serving_config(MULTI_NODE)
     nodes = [node["resources"] for name, node in raw["available_node_types"].items()
              if name != raw["head_node_type"] for _ in range(node.get("min_workers", 0))]
-    # min_workers, not max_workers: PoECluster waits PLACEMENT_TIMEOUT_S, less than a GPU node's boot
+    # min_workers, not max_workers: PoEModel waits PLACEMENT_TIMEOUT_S, less than a GPU node's boot
     assert can_place(bundles(config), nodes, config.placement_strategy), (
         f"{path}: {bundles(config)} ({config.placement_strategy}) do not fit the nodes started at once: {nodes}")
 
@@ -351,7 +351,7 @@ def test_rayjob_probes_pass_until_the_server_listens_then_follow_it(path, tiny_d
     """KubeRay submits the job only once the head pod is Ready: before the server listens, both
     probes pass; then readiness fails while a stage is down and liveness only once the loop died."""
     from coordinator import PoEModel, load_tokenizer
-    from coordinator.http_api import HttpServer
+    from coordinator.http_api.app import HttpServer
 
     docs = kuberay_docs_with(path, "RayJob")
     http_port = int(serve_flags(path, docs["RayJob"])["--http-port"])
@@ -540,8 +540,8 @@ BAD_PLACEMENTS = {  # id: (file text, what the error must say after the file nam
                                "defaults: memory_fraction=1.5 must be null or a number in (0, 1]"),
     "memory-fraction-and-tokens": ("stages:\n  - {memory_fraction: 0.2, kv_cache_tokens: 4096}\n",
                                    "stages[0]: set kv_cache_tokens or memory_fraction, not both"),
-    "zero-token-budget": ("max_num_batched_tokens: 0\n", "max_num_batched_tokens=0 must be an integer >= 1"),
-    "negative-recoveries": ("max_recoveries: -1\n", "max_recoveries=-1 must be an integer >= 0"),
+    "zero-token-budget": ("max_num_batched_tokens: 0\n", "max_num_batched_tokens=0 is invalid; allowed: an integer >= 1"),
+    "negative-recoveries": ("max_recoveries: -1\n", "max_recoveries=-1 is invalid; allowed: an integer >= 0"),
     "zero-step-timeout": ("step_timeout_s: 0\n", "step_timeout_s=0 must be a number of seconds > 0"),
     "autoscaling-unknown-key": ("stages:\n  - {autoscaling: {max: 2, target_utilization: 0.5}}\n",
                                 "stages[0]: autoscaling: unknown key 'max'"),

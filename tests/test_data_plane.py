@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator import requests as rq
+from coordinator.core import requests as rq
 
 
 class ArrivalRecorder:
@@ -50,9 +50,9 @@ def generation_calls(config):
 
 def test_no_vocabulary_or_hidden_state_tensor_reaches_the_coordinator_in_generation(ray_session, tiny_dir,
                                                                                     monkeypatch):
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
 
-    with PoECluster.launch(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir) as cluster:
         config = cluster.config
         V, C = config.vocab_size, config.n_embd
         ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -169,12 +169,12 @@ def test_memory_of_deferred_states_is_exactly_what_is_owed_over_a_long_wand_run(
 def test_the_cluster_over_torch_distributed_channels_gives_the_same_tokens(ray_session, tiny_dir, tiny_model):
     """Every channel over torch.distributed (gloo here; what workers on different hosts use, with
     NCCL between GPUs): the same tokens in every mode."""
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
     from coordinator.serving_config import ServingConfig
 
     config = tiny_model.config
     ids = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
-    with PoECluster.launch(tiny_dir, config=ServingConfig(transport="dist")) as cluster:
+    with PoEModel.on_ray(tiny_dir, config=ServingConfig(transport="dist")) as cluster:
         transport = cluster.engine.pipeline.transport
         assert {e.kind for w in transport.wiring.values() for e in w.inbound + w.outbound} == {"dist"}
         for mode, call in generation_calls(config).items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.cli import main
+from tools.cli import main
 
 
 def test_demo_prints_every_mode_with_stages_used_and_acceptance(ray_session, capsys):

@@ -65,7 +65,7 @@ def test_the_command_is_installed_by_pyproject_and_serves_on_the_exposed_ports()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     command = [*exec_form("ENTRYPOINT"), *exec_form("CMD")]  # exec form: SIGTERM reaches the server
     assert command[0] in scripts, f"{DOCKERFILE}: {command[0]} is not in [project.scripts] {sorted(scripts)}"
-    from coordinator.cli import build_parser
+    from tools.cli import build_parser
 
     args = build_parser().parse_args(command[1:])
     (exposed,) = [a for op, a in instructions() if op == "EXPOSE"]

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from coordinator import requests as rq
-from coordinator.engine import Engine, EngineConfig
+from coordinator.core import requests as rq
+from coordinator.core.engine import Engine, EngineConfig
 from stage_workers.logop import combine, log_probs, normalize, top2_margin
-from coordinator.pipeline import Pipeline
+from coordinator.core.pipeline import Pipeline
 from stage_workers.config import config_from_dict
 from stage_workers.messages import WorkerLost
 

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from coordinator import PoEModel
-from coordinator import requests as rq
-from coordinator.engine import EngineConfig
-from coordinator.engine_loop import EngineLoop, EngineLoopDown, QueueFull
+from coordinator.core import requests as rq
+from coordinator.core.engine import EngineConfig
+from coordinator.core.engine_loop import EngineLoop, EngineLoopDown, QueueFull
 from stage_workers.messages import WorkerLost
 
 BOUND_S = 10  # no wait below may take longer; on the code before this change, they took forever

@@ -15,8 +15,8 @@ import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator import PoEModel, load_tokenizer
-from coordinator.client import PoEClient, build_request
-from coordinator.server import SERVICE_NAME, Server
+from tools.client import PoEClient, build_request
+from coordinator.grpc_api.server import SERVICE_NAME, Server
 from protos import poe_serving_pb2 as pb
 
 from grpc_modes import BOUNDS, MODES
@@ -42,9 +42,9 @@ def client(request, tiny_dir):
         server.stop()
         return
     request.getfixturevalue("ray_session")
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
 
-    with PoECluster.launch(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir) as cluster:
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
         yield PoEClient(server.address, timeout=120)
         server.stop()

@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from coordinator import PoEModel, load_tokenizer, wire
-from coordinator.client import PoEClient
-from coordinator.server import Server
+from tools.client import PoEClient
+from coordinator.grpc_api.server import Server
 
 SECRET = "secret detail /etc/model-path 42"
 

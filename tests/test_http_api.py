@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from coordinator import PoEModel, load_tokenizer
-from coordinator.client import PoEClient
-from coordinator.http_api import HttpServer, api_error, serve_http
-from coordinator.http_schema import MAX_LOGPROBS
-from coordinator.requests import GenerationRequest, full_mode
-from coordinator.security import ServerSecurity
-from coordinator.server import Server
+from tools.client import PoEClient
+from coordinator.http_api.app import HttpServer, api_error, serve_http
+from coordinator.http_api.schema import MAX_LOGPROBS
+from coordinator.core.requests import GenerationRequest, full_mode
+from coordinator.serving.security import ServerSecurity
+from coordinator.grpc_api.server import Server
 from protos import poe_serving_pb2 as pb
 from stage_workers.messages import WorkerLost
 
@@ -528,9 +528,9 @@ def test_mutual_tls_requires_a_client_certificate(tiny_dir, tokenizer, certs):  
 
 
 def test_the_same_front_serves_a_ray_cluster(ray_session, tiny_dir, tokenizer, reference):
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
 
-    with PoECluster.launch(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir) as cluster:
         http = HttpServer(cluster, tokenizer, port=0, model_name=MODEL)
         ids = prompt_ids(seed=50)
         try:
@@ -545,7 +545,7 @@ def test_the_same_front_serves_a_ray_cluster(ray_session, tiny_dir, tokenizer, r
 
 
 def test_serve_flags_choose_what_http_serves(tiny_dir, tokenizer):
-    from coordinator.cli import build_parser
+    from tools.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--http-port", "0", "--served-model-name", "m"])
     assert (args.http_port, args.metrics_port, args.served_model_name) == (0, None, "m")

@@ -23,7 +23,7 @@ import pytest
 import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from coordinator.client import PoEClient
+from tools.client import PoEClient
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # `ray` and `poe-serve` of the Python running the tests

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from coordinator.wand import bounds_from_gaps, exit_gaps
+from coordinator.core.wand import bounds_from_gaps, exit_gaps
 from stage_workers.decisions import (accumulate, divisor, token_logprobs, verify_drafts, wand_exits,
                                      wand_threshold)
 from stage_workers.logop import combine, log_probs, normalize, top2_margin

@@ -1,4 +1,4 @@
-"""Prometheus metrics (coordinator/metrics.py), scraped from /metrics while requests run.
+"""Prometheus metrics (coordinator/serving/metrics.py), scraped from /metrics while requests run.
 
 A fresh in-process model per test sits behind a gRPC server and the HTTP server. Known requests
 go through both; the scrape is parsed with prometheus_client's own parser, and the counters
@@ -20,9 +20,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator import PoEModel, load_tokenizer
-from coordinator.client import PoEClient
-from coordinator.http_api import HttpServer
-from coordinator.server import Server
+from tools.client import PoEClient
+from coordinator.http_api.app import HttpServer
+from coordinator.grpc_api.server import Server
 
 from grpc_modes import BOUNDS
 
@@ -151,7 +151,7 @@ def test_a_scrape_while_a_worker_cannot_answer_leaves_out_busy_time_and_nothing_
     def unreadable(workers):
         raise TimeoutError("stage worker is being restarted")
 
-    monkeypatch.setattr(served.model, "_busy_seconds", unreadable)
+    monkeypatch.setattr(served.model.backend, "busy_seconds", unreadable)
     m = scrape(served.url)
     assert not any(name == "poe:stage_busy_seconds_total" for name, _ in m)
     assert value(m, "poe:stage_replicas", stage="0") == 1 and ("poe:num_requests_running", ()) in m

@@ -29,9 +29,9 @@ def served(request, checkpoint_dirs):
         yield PoEModel.from_pretrained(directory), Oracle(directory)
         return
     request.getfixturevalue("ray_session")
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
 
-    with PoECluster.launch(directory) as cluster:
+    with PoEModel.on_ray(directory) as cluster:
         yield cluster, Oracle(directory)
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from checkpoints.writer import init_checkpoint
 from coordinator import PoEModel, load_tokenizer
-from coordinator.client import PoEClient
-from coordinator.server import Server
+from tools.client import PoEClient
+from coordinator.grpc_api.server import Server
 from coordinator.tokenizer import padded_encoding
 
 TOKENIZER_VOCAB = 265

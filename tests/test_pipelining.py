@@ -15,9 +15,9 @@ import uuid
 import pytest
 import torch
 
-from coordinator import requests as rq
-from coordinator.engine import Engine, EngineConfig
-from coordinator.pipeline import Pipeline
+from coordinator.core import requests as rq
+from coordinator.core.engine import Engine, EngineConfig
+from coordinator.core.pipeline import Pipeline
 from coordinator.serving_config import config_from_yaml_dict
 from stage_workers.channels import ShmChannel
 from stage_workers.messages import SeqSpec, SeqStep, StepPlan
@@ -162,9 +162,9 @@ def test_a_worker_lost_mid_wavefront_is_rebuilt_and_tokens_are_unchanged():
 
 
 def test_pipeline_micro_batches_is_read_from_yaml_and_checked():
-    assert config_from_yaml_dict({"pipeline_micro_batches": 3}, "x.yaml").pipeline_micro_batches == 3
-    assert config_from_yaml_dict({}, "x.yaml").pipeline_micro_batches == 1
-    with pytest.raises(ValueError, match="x.yaml: pipeline_micro_batches=0 must be an integer >= 1"):
+    assert config_from_yaml_dict({"pipeline_micro_batches": 3}, "x.yaml").engine.pipeline_micro_batches == 3
+    assert config_from_yaml_dict({}, "x.yaml").engine.pipeline_micro_batches == 1
+    with pytest.raises(ValueError, match="x.yaml: pipeline_micro_batches=0 is invalid; allowed: an integer >= 1"):
         config_from_yaml_dict({"pipeline_micro_batches": 0}, "x.yaml")
 
 
@@ -190,12 +190,12 @@ def test_three_micro_batches_on_the_tiny_model_give_the_plain_model_outputs(tiny
 
 
 def test_ray_cluster_with_two_micro_batches_gives_the_plain_model_tokens(ray_session, tiny_dir, tiny_model):
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
     from coordinator.serving_config import ServingConfig
 
     jobs = tiny_jobs(tiny_model.config, 6, seed=8)
     expected = [(s.new_tokens, s.stages_used) for s in tiny_model.run(jobs)]
-    with PoECluster.launch(tiny_dir, config=ServingConfig(pipeline_micro_batches=2)) as cluster:
+    with PoEModel.on_ray(tiny_dir, config=ServingConfig(engine=EngineConfig(pipeline_micro_batches=2))) as cluster:
         assert cluster.engine.engine_config.pipeline_micro_batches == 2
         assert [(s.new_tokens, s.stages_used) for s in cluster.run(jobs)] == expected
         assert cluster.engine.free_blocks == cluster.engine.capacity

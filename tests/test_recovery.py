@@ -20,9 +20,9 @@ import ray
 import torch
 
 from coordinator import PoEModel, load_tokenizer
-from coordinator.client import PoEClient
-from coordinator.cluster import PoECluster
-from coordinator.server import Server
+from tools.client import PoEClient
+from coordinator import PoEModel
+from coordinator.grpc_api.server import Server
 from coordinator.serving_config import ServingConfig
 
 NEW_TOKENS = 40
@@ -61,13 +61,13 @@ def stream_in_threads(address: str, started: threading.Event):
     return threads, results
 
 
-def kill_worker_process(cluster: PoECluster, stage: int) -> int:
-    pid = ray.get(cluster.actors[stage].pid.remote())
+def kill_worker_process(cluster: PoEModel, stage: int) -> int:
+    pid = ray.get(cluster.backend.actors[stage].pid.remote())
     os.kill(pid, signal.SIGKILL)
     return pid
 
 
-def watch_rebuilds(cluster: PoECluster) -> list[tuple[int, int]]:
+def watch_rebuilds(cluster: PoEModel) -> list[tuple[int, int]]:
     """(seq_id, new tokens it had) of every sequence the engine rebuilds from now on."""
     rebuilt = []
     rebuild = cluster.engine.rebuild
@@ -78,7 +78,7 @@ def watch_rebuilds(cluster: PoECluster) -> list[tuple[int, int]]:
 def test_killed_worker_restarts_and_requests_finish_with_their_tokens(ray_session, tiny_dir):
     reference = PoEModel.from_pretrained(tiny_dir)
     expected = [call(reference, torch.tensor([prompt(i)]))[0, 24:].tolist() for i, (_, call) in enumerate(JOBS)]
-    with PoECluster.launch(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir) as cluster:
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
         rebuilt = watch_rebuilds(cluster)
         try:
@@ -92,7 +92,7 @@ def test_killed_worker_restarts_and_requests_finish_with_their_tokens(ray_sessio
                 t.join(timeout=180)
             for i in range(len(JOBS)):
                 assert results.get(i) == expected[i], f"request {i} ({JOBS[i][0]['mode']}): {results.get(i)}"
-            assert ray.get(cluster.actors[2].pid.remote()) != old_pid, "Ray restarted the worker in a new process"
+            assert ray.get(cluster.backend.actors[2].pid.remote()) != old_pid, "Ray restarted the worker in a new process"
             assert len(rebuilt) == len(JOBS) and all(n < NEW_TOKENS for _, n in rebuilt) and max(n for _, n in rebuilt), (
                 f"every request was rebuilt mid-generation: (seq_id, tokens it had) {rebuilt}")
             with PoEClient(server.address, timeout=60) as client:  # and the server keeps serving
@@ -103,7 +103,7 @@ def test_killed_worker_restarts_and_requests_finish_with_their_tokens(ray_sessio
 
 
 def test_without_restarts_requests_fail_unavailable_and_do_not_hang(ray_session, tiny_dir):
-    with PoECluster.launch(tiny_dir, config=ServingConfig(max_worker_restarts=0)) as cluster:
+    with PoEModel.on_ray(tiny_dir, config=ServingConfig(max_worker_restarts=0)) as cluster:
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
         try:
             started = threading.Event()
@@ -138,15 +138,15 @@ def test_a_worker_that_hangs_is_killed_after_the_step_timeout_and_requests_keep_
     reference = PoEModel.from_pretrained(tiny_dir)
     ids = torch.tensor([prompt(i) for i in range(2)])
     expected = reference.generate(ids, 12)
-    with PoECluster.launch(tiny_dir, config=ServingConfig(step_timeout_s=8.0)) as cluster:
+    with PoEModel.on_ray(tiny_dir, config=ServingConfig(step_timeout_s=8.0)) as cluster:
         cluster.generate(ids, 2)  # warm-up
         rebuilt = watch_rebuilds(cluster)
-        old_pid = ray.get(cluster.actors[1].pid.remote())
-        ray.get(cluster.actors[1].__ray_call__.remote(hang_in_the_next_step))
+        old_pid = ray.get(cluster.backend.actors[1].pid.remote())
+        ray.get(cluster.backend.actors[1].__ray_call__.remote(hang_in_the_next_step))
         started = time.perf_counter()
         out = cluster.generate(ids, 12)
         elapsed = time.perf_counter() - started
         assert torch.equal(out, expected)
         assert rebuilt, "the hung worker's sequences were rebuilt"
-        assert ray.get(cluster.actors[1].pid.remote()) != old_pid, "it was killed and Ray restarted it"
+        assert ray.get(cluster.backend.actors[1].pid.remote()) != old_pid, "it was killed and Ray restarted it"
         assert elapsed < 60, f"the step did not wait for the hung worker ({elapsed:.0f}s)"

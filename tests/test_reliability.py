@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator import PoEModel, load_tokenizer, wire
-from coordinator.client import PoEClient, build_request
-from coordinator.requests import MAX_K_DRAFT
-from coordinator.server import MAX_MESSAGE_BYTES, SERVICE_NAME, TRANSPORT_MAX_BYTES, Server
+from tools.client import PoEClient, build_request
+from coordinator.core.requests import MAX_K_DRAFT
+from coordinator.grpc_api.server import MAX_MESSAGE_BYTES, SERVICE_NAME, TRANSPORT_MAX_BYTES, Server
 from protos import poe_serving_pb2 as pb
 
 from grpc_modes import BOUNDS, MODES
@@ -563,9 +563,9 @@ def test_a_request_aborted_before_the_engine_took_it_still_ends(served, tokenize
 
 def test_on_ray_a_client_that_leaves_mid_generation_frees_its_kv_on_every_worker(ray_session, tiny_dir, tokenizer,
                                                                                   expected):
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
 
-    with PoECluster.launch(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir) as cluster:
         s = serve(cluster, tokenizer)
         try:
             per_token = seconds_per_token(s.client)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator import requests as rq
-from coordinator.engine import Engine
-from coordinator.pipeline import Pipeline
+from coordinator.core import requests as rq
+from coordinator.core.engine import Engine
+from coordinator.core.pipeline import Pipeline
 
 from fakes import FakeWorker
 from test_engine import CONFIG, K, greedy, make_engine, request, run
@@ -129,7 +129,7 @@ def test_replicas_of_the_tiny_model_give_the_plain_model_outputs(tiny_dir, tiny_
 
 
 def test_ray_stage_scales_down_and_up_while_requests_run(ray_session, tiny_dir, tiny_model):
-    from coordinator.cluster import PoECluster
+    from coordinator import PoEModel
     from coordinator.serving_config import ServingConfig, StagePlacement
 
     config = tiny_model.config
@@ -139,8 +139,8 @@ def test_ray_stage_scales_down_and_up_while_requests_run(ray_session, tiny_dir, 
     jobs = [rq.build_requests(config, ids[i : i + 1], 40, mode)[0] for i, mode in enumerate(modes)]
     expected = [s.new_tokens for s in tiny_model.run(jobs)]
     serving = ServingConfig(stages=(StagePlacement(replicas=2),) + (StagePlacement(),) * 3)
-    with PoECluster.launch(tiny_dir, config=serving) as cluster:
-        assert [len(r) for r in cluster.replicas] == [2, 1, 1, 1] and len(cluster.actors) == 5
+    with PoEModel.on_ray(tiny_dir, config=serving) as cluster:
+        assert [len(r) for r in cluster.backend.replicas] == [2, 1, 1, 1] and len(cluster.backend.actors) == 5
         rebuilt = []
         rebuild = cluster.engine.rebuild
         cluster.engine.rebuild = lambda seqs: (rebuilt.extend(seqs), rebuild(seqs))
@@ -149,7 +149,7 @@ def test_ray_stage_scales_down_and_up_while_requests_run(ray_session, tiny_dir, 
         cluster.scale_stage(0, 1)
         assert rebuilt, "the removed replica's sequences moved while in flight"
         cluster.scale_stage(0, 2)
-        assert [len(r) for r in cluster.replicas] == [2, 1, 1, 1]
+        assert [len(r) for r in cluster.backend.replicas] == [2, 1, 1, 1]
         later = cluster.run(jobs[:2])  # the new replica is the least loaded
         assert [h.result(timeout=300).new_tokens for h in handles] == expected
         assert [s.new_tokens for s in later] == expected[:2]

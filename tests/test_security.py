@@ -14,10 +14,10 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator import PoEModel, load_tokenizer
-from coordinator.admin import ADMIN_SERVICE_NAME
-from coordinator.client import PoEClient
-from coordinator.security import ServerSecurity, client_credentials
-from coordinator.server import SERVICE_NAME, Server
+from coordinator.grpc_api.admin import ADMIN_SERVICE_NAME
+from tools.client import PoEClient
+from coordinator.serving.security import ServerSecurity, client_credentials
+from coordinator.grpc_api.server import SERVICE_NAME, Server
 
 TOKEN = "s3cret-token"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.cli import main
-from coordinator.client import PoEClient
+from tools.cli import main
+from tools.client import PoEClient
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGIN_S = 3.0  # interpreter exit, and the signal's delivery, on a loaded 2-core machine
@@ -58,7 +58,7 @@ class ServeProcess:
     def __init__(self, checkpoint: Path, shutdown_timeout: float):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # start a local Ray of its own
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+            [sys.executable, "-m", "tools.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
              "--shutdown-timeout", str(shutdown_timeout)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -143,7 +143,7 @@ def test_sigterm_to_the_server_drains_the_request_in_flight_then_releases_ray(ti
 
 WATCHDOG_SCRIPT = """
 import atexit, sys, time
-from coordinator.shutdown import shut_down
+from coordinator.serving.shutdown import shut_down
 
 class Server:
     def drain(self, deadline):
@@ -167,7 +167,7 @@ def test_the_watchdog_ends_the_process_at_the_timeout_whatever_still_waits(hangs
 
 SIGNAL_SCRIPT = """
 import signal, threading
-from coordinator.shutdown import wait_for_signal
+from coordinator.serving.shutdown import wait_for_signal
 
 def signal_from_another_thread():  # as when the kernel hands SIGTERM to one of gRPC's or Ray's threads
     signal.pthread_kill(threading.get_ident(), signal.SIGTERM)

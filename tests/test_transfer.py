@@ -204,11 +204,11 @@ def test_the_bucketed_decode_step_needs_no_host_sync(tiny_dir):
 
 
 def test_every_mode_through_the_bucketed_decode_step_gives_the_plain_models_tokens(tiny_dir, tiny_model):
-    from coordinator import PoEModel
+    from coordinator.model import InProcessWorkers, PoEModel
 
     config = tiny_model.config
     workers = [StageWorker.from_checkpoint(tiny_dir, WorkerSpec(stage=k, cuda_graphs=True)) for k in range(config.num_stages)]
-    model = PoEModel(config, workers)
+    model = PoEModel(config, InProcessWorkers(workers))
     K = config.num_stages
     bucketed = []
     run = workers[2].decode_graphs.run

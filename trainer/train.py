@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from checkpoints.writer import save_checkpoint
-from coordinator.progress import Progress
+from tools.progress import Progress
 from stage_workers.config import config_from_dict
 
 from .data import encode_documents, read_split, train_tokenizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .requests import GenerationRequest, ScoreRequest
+from coordinator.core.requests import GenerationRequest, ScoreRequest
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Sequence:
     finish_reason: str | None = None  # "length" | "stop" | "cancelled" | "error: ..." once finished
     error: BaseException | None = None  # why a step failed for this sequence
     num_computed: list[int] = field(default_factory=list)
-    decoder: object = None  # the mode's decoder (coordinator.modes), set by the engine
+    decoder: object = None  # the mode's decoder (coordinator.core.modes), set by the engine
     kv_blocks: list[int] = field(default_factory=list)  # KV blocks promised on each stage
     recoveries: int = 0  # times rebuilt after a lost worker
 

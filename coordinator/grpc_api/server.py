@@ -5,7 +5,7 @@ MAX_MESSAGE_BYTES, or bad arguments -> INVALID_ARGUMENT naming the field; only o
 TRANSPORT_MAX_BYTES is RESOURCE_EXHAUSTED from gRPC itself, before any handler), submits to the shared engine loop (a full queue ->
 RESOURCE_EXHAUSTED), and waits for its events. A client that goes away or runs out of deadline
 has its sequence aborted, freeing its KV. Anything unexpected is INTERNAL with a request id
-(coordinator/handler_errors.py). Health is SERVING only while the server admits requests, its
+(coordinator/grpc_api/handler_errors.py). Health is SERVING only while the server admits requests, its
 engine loop runs and no stage is down. The servicer knows messages and status codes; the
 model behind it may be in-process or on Ray.
 """
@@ -27,15 +27,15 @@ from protos import poe_serving_pb2 as pb
 from protos import poe_serving_pb2_grpc as pb_grpc
 from stage_workers.messages import WorkerLost
 
-from . import requests as rq
-from . import wire
-from .admin import ADMIN_SERVICE_NAME, AdminServicer
-from .drain import Drain
-from .engine_loop import LIVENESS_POLL_S, EngineLoop, EngineLoopDown, QueueFull, RequestHandle
-from .handler_errors import InternalErrors, abort_internal
-from .model import PoEModel
-from .security import ServerSecurity
-from .tokenizer import Tokenizer
+from coordinator.core import requests as rq
+from coordinator.grpc_api import wire
+from coordinator.grpc_api.admin import ADMIN_SERVICE_NAME, AdminServicer
+from coordinator.serving.drain import Drain
+from coordinator.core.engine_loop import LIVENESS_POLL_S, EngineLoop, EngineLoopDown, QueueFull, RequestHandle
+from coordinator.grpc_api.handler_errors import InternalErrors, abort_internal
+from coordinator.model import PoEModel
+from coordinator.serving.security import ServerSecurity
+from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger("poe_serve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name

@@ -106,8 +106,8 @@ def add_security_flags(p: argparse.ArgumentParser, server: bool) -> None:
 
 def connect(args):
     """A `PoEClient` for --server, with the bearer token and TLS flags."""
-    from coordinator.client import PoEClient
-    from coordinator.security import client_credentials
+    from tools.client import PoEClient
+    from coordinator.serving.security import client_credentials
 
     tls = client_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
     return PoEClient(args.server, token=auth_token(args), credentials=tls)
@@ -187,11 +187,11 @@ def cmd_init_checkpoint(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from coordinator.cluster import PoECluster
-    from coordinator.http_api import serve_http
-    from coordinator.security import ServerSecurity
-    from coordinator.server import Server
-    from coordinator.shutdown import shut_down, wait_for_signal
+    from coordinator import PoEModel
+    from coordinator.http_api.app import serve_http
+    from coordinator.serving.security import ServerSecurity
+    from coordinator.grpc_api.server import Server
+    from coordinator.serving.shutdown import shut_down, wait_for_signal
     from coordinator.tokenizer import load_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -199,12 +199,12 @@ def cmd_serve(args) -> None:
     security.credentials()  # unreadable certificate files fail here, before Ray starts
     checkpoint = args.checkpoint or default_checkpoint()
     address = args.address or os.environ.get("RAY_ADDRESS")  # set when running as a Ray job
-    cluster = PoECluster.launch(checkpoint, config=args.config, dtype=args.dtype, address=address)
+    cluster = PoEModel.on_ray(checkpoint, config=args.config, dtype=args.dtype, address=address)
     try:
         tokenizer = load_tokenizer(checkpoint)
         server = Server(cluster, tokenizer, host=args.host, port=args.port,
-                        max_queue=cluster.serving_config.max_queue, security=security)
-        # the OpenAI-compatible HTTP API and /metrics, on the same engine loop and drain (coordinator/http_api.py)
+                        max_queue=cluster.backend.serving_config.max_queue, security=security)
+        # the OpenAI-compatible HTTP API and /metrics, on the same engine loop and drain (coordinator/http_api/app.py)
         http = serve_http(cluster, tokenizer, args.host, args.http_port, args.metrics_port, security,
                           args.served_model_name or Path(checkpoint).name, drain=server.admission)
     except BaseException:
@@ -236,14 +236,14 @@ def cmd_scale(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from coordinator.demo import run_demo
+    from tools.demo import run_demo
 
     run_demo(Path(args.checkpoint or default_checkpoint()), config=args.config, max_new_tokens=args.max_new_tokens)
 
 
 def cmd_bench(args) -> None:
     from checkpoints.writer import init_checkpoint
-    from coordinator.bench import SECTIONS, BenchConfig, run_bench
+    from tools.bench import SECTIONS, BenchConfig, run_bench
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail before a long run, not after
         raise ValueError("--plot needs matplotlib: pip install matplotlib (or the 'test' extra)")

@@ -48,14 +48,14 @@ def render_table(rows: list[tuple[str, str, str, str]], widths=(28, 56, 22, 8)) 
 
 
 def run_demo(checkpoint: Path, config: str | None = None, prompt: str = DEMO_PROMPT, max_new_tokens: int = 40) -> None:
-    from .client import PoEClient
-    from .cluster import PoECluster
-    from .server import Server
-    from .tokenizer import load_tokenizer
+    from tools.client import PoEClient
+    from coordinator import PoEModel
+    from coordinator.grpc_api.server import Server
+    from coordinator.tokenizer import load_tokenizer
 
     started = time.perf_counter()
     print(f"starting a local Ray cluster with one worker per stage ({checkpoint})", file=sys.stderr)
-    with PoECluster.launch(checkpoint, config=config) as cluster:
+    with PoEModel.on_ray(checkpoint, config=config) as cluster:
         server = Server(cluster, load_tokenizer(checkpoint), host="127.0.0.1", port=0)
         print(f"gRPC server on {server.address} (ready in {time.perf_counter() - started:.1f}s)", file=sys.stderr)
         try:

@@ -1,15 +1,16 @@
-"""`PoECluster`: the same surface as `PoEModel`, with each stage worker in its own Ray actor.
+"""The Ray backend of `PoEModel` (`PoEModel.on_ray`): each stage worker in its own Ray actor.
 
-This is the only module that knows Ray. Ray places the workers, restarts them and reports
-them dead; the steps themselves do not go through it. `StageActor` is a thin shim that loads
-only its stage's slice in the actor's process and runs the same `StageRunner` loop as the
-in-process model, over shared-memory channels (`serve`): plans from the coordinator, boundary
-states straight to the next stage's actor, decisions back. `RayWorkers` is what the channel
-transport (coordinator/transport.py) needs from Ray: start a loop, find dead actors, wait for a
-restart, kill a stuck one. A stage may run several replicas (`replicas` in the serving config)
-and `scale_stage` changes that count while requests run, by hand or by the stage's autoscaler
-(coordinator/autoscaler.py, from its `autoscaling:` block). The engine, pipeline, replica
-placement and modes are the in-process ones.
+The runtime's one module that imports Ray for the workers (serve_app.py beside it imports Ray
+Serve; tools/transport_bench.py has benchmark actors of its own). Ray places the workers,
+restarts them and reports them dead; the steps themselves do not go through it. `StageActor` is
+a thin shim that loads only its stage's slice in the actor's process and runs the same
+`StageRunner` loop as the in-process model, over shared-memory channels (`serve`): plans from
+the coordinator, boundary states straight to the next stage's actor, decisions back.
+`RayProcesses` is what the channel transport (coordinator/core/transport.py) needs from Ray:
+start a loop, find dead actors, wait for a restart, kill a stuck one. `RayCluster` holds the
+actors and placement groups: a stage may run several replicas (`replicas` in the serving
+config) and `scale_stage` changes that count while requests run, by hand or by the stage's
+autoscaler. The engine, pipeline, replica placement and modes are the in-process ones.
 """
 
 from __future__ import annotations
@@ -32,12 +33,8 @@ from stage_workers.messages import Edge, Rewire, WorkerInfo
 from stage_workers.step_runner import StageRunner, serve_forever
 from stage_workers.worker import StageWorker, WorkerSpec
 
-from . import requests as rq
-from .autoscaler import Autoscaler
-from .engine import EngineConfig
-from .model import PoEModel
-from .serving_config import ServingConfig, StagePlacement, load_serving_config
-from .transport import ChannelTransport
+from coordinator.core.transport import ChannelTransport
+from coordinator.serving_config import ServingConfig, StagePlacement, load_serving_config
 
 PLACEMENT_TIMEOUT_S = 120
 NODE_START_TIMEOUT_S = 600  # with cluster_autoscaling: how long a new replica may wait for Ray to add a node
@@ -121,7 +118,7 @@ class RemoteWorker:
         return ray.get(self.actor.info.remote())
 
 
-class RayWorkers:
+class RayProcesses:
     """The worker processes behind `ChannelTransport`: start a worker's step loop, tell which
     loops ended (the actor died), wait for Ray to restart one, kill one that is stuck."""
 
@@ -217,73 +214,41 @@ class Replica:
     own_group: bool  # made when the stage scaled up; removed with the replica
 
 
-class PoECluster(PoEModel):
-    @classmethod
-    def launch(cls, checkpoint: str | Path, config: str | Path | ServingConfig | None = None, dtype=None,
-               address: str | None = None) -> "PoECluster":
-        """Start (or join, with `address`) a Ray cluster and place each stage's replicas."""
-        serving = config if isinstance(config, ServingConfig) else load_serving_config(config)
-        checkpoint = str(Path(checkpoint).resolve())
-        model_config = load_config(checkpoint)
-        serving.check_num_stages(model_config.num_stages)
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
-            ray.init(address=address, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, configure_logging=True)
-        bundle_stages = [k for k in range(model_config.num_stages) for _ in range(serving.placement(k).replicas)]
-        group = _reserve([_bundle(serving.placement(k)) for k in bundle_stages], serving.placement_strategy)
-        dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
-        replicas: list[list[Replica]] = [[] for _ in range(model_config.num_stages)]
-        for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
-            replicas[k].append(Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, k, group, i),
-                                       group, i, False))
-        workers = [[RemoteWorker(r.actor, k) for r in rs] for k, rs in enumerate(replicas)]
-        engine_config = EngineConfig(max_num_seqs=serving.max_num_seqs, max_recoveries=serving.max_recoveries,
-                                     max_prefill_chunk=serving.max_prefill_chunk,
-                                     max_num_batched_tokens=serving.max_num_batched_tokens,
-                                     pipeline_micro_batches=serving.pipeline_micro_batches)
-        transport = ChannelTransport(RayWorkers(), serving.step_timeout_s, _data_slot_bytes(model_config, serving),
-                                     serving.transport)
-        try:
-            model = cls(model_config, workers, engine_config, transport)
-        except (ray.exceptions.RayActorError, RuntimeError) as exc:
-            transport.close()
-            for r in (r for rs in replicas for r in rs):
-                ray.kill(r.actor)
-            remove_placement_group(group)
-            raise RuntimeError(f"a stage worker failed to start: {exc}") from None
-        model.serving_config, model.checkpoint, model.dtype, model.owns_ray = serving, checkpoint, dtype, owns_ray
-        model.placement_group, model.replicas = group, replicas  # stage -> its replicas, engine order
-        model.spare_bundles = []  # (stage, bundle index) of the launch group freed by scaling down
-        model._scaling = threading.Lock()
-        scaled = {k: serving.placement(k).autoscaling for k in range(model_config.num_stages)
-                  if serving.placement(k).autoscaling is not None}
-        model.autoscaler = Autoscaler(model, scaled).start() if scaled else None
-        return model
+class RayCluster:
+    """The Ray backend of `PoEModel`: each stage worker in a Ray actor, placed by the serving
+    config; replicas started and stopped by `scale_stage`; every actor and placement group
+    released by `close`."""
+
+    scalable = True
+
+    def __init__(self, serving: ServingConfig, checkpoint: str, num_stages: int, dtype: str | None, owns_ray: bool,
+                 group, replicas: list[list[Replica]], transport: ChannelTransport):
+        self.serving_config, self.checkpoint, self.num_stages, self.dtype = serving, checkpoint, num_stages, dtype
+        self.owns_ray = owns_ray  # this process started Ray, so `close` stops it
+        self.placement_group, self.replicas = group, replicas  # stage -> its replicas, engine order
+        self.workers = [[RemoteWorker(r.actor, k) for r in rs] for k, rs in enumerate(replicas)]  # at launch
+        self.transport = transport
+        self.spare_bundles: list[tuple[int, int]] = []  # (stage, bundle index) of the launch group freed by scaling down
+        self._scaling = threading.Lock()
 
     @property
     def actors(self) -> list:
-        """Every serving worker's actor, stage by stage (with one replica per stage, actors[k] is stage k's)."""
-        return [w.actor for stage in self.engine.stages for w in stage.workers]
+        """Every replica's actor, stage by stage (with one replica per stage, actors[k] is stage k's)."""
+        return [r.actor for rs in self.replicas for r in rs]
 
-    def scale_stage(self, stage: int, replicas: int) -> None:
-        """Serve `stage` with `replicas` workers from now on, while requests run. An added worker
-        loads its slice before it takes new sequences; a removed one's sequences move to the
-        others (their KV rebuilt from committed tokens, their tokens unchanged), then it is killed."""
-        rq.check_stage(self.config, stage)
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
-            raise ValueError(f"replicas={replicas!r} is invalid; allowed: an integer >= 1")
+    def scale_stage(self, model, stage: int, replicas: int) -> None:
+        """Serve `stage` with `replicas` workers from now on (`PoEModel.scale_stage`, arguments checked)."""
         with self._scaling:
-            serving = {id(w.actor) for w in self.engine.stages[stage].workers}
+            serving = {id(w.actor) for w in model.engine.stages[stage].workers}
             current = self.replicas[stage] = [r for r in self.replicas[stage] if id(r.actor) in serving]
             self._check_room(stage, replicas - len(current))
             while len(current) < replicas:
                 replica = self._start_replica(stage)
                 worker = RemoteWorker(replica.actor, stage)
-                self.loop.call_in_loop(partial(self.engine.add_replica, stage, worker))
+                model.loop.call_in_loop(partial(model.engine.add_replica, stage, worker))
                 current.append(replica)
             while len(current) > replicas:
-                worker = self.loop.call_in_loop(partial(self.engine.remove_replica, stage))
+                worker = model.loop.call_in_loop(partial(model.engine.remove_replica, stage))
                 replica = next(r for r in current if r.actor is worker.actor)
                 current.remove(replica)
                 self._stop_replica(stage, replica)
@@ -313,7 +278,7 @@ class PoECluster(PoEModel):
         else:
             timeout = NODE_START_TIMEOUT_S if self.serving_config.cluster_autoscaling else PLACEMENT_TIMEOUT_S
             group, index, own = _reserve([_bundle(self.serving_config.placement(stage))], "PACK", timeout), 0, True
-        replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.config.num_stages, self.dtype, stage,
+        replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.num_stages, self.dtype, stage,
                                        group, index), group, index, own)
         try:
             ray.get(replica.actor.pid.remote())
@@ -329,7 +294,7 @@ class PoECluster(PoEModel):
         else:
             self.spare_bundles.append((stage, replica.bundle_index))
 
-    def _busy_seconds(self, workers: list) -> list[float]:
+    def busy_seconds(self, workers: list) -> list[float]:
         """One round of calls to the workers, answered within SIGNALS_TIMEOUT_S: a worker that Ray is
         restarting would otherwise hold up a metrics scrape or the autoscaler until it is back."""
         infos = ray.get([w.actor.info.remote() for w in workers], timeout=SIGNALS_TIMEOUT_S)
@@ -339,24 +304,50 @@ class PoECluster(PoEModel):
         """Resident bytes of each worker's process, stage by stage."""
         return ray.get([a.rss_bytes.remote() for a in self.actors])
 
-    def shutdown(self) -> None:
-        if self.autoscaler is not None:
-            self.autoscaler.stop()
-        self.loop.stop()
+    def close(self) -> None:
+        """Kill every actor and remove the placement groups (after the model stopped its engine loop)."""
         for actor in self.actors:
             ray.kill(actor)
-        self.engine.pipeline.transport.close()
+        self.transport.close()
         for replica in (r for rs in self.replicas for r in rs if r.own_group):
             remove_placement_group(replica.group)
         remove_placement_group(self.placement_group)
         if self.owns_ray:
             ray.shutdown()
 
-    def __enter__(self) -> "PoECluster":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+def launch(model_class, checkpoint: str | Path, config: str | Path | ServingConfig | None = None, dtype=None,
+           address: str | None = None):
+    """`PoEModel.on_ray`: start (or join, with `address`) a Ray cluster, place each stage's
+    replicas, and return the model over them."""
+    serving = config if isinstance(config, ServingConfig) else load_serving_config(config)
+    checkpoint = str(Path(checkpoint).resolve())
+    model_config = load_config(checkpoint)
+    serving.check_num_stages(model_config.num_stages)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False, configure_logging=True)
+    bundle_stages = [k for k in range(model_config.num_stages) for _ in range(serving.placement(k).replicas)]
+    group = _reserve([_bundle(serving.placement(k)) for k in bundle_stages], serving.placement_strategy)
+    dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
+    replicas: list[list[Replica]] = [[] for _ in range(model_config.num_stages)]
+    for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
+        replicas[k].append(Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, k, group, i),
+                                   group, i, False))
+    transport = ChannelTransport(RayProcesses(), serving.step_timeout_s, _data_slot_bytes(model_config, serving),
+                                 serving.transport)
+    cluster = RayCluster(serving, checkpoint, model_config.num_stages, dtype, owns_ray, group, replicas, transport)
+    scaled = {k: serving.placement(k).autoscaling for k in range(model_config.num_stages)
+              if serving.placement(k).autoscaling is not None}
+    try:
+        return model_class(model_config, cluster, serving.engine, scaled)
+    except (ray.exceptions.RayActorError, RuntimeError) as exc:
+        transport.close()
+        for r in (r for rs in replicas for r in rs):
+            ray.kill(r.actor)
+        remove_placement_group(group)
+        raise RuntimeError(f"a stage worker failed to start: {exc}") from None
 
 
 def _start_actor(checkpoint: str, serving: ServingConfig, num_stages: int, dtype: str | None, stage: int, group,
@@ -370,11 +361,11 @@ def _start_actor(checkpoint: str, serving: ServingConfig, num_stages: int, dtype
     ).remote(checkpoint, WorkerSpec(stage=stage, device=p.device, dtype=dtype or p.dtype,
                                     kv_cache_tokens=p.kv_cache_tokens, memory_fraction=p.memory_fraction,
                                     num_threads=p.num_threads, cuda_graphs=p.cuda_graphs),
-             min(serving.pipeline_micro_batches, num_stages))
+             min(serving.engine.pipeline_micro_batches, num_stages))
 
 
 def _data_slot_bytes(config, serving: ServingConfig) -> int:
     """A data channel slot holds a decode step's boundary message for the whole batch (x, x0, the
     backout residual and a Log-OP sum per sequence); prompt chunks larger than that spill."""
     per_sequence = 3 * config.n_embd * 4 + config.vocab_size * 4 + 64
-    return min(64 << 20, max(1 << 20, serving.max_num_seqs * per_sequence + (64 << 10)))
+    return min(64 << 20, max(1 << 20, serving.engine.max_num_seqs * per_sequence + (64 << 10)))

@@ -3,7 +3,7 @@
 Callers `submit` a request and read `RequestHandle.next_event()` (new tokens as they are
 committed, then the end); `abort` drops a request and frees its KV on every worker. Requests
 join the running batch between steps (continuous batching). If a step fails, only the requests
-in that step fail; the loop keeps serving. An optional `observer` (coordinator/metrics.py) is
+in that step fail; the loop keeps serving. An optional `observer` (coordinator/serving/metrics.py) is
 told of each submit and step.
 
 If anything else the loop runs raises (scheduling, recovery from a lost worker), the engine's
@@ -23,8 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .engine import Engine
-from .sequence import Sequence
+from coordinator.core.engine import Engine
+from coordinator.core.sequence import Sequence
 
 log = logging.getLogger("poe_serve.engine_loop")
 LIVENESS_POLL_S = 0.5  # how often a waiter checks that the loop can still answer it
@@ -96,7 +96,7 @@ class EngineLoop:
         self._num_stages_down = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poe-engine-loop", daemon=True)
-        self.observer = None  # metrics (coordinator/metrics.py): told of each submit and step; None: none
+        self.observer = None  # metrics (coordinator/serving/metrics.py): told of each submit and step; None: none
 
     def stop(self) -> None:
         """End the thread after its current step; requests not yet ended fail with EngineLoopDown."""

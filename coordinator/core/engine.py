@@ -12,31 +12,30 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from stage_workers.config import ModelConfig
 from stage_workers.messages import WorkerLost
 
-from .modes import make_decoder
-from .pipeline import Outcome, Pipeline, SeqPlan
-from .requests import Composition, GenerationRequest, LogitsRequest, ScoreRequest
-from .sequence import Sequence
+from coordinator.core.modes import make_decoder
+from coordinator.core.pipeline import Outcome, Pipeline, SeqPlan
+from coordinator.core.requests import Composition, GenerationRequest, LogitsRequest, ScoreRequest
+from coordinator.core.sequence import Sequence
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_num_seqs: int = 256  # sequences running at once
+    max_num_seqs: int = 64  # sequences running at once
     max_recoveries: int = 2  # times one sequence may be rebuilt after a lost worker before it fails
     max_prefill_chunk: int = 256  # positions of one sequence fed to stage 0 per step (longer prompts: chunks)
     max_num_batched_tokens: int = 2048  # positions fed to stage 0 per step over all sequences (vLLM's name)
     pipeline_micro_batches: int = 1  # a step's sequences move through the stages in this many groups
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_prefill_chunk", "max_num_batched_tokens", "pipeline_micro_batches"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: an integer >= 1")
-        if not isinstance(self.max_recoveries, int) or self.max_recoveries < 0:
-            raise ValueError(f"max_recoveries={self.max_recoveries!r} is invalid; allowed: an integer >= 0")
+        for f in fields(self):
+            value, low = getattr(self, f.name), 0 if f.name == "max_recoveries" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{f.name}={value!r} is invalid; allowed: an integer >= {low}")
 
 
 class Engine:

@@ -18,9 +18,9 @@ from protos import poe_serving_pb2 as pb
 from stage_workers.config import ModelConfig
 from stage_workers.sampling import SamplingParams
 
-from . import requests as rq
-from .sequence import Sequence
-from .tokenizer import Tokenizer
+from coordinator.core import requests as rq
+from coordinator.core.sequence import Sequence
+from coordinator.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_K_DRAFT = 3

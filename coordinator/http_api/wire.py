@@ -1,8 +1,8 @@
-"""Translating between the HTTP API's JSON (coordinator/http_schema.py) and the coordinator's requests.
+"""Translating between the HTTP API's JSON (coordinator/http_api/schema.py) and the coordinator's requests.
 
-Pure functions, as coordinator/wire.py is for gRPC: a `CompletionRequest` becomes a
+Pure functions, as coordinator/grpc_api/wire.py is for gRPC: a `CompletionRequest` becomes a
 `CompletionPlan` (validated prompts and one `GenerationRequest` per choice) or a `BadRequest`
-naming the field, through the same checks as gRPC (coordinator/requests.py); `ChoiceText` turns
+naming the field, through the same checks as gRPC (coordinator/core/requests.py); `ChoiceText` turns
 a choice's tokens into text as they come, cut exactly before a stop string; `logprobs_of` lays
 out scores as OpenAI's `logprobs` object. Nothing here touches the network or the engine.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 from stage_workers.config import ModelConfig
 from stage_workers.sampling import SamplingParams
 
-from . import requests as rq
-from . import wire
-from .http_schema import CompletionRequest, Logprobs
-from .tokenizer import Tokenizer
+from coordinator.core import requests as rq
+from coordinator.grpc_api import wire
+from coordinator.http_api.schema import CompletionRequest, Logprobs
+from coordinator.tokenizer import Tokenizer
 
 # poe_mode -> the extra fields that belong to it; any other mode refuses them
 MODE_FIELDS = {"full": (), "prefix": ("max_stages",), "stage": ("stage",), "wand": ("safety", "p99_bounds"),
@@ -36,7 +36,7 @@ class BadRequest(ValueError):
 
 def checked(param: str, check, *args, also: tuple[str, ...] = ()):
     """check(*args), its ValueError becoming a BadRequest for `param`, or for the field of `also`
-    that the message starts with (coordinator/requests.py messages start with the argument)."""
+    that the message starts with (coordinator/core/requests.py messages start with the argument)."""
     try:
         return check(*args)
     except ValueError as exc:

@@ -1,6 +1,6 @@
 """The `PoEAdmin` gRPC service: operator calls on a running server, today scaling a stage.
 
-Only a model whose stages run on Ray (`PoECluster.scale_stage`) can scale; over an in-process
+Only a model whose stage workers run on Ray (`PoEModel.on_ray`) can scale; over an in-process
 model the call is FAILED_PRECONDITION. In-flight requests keep running while a stage scales
 and keep their tokens. It knows the model's scaling verb and status codes, nothing else.
 """
@@ -20,12 +20,11 @@ class AdminServicer(pb_grpc.PoEAdminServicer):
         self.model = model
 
     def ScaleStage(self, request, context):
-        scale = getattr(self.model, "scale_stage", None)
-        if scale is None:
+        if not self.model.backend.scalable:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "scaling needs stage workers on Ray (poe-serve serve); this server runs an in-process model")
         try:
-            scale(request.stage, request.replicas)
+            self.model.scale_stage(request.stage, request.replicas)
         except ValueError as exc:  # stage out of range, replicas < 1, or no KV room to move sequences
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RuntimeError as exc:  # Ray could not place or start a new worker

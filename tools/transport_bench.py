@@ -1,6 +1,6 @@
 """How a decode step crosses four stage workers in their own processes, with no model work.
 
-`channels` is the data plane `PoECluster` uses: four Ray actors run the real `StageRunner`
+`channels` is the data plane `PoEModel.on_ray` uses: four Ray actors run the real `StageRunner`
 loop over shared-memory channels, driven by the real engine and `ChannelTransport`; each
 stage's stand-in worker returns its input state and fixed logits of the vocabulary's size
 instead of computing, so the time per token is the data plane's own cost (the plan broadcast,
@@ -12,7 +12,7 @@ The other figures are the designs it replaced, measured in the same run: four `H
 take a trunk state (x, x0, x_backout: 3 x (B, C)) and hand it on with their stage's logits
 (B, V), in the workers' message types, as Ray calls:
 - `plain`: the coordinator calls each actor and waits (`ray.get`) before calling the next;
-  every stage's logits come back to the coordinator, which does Log-OP (the old `PoECluster`);
+  every stage's logits come back to the coordinator, which does Log-OP (the design before the data plane);
 - `plain_no_logits`: the same without logits in the replies;
 - `chained`: each actor's `ObjectRef` goes straight to the next, a Log-OP sum travelling along;
 - `compiled`: that chain as a Ray Compiled Graph.
@@ -31,12 +31,12 @@ from stage_workers.channels import ShmChannel
 from stage_workers.config import config_from_dict
 from stage_workers.messages import Boundary, ExtendResult, Handoff, TrunkState, WorkerInfo
 
-from . import requests as rq
-from .cluster import CPU_WORKER_ENV, RayWorkers, RemoteWorker, StageActor, _data_slot_bytes
-from .engine import Engine
-from .pipeline import Pipeline
-from .serving_config import ServingConfig
-from .transport import ChannelTransport
+from coordinator.core import requests as rq
+from coordinator.ray_cluster.cluster import CPU_WORKER_ENV, RayProcesses, RemoteWorker, StageActor, _data_slot_bytes
+from coordinator.core.engine import Engine
+from coordinator.core.pipeline import Pipeline
+from coordinator.serving_config import ServingConfig
+from coordinator.core.transport import ChannelTransport
 
 TRANSPORTS = ("channels", "plain", "plain_no_logits", "chained", "compiled")
 
@@ -94,7 +94,7 @@ def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4) ->
     actors = [ray.remote(EchoStageActor).options(num_cpus=0, max_concurrency=4,
                                                  runtime_env={"env_vars": CPU_WORKER_ENV}).remote(k, n_embd, vocab)
               for k in range(stages)]
-    transport = ChannelTransport(RayWorkers(), 60.0, _data_slot_bytes(config, ServingConfig()))
+    transport = ChannelTransport(RayProcesses(), 60.0, _data_slot_bytes(config, ServingConfig()))
     try:
         engine = Engine(config, Pipeline([RemoteWorker(a, k) for k, a in enumerate(actors)], transport))
         engine.run_to_completion([engine.add(rq.GenerationRequest((1, 2, 3), 4, rq.full_mode(config)))])  # warm-up

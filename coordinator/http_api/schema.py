@@ -4,7 +4,7 @@
 extra fields vLLM takes beside them (`top_k`, `stop_token_ids`, `return_token_ids`,
 `return_tokens_as_token_ids`) and poe-serve's PoE fields (`poe_mode` and its arguments). Types
 are strict (a string is not a number, a float not an int) and unknown fields are refused, so a
-typo is an error rather than a silent default; ranges are checked by coordinator/requests.py,
+typo is an error rather than a silent default; ranges are checked by coordinator/core/requests.py,
 the same checks gRPC runs. The response models are OpenAI's; extras (token ids, WAND stages,
 acceptance) appear only when asked for or meaningful. Nothing here knows the engine or tokens.
 """

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .engine_loop import Event, EngineLoop, RequestHandle
+from coordinator.core.engine_loop import Event, EngineLoop, RequestHandle
 
 log = logging.getLogger("poe_serve.metrics")
 
@@ -48,7 +48,7 @@ class _Watched(queue.Queue):
 
 class Metrics:
     def __init__(self, model, model_name: str):
-        """`model`: a PoEModel or PoECluster (its engine's counts are read at scrape time)."""
+        """`model`: a PoEModel, in process or on Ray (its engine's counts are read at scrape time)."""
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineGauges(model, model_name))

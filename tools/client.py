@@ -54,7 +54,7 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
 class PoEClient:
     def __init__(self, address: str, timeout: float = 300.0, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
-        """`token`: sent as a bearer token; `credentials`: TLS (see coordinator.security.client_credentials)."""
+        """`token`: sent as a bearer token; `credentials`: TLS (see coordinator.serving.security.client_credentials)."""
         options = [("grpc.max_receive_message_length", 64 << 20)]
         metadata = [("authorization", f"Bearer {token}")] if token else None
         self.channel = (grpc.secure_channel(address, credentials, options) if credentials

@@ -4,7 +4,7 @@
 in-memory channels, one per pair of workers on adjacent stages; a step runs the runners one
 after another in stage order (whatever a runner receives, its upstream has sent already).
 `ChannelTransport` drives the same runners inside worker processes (Ray actors, started by
-coordinator/cluster.py) over shared-memory channels. Both take a `StepPlan` and return the
+coordinator/ray_cluster/cluster.py) over shared-memory channels. Both take a `StepPlan` and return the
 participants' `StepResult`s. This module knows runners, channels and worker ids; nothing of
 sequences, modes or Ray.
 """

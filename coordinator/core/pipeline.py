@@ -24,9 +24,9 @@ import torch
 
 from stage_workers.messages import Decision, SeqSpec, SeqStep, StepPlan, StepResult
 from stage_workers.step_runner import takes_part
-from .replicas import StageReplicas
-from .sequence import Sequence
-from .transport import LocalTransport
+from coordinator.core.replicas import StageReplicas
+from coordinator.core.sequence import Sequence
+from coordinator.core.transport import LocalTransport
 
 
 class StepFailed(RuntimeError):

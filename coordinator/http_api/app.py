@@ -3,7 +3,7 @@
 Routes: `POST /v1/completions` (whole, or streamed as server-sent events by sse-starlette),
 `GET /v1/models`, `/health` (liveness: the engine loop has not died), `/ready` (readiness: not
 draining, the engine loop runs and no stage is down) and `/metrics` (Prometheus,
-coordinator/metrics.py). The probes answer without the bearer token, as vLLM's /health does: a
+coordinator/serving/metrics.py). The probes answer without the bearer token, as vLLM's /health does: a
 Kubernetes probe cannot read a Secret. A completion counts as in flight in the server's `Drain`
 (shared with gRPC) until its last byte is sent; once the drain started, new ones are 503. A
 completion is validated at the boundary (http_schema's pydantic models, then the gRPC checks
@@ -38,15 +38,15 @@ from starlette.exceptions import HTTPException
 
 from stage_workers.messages import WorkerLost
 
-from . import requests as rq
-from . import wire
-from .drain import Drain
-from .engine_loop import EngineLoop, Event, QueueFull, RequestHandle
-from .http_schema import Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage
-from .http_wire import BadRequest, ChoiceText, CompletionPlan, completion_plan, from_validation_errors, logprobs_of
-from .metrics import Metrics
-from .security import ServerSecurity
-from .tokenizer import Tokenizer
+from coordinator.core import requests as rq
+from coordinator.grpc_api import wire
+from coordinator.serving.drain import Drain
+from coordinator.core.engine_loop import EngineLoop, Event, QueueFull, RequestHandle
+from coordinator.http_api.schema import Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage
+from coordinator.http_api.wire import BadRequest, ChoiceText, CompletionPlan, completion_plan, from_validation_errors, logprobs_of
+from coordinator.serving.metrics import Metrics
+from coordinator.serving.security import ServerSecurity
+from coordinator.tokenizer import Tokenizer
 
 THREAD_HEADROOM = 16  # event-reading threads beyond running + queued sequences
 PROBE_PATHS = ("/health", "/ready")  # answered without the bearer token

@@ -18,9 +18,9 @@ from stage_workers.decisions import wand_threshold
 from stage_workers.messages import SeqSpec
 from stage_workers.sampling import SamplingParams, draw_uniform, make_generator
 
-from .pipeline import Outcome, SeqPlan
-from .requests import Composition, LogitsRequest, ScoreRequest, Speculative, Wand
-from .sequence import Sequence
+from coordinator.core.pipeline import Outcome, SeqPlan
+from coordinator.core.requests import Composition, LogitsRequest, ScoreRequest, Speculative, Wand
+from coordinator.core.sequence import Sequence
 
 
 def _weights(stages: tuple[int, ...], weights: tuple[float, ...], num_stages: int) -> tuple[float, ...]:

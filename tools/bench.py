@@ -4,15 +4,15 @@ Sections, in order (each a dict in the JSON report):
 - `floor`: memory bandwidth measured here and the single-stream ceiling it implies (every
   weight byte is read once per decode step: tok/s <= bandwidth / weight bytes).
 - `single_stream`: decode tok/s of `PoEModel` (full, prefix(1), speculative) and of
-  `PoECluster` (full, speculative) on one prompt, their ratio, and the per-token pipeline
+  `PoEModel.on_ray` (full, speculative) on one prompt, their ratio, and the per-token pipeline
   overhead in ms (cluster ms/token - in-process ms/token).
 - `transport`: microseconds per token through four worker processes with no model work: the
   data plane (`channels`, and per hop) and, in the same run, the Ray-call designs it replaced
-  (`coordinator.transport_bench`).
+  (`tools.transport_bench`).
 - `concurrency`: at each level, that many concurrent streaming gRPC requests (from a client
-  process of their own) against a server over `PoECluster`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
+  process of their own) against a server over `PoEModel.on_ray`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
   workers' peak resident memory.
-- `modes`: every mode once through `PoECluster` (seconds per token) and each stage worker's
+- `modes`: every mode once through `PoEModel.on_ray` (seconds per token) and each stage worker's
   parameters, weights + KV bytes and process RSS (the 1.5b memory check uses this alone).
 - `speculative` and `wand` on the trained checkpoint: speedup and acceptance against full
   greedy (same tokens asserted), WAND's mean evaluated layers per token and token agreement.
@@ -38,7 +38,7 @@ import torch
 from stage_workers.compute_thread import off_main_thread
 from stage_workers.config import load_config
 
-from .progress import Progress
+from tools.progress import Progress
 
 
 CODE_PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
@@ -52,7 +52,7 @@ SECTIONS = ("floor", "single_stream", "transport", "concurrency", "modes", "trai
 class BenchConfig:
     checkpoint: str  # the model timed in single_stream and concurrency
     trained: str  # the model of the speculative and WAND figures
-    config: str | None = None  # cluster config for PoECluster
+    config: str | None = None  # cluster config for the model on Ray
     prompt_len: int = 48
     new_tokens: int = 32
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
@@ -115,7 +115,7 @@ def stream_clients(address: str, level: int, prompts: list[list[int]], n: int) -
     """`level` gRPC clients streaming at once, one thread each. It runs in a process of its own
     (`concurrency_level`), as real clients would, so their gRPC work does not share the server's
     interpreter lock."""
-    from .client import PoEClient
+    from tools.client import PoEClient
 
     latencies, ttfts, errors, tokens = [], [], [], 0
     lock = threading.Lock()
@@ -155,7 +155,7 @@ def concurrency_level(address: str, level: int, prompts: list[list[int]], n: int
 
     def watch_memory() -> None:
         while not stop.wait(0.2):
-            peak_rss[0] = max(peak_rss[0], sum(cluster.worker_rss()))
+            peak_rss[0] = max(peak_rss[0], sum(cluster.backend.worker_rss()))
 
     watcher = threading.Thread(target=watch_memory, daemon=True)
     watcher.start()
@@ -177,7 +177,7 @@ def concurrency_level(address: str, level: int, prompts: list[list[int]], n: int
 
 
 def speculative_and_wand(trained: str, prompts: torch.Tensor, n: int) -> tuple[dict, dict]:
-    from .model import PoEModel
+    from coordinator.model import PoEModel
 
     model = PoEModel.from_pretrained(trained)
     config = model.config
@@ -210,7 +210,7 @@ def speculative_and_wand(trained: str, prompts: torch.Tensor, n: int) -> tuple[d
 
 
 def every_mode(cluster, ids: torch.Tensor, n: int) -> dict:
-    """Each mode once through `PoECluster`: seconds per token, and each worker's memory."""
+    """Each mode once through `PoEModel.on_ray`: seconds per token, and each worker's memory."""
     K = cluster.config.num_stages
     calls = {
         "full": lambda: cluster.generate(ids, n),
@@ -230,16 +230,16 @@ def every_mode(cluster, ids: torch.Tensor, n: int) -> dict:
     workers = [
         {"stage": info.stage, "replica": r, "layers": list(info.layers), "device": info.device, "dtype": info.dtype,
          "parameters": info.num_parameters, "weights_and_kv_mib": info.resident_bytes / 2**20, "rss_mib": rss / 2**20}
-        for (r, info), rss in zip(cluster.replica_infos(), cluster.worker_rss())  # both: every worker, stage by stage
+        for (r, info), rss in zip(cluster.replica_infos(), cluster.backend.worker_rss())  # both: every worker, stage by stage
     ]
     return {"prompt_len": int(ids.shape[1]), "new_tokens": n, "s_per_token": seconds, "workers": workers}
 
 
 def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | None = None) -> dict:
-    from .cluster import PoECluster
-    from .model import PoEModel
-    from .tokenizer import load_tokenizer
-    from .transport_bench import measure, relay_per_hop
+    from coordinator import PoEModel
+    from coordinator.model import PoEModel
+    from coordinator.tokenizer import load_tokenizer
+    from tools.transport_bench import measure, relay_per_hop
 
     wanted = set(cfg.sections)
     progress = Progress(len(wanted) + (len(cfg.concurrency) - 1 if "concurrency" in wanted else 0), "bench",
@@ -264,7 +264,7 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
         model.loop.stop()
         del model
     if wanted & {"single_stream", "transport", "concurrency", "modes"}:
-        with PoECluster.launch(cfg.checkpoint, config=cfg.config, dtype=cfg.dtype) as cluster:
+        with PoEModel.on_ray(cfg.checkpoint, config=cfg.config, dtype=cfg.dtype) as cluster:
             if "single_stream" in wanted:
                 remote = single_stream(cluster, ids, cfg.new_tokens, ("full", "speculative"))
                 report["single_stream"] = {
@@ -306,8 +306,8 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
 
 
 def concurrency_levels(cfg: BenchConfig, cluster, vocab_size: int, progress: Progress) -> list[dict]:
-    from .server import Server
-    from .tokenizer import load_tokenizer
+    from coordinator.grpc_api.server import Server
+    from coordinator.tokenizer import load_tokenizer
 
     server = Server(cluster, load_tokenizer(cfg.checkpoint), port=0, max_queue=max(cfg.concurrency) * 2)
     prompts = [row.tolist() for row in prompt_rows(vocab_size, max(cfg.concurrency), cfg.prompt_len, seed=1)]
@@ -334,13 +334,13 @@ def render(r: dict) -> str:
         s = r["single_stream"]
         lines += [
             "single stream (tok/s):  " + "  ".join(f"PoEModel {k} {v:.1f}" for k, v in s["poe_model_tok_s"].items()),
-            "                        " + "  ".join(f"PoECluster {k} {v:.1f}" for k, v in s["poe_cluster_tok_s"].items()),
-            f"PoECluster / PoEModel: full {s['cluster_over_model_full']:.2f}x, speculative "
+            "                        " + "  ".join(f"on Ray {k} {v:.1f}" for k, v in s["poe_cluster_tok_s"].items()),
+            f"on Ray / in process: full {s['cluster_over_model_full']:.2f}x, speculative "
             f"{s['cluster_over_model_speculative']:.2f}x; pipeline overhead {s['pipeline_overhead_ms_per_token']:.1f} ms/token",
         ]
     if "modes" in r:
         m = r["modes"]
-        lines.append("every mode on PoECluster (s/token): " + "  ".join(f"{k} {v:.3f}" for k, v in m["s_per_token"].items()))
+        lines.append("every mode on Ray (s/token): " + "  ".join(f"{k} {v:.3f}" for k, v in m["s_per_token"].items()))
         lines += [f"  stage {w['stage']} layers {w['layers'][0]}-{w['layers'][1]} {w['dtype']}: {w['parameters'] / 1e6:.1f}M params, "
                   f"weights+KV {w['weights_and_kv_mib']:.0f} MiB, process RSS {w['rss_mib']:.0f} MiB" for w in m["workers"]]
     if "transport" in r:
@@ -375,7 +375,7 @@ def plot_concurrency(report: dict, out: str) -> None:
 
     rows = report["concurrency"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["concurrency"] for r in rows], [r["aggregate_tok_s"] for r in rows], "o-", label="PoECluster via gRPC")
+    ax.plot([r["concurrency"] for r in rows], [r["aggregate_tok_s"] for r in rows], "o-", label="on Ray, via gRPC")
     ax.axhline(report["single_stream"]["poe_model_tok_s"]["full"], ls="--", color="gray", label="PoEModel single stream")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")

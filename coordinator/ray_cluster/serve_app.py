@@ -1,8 +1,8 @@
 """poe-serve as a Ray Serve application: what a KubeRay RayService runs from its serveConfigV2.
 
-`build(args)` is the application builder that `import_path: coordinator.serve_app:build` names;
+`build(args)` is the application builder that `import_path: coordinator.ray_cluster.serve_app:build` names;
 Serve validates `args` against `ServeArgs` (unknown or mistyped fields are errors naming them).
-Its one deployment, `PoECoordinator`, launches a `PoECluster` in its constructor (the stage
+Its one deployment, `PoECoordinator`, launches the model on Ray (`PoEModel.on_ray`) in its constructor (the stage
 workers as Ray actors, as `poe-serve serve` does), then serves the OpenAI-compatible HTTP API
 through Serve's proxy (the ASGI app is http_api's, built once the workers are up) and, with
 `grpc_port`, poe-serve's gRPC server from the replica's node. `check_health` fails while the
@@ -24,16 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from .drain import Drain
-from .http_api import Front, build_app
-from .metrics import Metrics
-from .security import ServerSecurity
-from .server import Server
-from .tokenizer import Tokenizer, load_tokenizer
+from coordinator.serving.drain import Drain
+from coordinator.http_api.app import Front, build_app
+from coordinator.serving.metrics import Metrics
+from coordinator.serving.security import ServerSecurity
+from coordinator.grpc_api.server import Server
+from coordinator.tokenizer import Tokenizer, load_tokenizer
 
 
 class ServeArgs(BaseModel):
-    """serveConfigV2's `args` for `coordinator.serve_app:build` (the flags of `poe-serve serve`)."""
+    """serveConfigV2's `args` for `coordinator.ray_cluster.serve_app:build` (the flags of `poe-serve serve`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -70,7 +70,7 @@ class Coordinator:
         self.metrics.attach(model.loop)
 
     def app(self):
-        """The ASGI app: the OpenAI routes, /health, /ready and /metrics (coordinator/http_api.py)."""
+        """The ASGI app: the OpenAI routes, /health, /ready and /metrics (coordinator/http_api/app.py)."""
         return build_app(self.front, self.metrics, self.token)
 
     def check_health(self) -> None:
@@ -95,14 +95,12 @@ class PoECoordinator:
     """The Serve shim: launch the cluster, host the `Coordinator`, report its health."""
 
     def __init__(self, args: dict):
-        from .cluster import PoECluster  # Ray actors: only inside a replica
-
         self.args = ServeArgs.model_validate(args)
-        self.cluster = PoECluster.launch(self.args.checkpoint, config=self.args.config, dtype=self.args.dtype)
+        self.cluster = PoEModel.on_ray(self.args.checkpoint, config=self.args.config, dtype=self.args.dtype)
         try:
             self.coordinator = Coordinator(self.cluster, load_tokenizer(self.args.checkpoint), self.args.model_name(),
                                            self.args.security(), self.args.grpc_port, self.args.grpc_host,
-                                           self.cluster.serving_config.max_queue)
+                                           self.cluster.backend.serving_config.max_queue)
         except BaseException:
             self.cluster.shutdown()
             raise
@@ -114,10 +112,10 @@ class PoECoordinator:
         self.coordinator.check_health()
 
     def __del__(self):
-        self.coordinator.drain(self.args.shutdown_timeout_s)
+        self.coordinator.serving.drain(self.args.shutdown_timeout_s)
         self.cluster.shutdown()
 
 
 def build(args: ServeArgs) -> Application:
-    """The application of serveConfigV2's `import_path: coordinator.serve_app:build`."""
+    """The application of serveConfigV2's `import_path: coordinator.ray_cluster.serve_app:build`."""
     return PoECoordinator.options(graceful_shutdown_timeout_s=args.shutdown_timeout_s).bind(args.model_dump())

@@ -1,0 +1,1 @@
+"""The gRPC front: the PoEServing and PoEAdmin servicers and the proto <-> request mapping."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front: FastAPI app, JSON bodies and their mapping to requests."""

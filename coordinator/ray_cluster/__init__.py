@@ -1,0 +1,1 @@
+"""The Ray lifecycle: stage workers in Ray actors, and poe-serve as a Ray Serve app."""
