@@ -146,7 +146,9 @@ class PoEModel:
                 self.loop.abort(h)
             raise
 
-    def _generate(self, input_ids, max_new_tokens, mode, sampling=None, eos_token_id=None) -> list[Sequence]:
+    def run_mode(self, input_ids, max_new_tokens, mode: rq.Mode, sampling=None, eos_token_id=None) -> list[Sequence]:
+        """Generate with a validated mode (coordinator/core/modes.py MODES builds one from its
+        arguments by name); one finished sequence per prompt row."""
         stop = rq.check_stop_ids(self.config, eos_token_id)
         return self.run(rq.build_requests(self.config, input_ids, max_new_tokens, mode, sampling, stop))
 
@@ -161,26 +163,26 @@ class PoEModel:
     def generate(self, input_ids, max_new_tokens, do_sample=False, temperature=1.0, top_k=None, top_p=None,
                  seed=None, eos_token_id=None) -> torch.Tensor:
         sampling = rq.check_sampling(do_sample, temperature, top_k, top_p, seed)
-        seqs = self._generate(input_ids, max_new_tokens, rq.full_mode(self.config), sampling, eos_token_id)
+        seqs = self.run_mode(input_ids, max_new_tokens, rq.full_mode(self.config), sampling, eos_token_id)
         return self._pack(seqs, eos_token_id)
 
     def generate_prefix(self, input_ids, max_stages, max_new_tokens, eos_token_id=None) -> torch.Tensor:
-        seqs = self._generate(input_ids, max_new_tokens, rq.prefix_mode(self.config, max_stages), None, eos_token_id)
+        seqs = self.run_mode(input_ids, max_new_tokens, rq.prefix_mode(self.config, max_stages), None, eos_token_id)
         return self._pack(seqs, eos_token_id)
 
     def generate_stage(self, input_ids, stage, max_new_tokens, eos_token_id=None) -> torch.Tensor:
-        seqs = self._generate(input_ids, max_new_tokens, rq.stage_mode(self.config, stage), None, eos_token_id)
+        seqs = self.run_mode(input_ids, max_new_tokens, rq.stage_mode(self.config, stage), None, eos_token_id)
         return self._pack(seqs, eos_token_id)
 
     def generate_parallel_composition(self, input_ids, stages, stage_weights=None, max_new_tokens=32,
                                       eos_token_id=None) -> torch.Tensor:
         mode = rq.composition_mode(self.config, stages, stage_weights)
-        return self._pack(self._generate(input_ids, max_new_tokens, mode, None, eos_token_id), eos_token_id)
+        return self._pack(self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id), eos_token_id)
 
     def generate_wand(self, input_ids, max_new_tokens, safety=1.0, p99_bounds=None, return_stages_used=False,
                       eos_token_id=None):
         mode = rq.wand_mode(self.config, safety, p99_bounds)
-        seqs = self._generate(input_ids, max_new_tokens, mode, None, eos_token_id)
+        seqs = self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id)
         out = self._pack(seqs, eos_token_id)
         if not return_stages_used:
             return out
@@ -191,7 +193,7 @@ class PoEModel:
     def generate_speculative(self, input_ids, draft_stage=0, k_draft=3, max_new_tokens=32,
                              return_acceptance=False, eos_token_id=None):
         mode = rq.speculative_mode(self.config, draft_stage, k_draft)
-        seqs = self._generate(input_ids, max_new_tokens, mode, None, eos_token_id)
+        seqs = self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id)
         out = self._pack(seqs, eos_token_id)
         if not return_acceptance:
             return out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/poe_serving.proto\x12\x06poe.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\n\n\x08\x46ullMode\" \n\nPrefixMode\x12\x12\n\nmax_stages\x18\x01 \x01(\r\"\x1a\n\tStageMode\x12\r\n\x05stage\x18\x01 \x01(\r\">\n\x08WandMode\x12\x13\n\x06safety\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\np99_bounds\x18\x02 \x03(\x01\x42\t\n\x07_safety\"7\n\x0fSpeculativeMode\x12\x13\n\x0b\x64raft_stage\x18\x01 \x01(\r\x12\x0f\n\x07k_draft\x18\x02 \x01(\r\"8\n\x0f\x43ompositionMode\x12\x0e\n\x06stages\x18\x01 \x03(\r\x12\x15\n\rstage_weights\x18\x02 \x03(\x01\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x9d\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12 \n\x04\x66ull\x18\x04 \x01(\x0b\x32\x10.poe.v1.FullModeH\x01\x12$\n\x06prefix\x18\x05 \x01(\x0b\x32\x12.poe.v1.PrefixModeH\x01\x12\"\n\x05stage\x18\x06 \x01(\x0b\x32\x11.poe.v1.StageModeH\x01\x12 \n\x04wand\x18\x07 \x01(\x0b\x32\x10.poe.v1.WandModeH\x01\x12.\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x17.poe.v1.SpeculativeModeH\x01\x12.\n\x0b\x63omposition\x18\t \x01(\x0b\x32\x17.poe.v1.CompositionModeH\x01\x12\"\n\x08sampling\x18\n \x01(\x0b\x32\x10.poe.v1.Sampling\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\rB\x07\n\x05inputB\x06\n\x04mode\"\xc4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x01\"u\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\"P\n\x0cScoreRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x42\x07\n\x05input\">\n\rScoreResponse\x12\x16\n\x0etoken_logprobs\x18\x01 \x03(\x01\x12\x15\n\rbits_per_byte\x18\x02 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xbe\x01\n\x0fWorkerPlacement\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\"\xd5\x01\n\tModelInfo\x12\x14\n\x0cstage_layout\x18\x01 \x03(\r\x12\x17\n\x0f\x62oundary_layers\x18\x02 \x03(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.poe.v1.WorkerPlacement\x12\x11\n\tpoe_alpha\x18\x07 \x01(\x01\x12\x17\n\x0fwand_p99_bounds\x18\x08 \x03(\x01\"4\n\x11ScaleStageRequest\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\"&\n\x12ScaleStageResponse\x12\x10\n\x08replicas\x18\x01 \x03(\r2\x85\x02\n\nPoEServing\x12=\n\x08Generate\x12\x17.poe.v1.GenerateRequest\x1a\x18.poe.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.poe.v1.GenerateRequest\x1a\x15.poe.v1.GenerateChunk0\x01\x12\x34\n\x05Score\x12\x14.poe.v1.ScoreRequest\x1a\x15.poe.v1.ScoreResponse\x12>\n\x0cGetModelInfo\x12\x1b.poe.v1.GetModelInfoRequest\x1a\x11.poe.v1.ModelInfo2O\n\x08PoEAdmin\x12\x43\n\nScaleStage\x12\x19.poe.v1.ScaleStageRequest\x1a\x1a.poe.v1.ScaleStageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/poe_serving.proto\x12\x06poe.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\n\n\x08\x46ullMode\" \n\nPrefixMode\x12\x12\n\nmax_stages\x18\x01 \x01(\r\")\n\tStageMode\x12\x12\n\x05stage\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_stage\">\n\x08WandMode\x12\x13\n\x06safety\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\np99_bounds\x18\x02 \x03(\x01\x42\t\n\x07_safety\"7\n\x0fSpeculativeMode\x12\x13\n\x0b\x64raft_stage\x18\x01 \x01(\r\x12\x0f\n\x07k_draft\x18\x02 \x01(\r\"8\n\x0f\x43ompositionMode\x12\x0e\n\x06stages\x18\x01 \x03(\r\x12\x15\n\rstage_weights\x18\x02 \x03(\x01\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x9d\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12 \n\x04\x66ull\x18\x04 \x01(\x0b\x32\x10.poe.v1.FullModeH\x01\x12$\n\x06prefix\x18\x05 \x01(\x0b\x32\x12.poe.v1.PrefixModeH\x01\x12\"\n\x05stage\x18\x06 \x01(\x0b\x32\x11.poe.v1.StageModeH\x01\x12 \n\x04wand\x18\x07 \x01(\x0b\x32\x10.poe.v1.WandModeH\x01\x12.\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x17.poe.v1.SpeculativeModeH\x01\x12.\n\x0b\x63omposition\x18\t \x01(\x0b\x32\x17.poe.v1.CompositionModeH\x01\x12\"\n\x08sampling\x18\n \x01(\x0b\x32\x10.poe.v1.Sampling\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\rB\x07\n\x05inputB\x06\n\x04mode\"\xc4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x01\"u\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\"P\n\x0cScoreRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x42\x07\n\x05input\">\n\rScoreResponse\x12\x16\n\x0etoken_logprobs\x18\x01 \x03(\x01\x12\x15\n\rbits_per_byte\x18\x02 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xbe\x01\n\x0fWorkerPlacement\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\"\xd5\x01\n\tModelInfo\x12\x14\n\x0cstage_layout\x18\x01 \x03(\r\x12\x17\n\x0f\x62oundary_layers\x18\x02 \x03(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.poe.v1.WorkerPlacement\x12\x11\n\tpoe_alpha\x18\x07 \x01(\x01\x12\x17\n\x0fwand_p99_bounds\x18\x08 \x03(\x01\"4\n\x11ScaleStageRequest\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\"&\n\x12ScaleStageResponse\x12\x10\n\x08replicas\x18\x01 \x03(\r2\x85\x02\n\nPoEServing\x12=\n\x08Generate\x12\x17.poe.v1.GenerateRequest\x1a\x18.poe.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.poe.v1.GenerateRequest\x1a\x15.poe.v1.GenerateChunk0\x01\x12\x34\n\x05Score\x12\x14.poe.v1.ScoreRequest\x1a\x15.poe.v1.ScoreResponse\x12>\n\x0cGetModelInfo\x12\x1b.poe.v1.GetModelInfoRequest\x1a\x11.poe.v1.ModelInfo2O\n\x08PoEAdmin\x12\x43\n\nScaleStage\x12\x19.poe.v1.ScaleStageRequest\x1a\x1a.poe.v1.ScaleStageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFIXMODE']._serialized_start=73
   _globals['_PREFIXMODE']._serialized_end=105
   _globals['_STAGEMODE']._serialized_start=107
-  _globals['_STAGEMODE']._serialized_end=133
-  _globals['_WANDMODE']._serialized_start=135
-  _globals['_WANDMODE']._serialized_end=197
-  _globals['_SPECULATIVEMODE']._serialized_start=199
-  _globals['_SPECULATIVEMODE']._serialized_end=254
-  _globals['_COMPOSITIONMODE']._serialized_start=256
-  _globals['_COMPOSITIONMODE']._serialized_end=312
-  _globals['_SAMPLING']._serialized_start=314
-  _globals['_SAMPLING']._serialized_end=403
-  _globals['_GENERATEREQUEST']._serialized_start=406
-  _globals['_GENERATEREQUEST']._serialized_end=819
-  _globals['_GENERATERESPONSE']._serialized_start=822
-  _globals['_GENERATERESPONSE']._serialized_end=1018
-  _globals['_GENERATECHUNK']._serialized_start=1020
-  _globals['_GENERATECHUNK']._serialized_end=1137
-  _globals['_SCOREREQUEST']._serialized_start=1139
-  _globals['_SCOREREQUEST']._serialized_end=1219
-  _globals['_SCORERESPONSE']._serialized_start=1221
-  _globals['_SCORERESPONSE']._serialized_end=1283
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1285
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1306
-  _globals['_WORKERPLACEMENT']._serialized_start=1309
-  _globals['_WORKERPLACEMENT']._serialized_end=1499
-  _globals['_MODELINFO']._serialized_start=1502
-  _globals['_MODELINFO']._serialized_end=1715
-  _globals['_SCALESTAGEREQUEST']._serialized_start=1717
-  _globals['_SCALESTAGEREQUEST']._serialized_end=1769
-  _globals['_SCALESTAGERESPONSE']._serialized_start=1771
-  _globals['_SCALESTAGERESPONSE']._serialized_end=1809
-  _globals['_POESERVING']._serialized_start=1812
-  _globals['_POESERVING']._serialized_end=2073
-  _globals['_POEADMIN']._serialized_start=2075
-  _globals['_POEADMIN']._serialized_end=2154
+  _globals['_STAGEMODE']._serialized_end=148
+  _globals['_WANDMODE']._serialized_start=150
+  _globals['_WANDMODE']._serialized_end=212
+  _globals['_SPECULATIVEMODE']._serialized_start=214
+  _globals['_SPECULATIVEMODE']._serialized_end=269
+  _globals['_COMPOSITIONMODE']._serialized_start=271
+  _globals['_COMPOSITIONMODE']._serialized_end=327
+  _globals['_SAMPLING']._serialized_start=329
+  _globals['_SAMPLING']._serialized_end=418
+  _globals['_GENERATEREQUEST']._serialized_start=421
+  _globals['_GENERATEREQUEST']._serialized_end=834
+  _globals['_GENERATERESPONSE']._serialized_start=837
+  _globals['_GENERATERESPONSE']._serialized_end=1033
+  _globals['_GENERATECHUNK']._serialized_start=1035
+  _globals['_GENERATECHUNK']._serialized_end=1152
+  _globals['_SCOREREQUEST']._serialized_start=1154
+  _globals['_SCOREREQUEST']._serialized_end=1234
+  _globals['_SCORERESPONSE']._serialized_start=1236
+  _globals['_SCORERESPONSE']._serialized_end=1298
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1300
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1321
+  _globals['_WORKERPLACEMENT']._serialized_start=1324
+  _globals['_WORKERPLACEMENT']._serialized_end=1514
+  _globals['_MODELINFO']._serialized_start=1517
+  _globals['_MODELINFO']._serialized_end=1730
+  _globals['_SCALESTAGEREQUEST']._serialized_start=1732
+  _globals['_SCALESTAGEREQUEST']._serialized_end=1784
+  _globals['_SCALESTAGERESPONSE']._serialized_start=1786
+  _globals['_SCALESTAGERESPONSE']._serialized_end=1824
+  _globals['_POESERVING']._serialized_start=1827
+  _globals['_POESERVING']._serialized_end=2088
+  _globals['_POEADMIN']._serialized_start=2090
+  _globals['_POEADMIN']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

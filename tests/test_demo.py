@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from coordinator.core.modes import MODES
 from tools.cli import main
 
 
 def test_demo_prints_every_mode_with_stages_used_and_acceptance(ray_session, capsys):
     main(["demo", "--max-new-tokens", "6"])
     out = capsys.readouterr().out
-    for mode in ("full", "full, sampled", "prefix", "stage 0 alone", "composition", "wand", "speculative"):
+    for mode in (*MODES, "full, sampled"):
         assert f"| {mode}" in out, f"no row for {mode}:\n{out}"
     wand_row = next(line for line in out.splitlines() if line.startswith("| wand"))
-    assert wand_row.split("|")[3].strip().isdigit(), f"WAND's stages_used are missing: {wand_row}"
+    stages_used = wand_row.split("|")[3].split()
+    assert len(stages_used) == 6 and all(s.isdigit() for s in stages_used), f"WAND's stages_used: {wand_row}"
     assert "accept " in out and "4 Ray workers" in out and "done in" in out

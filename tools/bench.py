@@ -35,9 +35,11 @@ from pathlib import Path
 
 import torch
 
+from coordinator.core import requests as rq
+from coordinator.core.modes import MODES
 from stage_workers.compute_thread import off_main_thread
 from stage_workers.config import load_config
-
+from tools.demo import CARD_SAMPLING
 from tools.progress import Progress
 
 
@@ -211,21 +213,14 @@ def speculative_and_wand(trained: str, prompts: torch.Tensor, n: int) -> tuple[d
 
 def every_mode(cluster, ids: torch.Tensor, n: int) -> dict:
     """Each mode once through `PoEModel.on_ray`: seconds per token, and each worker's memory."""
-    K = cluster.config.num_stages
-    calls = {
-        "full": lambda: cluster.generate(ids, n),
-        "sampled": lambda: cluster.generate(ids, n, do_sample=True, temperature=0.8, top_p=0.95, seed=0),
-        "prefix": lambda: cluster.generate_prefix(ids, max(K - 1, 1), n),
-        "stage0": lambda: cluster.generate_stage(ids, 0, n),
-        "composition": lambda: cluster.generate_parallel_composition(ids, [0, K - 1], [0.5, 1.0], n),
-        "wand": lambda: cluster.generate_wand(ids, n),
-        "speculative": lambda: cluster.generate_speculative(ids, 0, 3, n),
-    }
+    config = cluster.config
+    runs = {info.name: (info.mode(config, info.example(config.num_stages)), None) for info in MODES.values()}
+    runs["sampled"] = (rq.full_mode(config), rq.check_sampling(True, top_k=None, **CARD_SAMPLING))  # the card's example
     cluster.generate(ids, 1)  # warm-up: first-call allocations on every worker
     seconds = {}
-    for name, call in calls.items():
+    for name, (mode, sampling) in runs.items():  # each mode with the demo's arguments
         t0 = time.perf_counter()
-        call()
+        cluster.run_mode(ids, n, mode, sampling)
         seconds[name] = (time.perf_counter() - t0) / n
     workers = [
         {"stage": info.stage, "replica": r, "layers": list(info.layers), "device": info.device, "dtype": info.dtype,

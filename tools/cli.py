@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("full", "prefix", "stage", "wand", "speculative", "composition")
+from coordinator.core.modes import MODES
+
 
 
 def default_checkpoint() -> Path:
@@ -45,17 +46,17 @@ def _seconds(text: str) -> float:
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by local and remote generation."""
     p.add_argument("--prompt", required=True, help="text; <|bos|> is prepended")
-    p.add_argument("--mode", choices=MODES, default="full")
+    p.add_argument("--mode", choices=tuple(MODES), default="full",
+                   help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()))
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-stages", type=int, help="prefix mode: use stages 0..max_stages-1")
-    p.add_argument("--stage", type=int, help="stage mode: the single stage")
-    p.add_argument("--stages", type=_ints, help="composition: comma-separated stage indices")
-    p.add_argument("--stage-weights", type=_floats, help="composition: comma-separated weights > 0")
-    p.add_argument("--safety", type=float, default=1.0, help="wand: bound multiplier")
-    p.add_argument("--p99-bounds", type=_floats, help="wand: one bound per stage (default: calibrated)")
-    p.add_argument("--draft-stage", type=int, default=0, help="speculative: drafting stage")
-    p.add_argument("--k-draft", type=int, default=3, help="speculative: drafts per round")
-    p.add_argument("--do-sample", action="store_true", help="full mode: sample instead of greedy")
+    for info in MODES.values():  # each mode's arguments, named as in the Python and HTTP APIs
+        for arg in info.args:
+            parse = (_ints if arg.kind is int else _floats) if arg.many else arg.kind
+            default = "" if arg.default is None else f" (default {arg.default})"
+            many = "comma-separated " if arg.many else ""
+            p.add_argument(f"--{arg.name.replace('_', '-')}", type=parse, help=f"{info.name}: {many}{arg.help}{default}")
+    sampled = ", ".join(m.name for m in MODES.values() if m.samples)
+    p.add_argument("--do-sample", action="store_true", help=f"sample instead of greedy (modes {sampled})")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -63,23 +64,25 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-token-ids", type=_ints, default=None, help="comma-separated token ids ending generation")
 
 
-def run_local_generation(model, ids, args):
-    """Call the card method for args.mode. Returns (tokens (1, T+n), stages_used | None, acceptance | None)."""
-    n, eos = args.max_new_tokens, args.stop_token_ids
-    if args.mode == "full":
-        return model.generate(ids, n, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, eos_token_id=eos), None, None
-    if args.mode == "prefix":
-        return model.generate_prefix(ids, args.max_stages, n, eos_token_id=eos), None, None
-    if args.mode == "stage":
-        return model.generate_stage(ids, args.stage, n, eos_token_id=eos), None, None
-    if args.mode == "composition":
-        return model.generate_parallel_composition(ids, args.stages, args.stage_weights, n, eos_token_id=eos), None, None
-    if args.mode == "wand":
-        out, used = model.generate_wand(ids, n, args.safety, args.p99_bounds, return_stages_used=True, eos_token_id=eos)
-        return out, used[0].tolist(), None
-    out, rate = model.generate_speculative(ids, args.draft_stage, args.k_draft, n, return_acceptance=True, eos_token_id=eos)
-    return out, None, rate
+def mode_args(args) -> dict:
+    """The flags of args.mode's arguments, by name (unset: None, the mode's default)."""
+    return {a.name: getattr(args, a.name) for a in MODES[args.mode].args}
+
+
+def local_generation(model, ids, args):
+    """Run args.mode in process. Returns (new token ids, stages_used | None, acceptance | None)."""
+    from coordinator.core import requests as rq
+    from coordinator.grpc_api.wire import acceptance
+
+    info = MODES[args.mode]
+    if args.do_sample and not info.samples:
+        sampled = ", ".join(m.name for m in MODES.values() if m.samples)
+        raise ValueError(f"--do-sample: mode {args.mode} is greedy by definition; allowed with modes {sampled}")
+    sampling = rq.check_sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed)
+    seq, = model.run_mode(ids, args.max_new_tokens, info.mode(model.config, mode_args(args)), sampling,
+                          args.stop_token_ids)
+    used = seq.stages_used if info.statistic == "stages_used" else None
+    return seq.new_tokens, used, acceptance(seq) if info.statistic == "acceptance" else None
 
 
 TOKEN_ENV = "POE_SERVE_AUTH_TOKEN"
@@ -117,14 +120,13 @@ def remote_generation(args):
     """Same flags, through a server. Returns (new token ids, text, stages_used | None, acceptance | None)."""
     with connect(args) as client:
         reply = client.generate(
-            args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode, max_stages=args.max_stages,
-            stage=args.stage, stages=args.stages, stage_weights=args.stage_weights, safety=args.safety,
-            p99_bounds=args.p99_bounds, draft_stage=args.draft_stage, k_draft=args.k_draft,
+            args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
             temperature=args.temperature if args.do_sample else None, top_k=args.top_k, top_p=args.top_p,
-            seed=args.seed, stop_token_ids=args.stop_token_ids,
+            seed=args.seed, stop_token_ids=args.stop_token_ids, **mode_args(args),
         )
-    used = list(reply.stages_used) if args.mode == "wand" else None
-    rate = reply.acceptance_rate if args.mode == "speculative" else None
+    statistic = MODES[args.mode].statistic
+    used = list(reply.stages_used) if statistic == "stages_used" else None
+    rate = reply.acceptance_rate if statistic == "acceptance" else None
     return list(reply.token_ids), reply.text, used, rate
 
 
@@ -146,8 +148,7 @@ def cmd_generate(args) -> None:
     model = PoEModel.from_pretrained(checkpoint, dtype=args.dtype, device=args.device)
     ids = tokenizer.encode(args.prompt)
     started = time.perf_counter()
-    out, used, rate = run_local_generation(model, ids, args)
-    new = out[0, len(ids):].tolist()
+    new, used, rate = local_generation(model, ids, args)
     report(args, args.prompt + tokenizer.decode(new), len(new), time.perf_counter() - started, used, rate)
 
 

@@ -1,8 +1,8 @@
 """A small Python client for the PoEServing gRPC API.
 
 `PoEClient(address).generate(prompt, mode="wand", ...)` builds the request message from plain
-arguments (the same names as the local Python API) and returns the response message. It knows
-the wire format, not the model.
+arguments (the names of the mode table, coordinator/core/modes.py, as the local Python API
+uses them) and returns the response message. It knows the wire format, not the model.
 """
 
 from __future__ import annotations
@@ -10,38 +10,38 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.core.modes import MODES
 from protos import poe_serving_pb2 as pb
 from protos import poe_serving_pb2_grpc as pb_grpc
 
 
 def build_request(prompt: str | None = None, token_ids: list[int] | None = None, max_new_tokens: int = 16,
-                  mode: str = "full", max_stages: int | None = None, stage: int | None = None,
-                  stages: list[int] | None = None, stage_weights: list[float] | None = None,
-                  safety: float = 1.0, p99_bounds: list[float] | None = None, draft_stage: int = 0,
-                  k_draft: int = 3, temperature: float | None = None, top_k: int | None = None,
-                  top_p: float | None = None, seed: int | None = None,
-                  stop_token_ids: list[int] | None = None) -> pb.GenerateRequest:
+                  mode: str = "full", temperature: float | None = None, top_k: int | None = None,
+                  top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                  **mode_args) -> pb.GenerateRequest:
+    """`mode_args`: the mode's arguments by name (coordinator/core/modes.py MODES: max_stages,
+    stage, stages, stage_weights, safety, p99_bounds, draft_stage, k_draft); None is unset."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
+    names = {a.name for a in MODES[mode].args}
+    stray = sorted(k for k, v in mode_args.items() if v is not None and k not in names)
+    if stray:
+        raise ValueError(f"{stray[0]} is not an argument of mode {mode!r}; allowed: {', '.join(sorted(names)) or 'none'}")
     request = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids or [])
     if token_ids is not None:
         request.token_ids.ids.extend(token_ids)
     else:
         request.prompt = prompt or ""
-    if mode == "full":
-        request.full.SetInParent()
-    elif mode == "prefix":
-        request.prefix.max_stages = max_stages or 0
-    elif mode == "stage":
-        request.stage.stage = stage or 0
-    elif mode == "wand":
-        request.wand.safety = safety
-        request.wand.p99_bounds.extend(p99_bounds or [])
-    elif mode == "speculative":
-        request.speculative.draft_stage, request.speculative.k_draft = draft_stage, k_draft
-    elif mode == "composition":
-        request.composition.stages.extend(stages or [])
-        request.composition.stage_weights.extend(stage_weights or [])
-    else:
-        raise ValueError(f"mode={mode!r}; allowed: full, prefix, stage, wand, speculative, composition")
+    fields = getattr(request, mode)
+    fields.SetInParent()
+    for arg in MODES[mode].args:
+        value = mode_args.get(arg.name)
+        if value is None:
+            continue
+        if arg.many:
+            getattr(fields, arg.name).extend(value)
+        else:
+            setattr(fields, arg.name, value)
     if temperature:
         request.sampling.temperature = temperature
         request.sampling.top_k = top_k or 0

@@ -12,20 +12,25 @@ import textwrap
 import time
 from pathlib import Path
 
+from coordinator.core.modes import MODES
+
 DEMO_PROMPT = "def fibonacci(n):\n"
 
 
+CARD_SAMPLING = dict(temperature=0.8, top_p=0.95, seed=0)  # the model card's sampling example
+
+
 def demo_calls(num_stages: int) -> list[tuple[str, dict]]:
-    last = num_stages - 1
-    return [
-        ("full", dict(mode="full")),
-        ("full, sampled", dict(mode="full", temperature=0.8, top_p=0.95, seed=0)),
-        (f"prefix (stages 0..{max(last - 1, 0)})", dict(mode="prefix", max_stages=max(num_stages - 1, 1))),
-        ("stage 0 alone", dict(mode="stage", stage=0)),
-        (f"composition 0+{last} (0.5, 1)", dict(mode="composition", stages=[0, last], stage_weights=[0.5, 1.0])),
-        ("wand (safety 1.0)", dict(mode="wand", safety=1.0)),
-        ("speculative (stage 0, k=3)", dict(mode="speculative", draft_stage=0, k_draft=3)),
-    ]
+    """(label, client arguments): each mode of the table with its example arguments, and the full
+    model sampled as the model card does."""
+    calls = []
+    for info in MODES.values():
+        example = info.example(num_stages)
+        shown = ", ".join(f"{k}={v}" for k, v in example.items())
+        calls.append((f"{info.name} ({shown})" if shown else info.name, dict(mode=info.name, **example)))
+        if info.name == "full":
+            calls.append(("full, sampled", dict(mode="full", **CARD_SAMPLING)))
+    return calls
 
 
 def _cell(text: str, width: int) -> list[str]:
@@ -66,10 +71,10 @@ def run_demo(checkpoint: Path, config: str | None = None, prompt: str = DEMO_PRO
                     t0 = time.perf_counter()
                     reply = client.generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
                     elapsed = time.perf_counter() - t0
-                    extra = ""
-                    if kwargs["mode"] == "wand":
-                        extra = "".join(str(s) for s in reply.stages_used)
-                    elif kwargs["mode"] == "speculative":
+                    statistic, extra = MODES[kwargs["mode"]].statistic, ""
+                    if statistic == "stages_used":
+                        extra = " ".join(str(s) for s in reply.stages_used)
+                    elif statistic == "acceptance":
                         extra = f"accept {reply.acceptance_rate:.2f}"
                     rows.append((name, reply.text, extra, f"{elapsed:.2f}s"))
         finally:

@@ -19,7 +19,7 @@ from stage_workers.messages import WorkerLost
 
 from coordinator.core.modes import make_decoder
 from coordinator.core.pipeline import Outcome, Pipeline, SeqPlan
-from coordinator.core.requests import Composition, GenerationRequest, LogitsRequest, ScoreRequest
+from coordinator.core.requests import GenerationRequest, LogitsRequest, ScoreRequest
 from coordinator.core.sequence import Sequence
 
 
@@ -51,9 +51,7 @@ class Engine:
     def _depth(self, request) -> int:
         if isinstance(request, (ScoreRequest, LogitsRequest)):
             return max(request.stages)
-        if isinstance(request.mode, Composition):
-            return max(request.mode.stages)
-        return self.config.num_stages - 1
+        return request.mode.deepest_stage(self.config.num_stages)
 
     def _blocks(self, request) -> list[int]:
         """KV blocks the request may need on each stage (0 past its deepest stage)."""
@@ -62,11 +60,6 @@ class Engine:
         )
         depth = self._depth(request)
         return [-(-length // stage.block_size) if k <= depth else 0 for k, stage in enumerate(self.stages)]
-
-    @property
-    def free_blocks(self) -> list[int]:
-        """Per stage: KV blocks not yet promised to a sequence, over all its replicas."""
-        return [stage.num_free_blocks for stage in self.stages]
 
     @property
     def capacity(self) -> list[int]:

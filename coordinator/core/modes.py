@@ -1,4 +1,11 @@
-"""The decode rule of each mode, as a small per-sequence decoder.
+"""Every mode, written once: the table of modes (`MODES`), and the decode rule of each as a small
+per-sequence decoder.
+
+`MODES` maps a mode's name to its `ModeInfo`: its arguments (one name everywhere: the Python
+keyword, the CLI flag, the HTTP field, the proto field), how they are validated into a mode
+(coordinator/core/requests.py), whether it samples, what it reports besides tokens, and its
+decoder. The CLI, the gRPC and HTTP wires, the HTTP schema, the client, the demo and the bench
+read it; nothing else lists modes.
 
 A decoder answers three questions for the engine: `spec(seq, homes)`, what every worker keeps
 about the sequence (its stage weights and what its deciding stage does; sent once);
@@ -12,14 +19,18 @@ have their own; `ScoreDecoder` scores a fixed sequence. Decoders never see worke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from stage_workers.decisions import wand_threshold
 from stage_workers.messages import SeqSpec
-from stage_workers.sampling import SamplingParams, draw_uniform, make_generator
+from stage_workers.sampling import draw_uniform, make_generator
 
 from coordinator.core.pipeline import Outcome, SeqPlan
-from coordinator.core.requests import Composition, LogitsRequest, ScoreRequest, Speculative, Wand
+from coordinator.core import requests as rq
+from coordinator.core.requests import LogitsRequest, ScoreRequest
 from coordinator.core.sequence import Sequence
 
 
@@ -34,9 +45,9 @@ def _weights(stages: tuple[int, ...], weights: tuple[float, ...], num_stages: in
 class CompositionDecoder:
     """One token per step from the Log-OP of a weighted stage set; greedy or sampled."""
 
-    def __init__(self, mode: Composition, num_stages: int, alpha: float, sampling: SamplingParams | None):
-        self.mode, self.num_stages, self.alpha, self.sampling = mode, num_stages, alpha, sampling
-        self.generator = make_generator(sampling.seed) if sampling else None
+    def __init__(self, request: rq.GenerationRequest, num_stages: int, alpha: float):
+        self.mode, self.num_stages, self.alpha, self.sampling = request.mode, num_stages, alpha, request.sampling
+        self.generator = make_generator(self.sampling.seed) if self.sampling else None
         self.uniform: float | None = None  # the next token's draw, kept until a step commits that token
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
@@ -59,8 +70,8 @@ class CompositionDecoder:
 class WandDecoder:
     """Stages in order; the worker of the first stage whose margin clears its bound emits the token."""
 
-    def __init__(self, mode: Wand, num_stages: int, alpha: float):
-        self.mode, self.num_stages, self.alpha = mode, num_stages, alpha
+    def __init__(self, request: rq.GenerationRequest, num_stages: int, alpha: float):
+        self.mode, self.num_stages, self.alpha = request.mode, num_stages, alpha
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         thresholds = tuple(wand_threshold(bound, self.mode.safety) for bound in self.mode.bounds)
@@ -86,7 +97,8 @@ class SpeculativeDecoder:
     drafted position at once, and the last stage returns how many drafts the full PoE accepts.
     """
 
-    def __init__(self, mode: Speculative, num_stages: int, alpha: float):
+    def __init__(self, request: rq.GenerationRequest, num_stages: int, alpha: float):
+        mode = request.mode
         self.d, self.k, self.num_stages, self.alpha = mode.draft_stage, mode.k_draft, num_stages, alpha
         self._new_round()
 
@@ -164,12 +176,60 @@ class ScoreDecoder:
         return torch.cat(self.logits[stage])  # (T, V)
 
 
+# ---- the table of modes ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModeArg:
+    name: str  # the same everywhere: keyword, CLI flag (--max-stages), HTTP field, proto field
+    kind: type  # int or float; `many`: a list of them (comma-separated on the CLI)
+    help: str
+    default: object = None  # taken when unset; None: the argument has no default
+    many: bool = False
+
+
+@dataclass(frozen=True)
+class ModeInfo:
+    name: str
+    help: str
+    args: tuple[ModeArg, ...]
+    build: Callable  # build(config, **args) -> the mode, or a ValueError naming the argument
+    decoder: type  # plans each step and reads its decision (above)
+    samples: bool = False  # takes sampling parameters; the others are greedy by definition
+    statistic: str | None = None  # what it reports besides tokens: "stages_used" or "acceptance"
+    example: Callable[[int], dict] = lambda num_stages: {}  # arguments the demo and bench show, for K stages
+
+    def mode(self, config, values: dict):
+        """The validated mode from `values` (argument name -> value; None or absent: the default)."""
+        args = {a.name: a.default if values.get(a.name) is None else values[a.name] for a in self.args}
+        return self.build(config, **args)
+
+
+MODES: dict[str, ModeInfo] = {m.name: m for m in (
+    ModeInfo("full", "every stage, Log-OP with equal weights", (), rq.full_mode, CompositionDecoder, samples=True),
+    ModeInfo("prefix", "stages 0..max_stages-1 (a pruned model)",
+             (ModeArg("max_stages", int, "stages used, from the first: an integer 1..K"),),
+             rq.prefix_mode, CompositionDecoder, samples=True, example=lambda K: {"max_stages": max(K - 1, 1)}),
+    ModeInfo("stage", "one stage's own head (a drafter)",
+             (ModeArg("stage", int, "the stage index 0..K-1"),),
+             rq.stage_mode, CompositionDecoder, samples=True, example=lambda K: {"stage": 0}),
+    ModeInfo("composition", "a weighted Log-OP of chosen stages",
+             (ModeArg("stages", int, "stage indices", many=True),
+              ModeArg("stage_weights", float, "weights > 0, one per stage (default: all 1)", many=True)),
+             rq.composition_mode, CompositionDecoder, samples=True,
+             example=lambda K: {"stages": [0, K - 1], "stage_weights": [0.5, 1.0]}),
+    ModeInfo("wand", "adaptive depth: exit at the first stage whose margin clears its bound",
+             (ModeArg("safety", float, "bound multiplier >= 0", 1.0),
+              ModeArg("p99_bounds", float, "bounds >= 0, one per stage (default: the checkpoint's calibration)",
+                      many=True)),
+             rq.wand_mode, WandDecoder, statistic="stages_used", example=lambda K: {"safety": 1.0}),
+    ModeInfo("speculative", "self-speculative: one stage drafts, the full PoE verifies",
+             (ModeArg("draft_stage", int, "the drafting stage", 0),
+              ModeArg("k_draft", int, f"drafts per round, 1..{rq.MAX_K_DRAFT}", 3)),
+             rq.speculative_mode, SpeculativeDecoder, statistic="acceptance",
+             example=lambda K: {"draft_stage": 0, "k_draft": 3}),
+)}
+
+
 def make_decoder(request, num_stages: int, alpha: float):
-    mode = getattr(request, "mode", None)
-    if isinstance(mode, Composition):
-        return CompositionDecoder(mode, num_stages, alpha, request.sampling)
-    if isinstance(mode, Wand):
-        return WandDecoder(mode, num_stages, alpha)
-    if isinstance(mode, Speculative):
-        return SpeculativeDecoder(mode, num_stages, alpha)
-    return ScoreDecoder(request, num_stages, alpha)
+    if isinstance(request, (ScoreRequest, LogitsRequest)):
+        return ScoreDecoder(request, num_stages, alpha)
+    return MODES[request.mode.name].decoder(request, num_stages, alpha)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -26,19 +27,30 @@ MIN_SCALE, MAX_SCALE = 1e-30, 1e30
 class Composition:
     stages: tuple[int, ...]  # sorted, unique
     weights: tuple[float, ...]  # one per stage, finite and > 0
-    name: str = "composition"  # full | prefix | stage | composition, for reporting
+    name: str = "composition"  # full | prefix | stage | composition: its entry in coordinator/core/modes.py MODES
+
+    def deepest_stage(self, num_stages: int) -> int:
+        return max(self.stages)
 
 
 @dataclass(frozen=True)
 class Wand:
     safety: float
     bounds: tuple[float, ...]  # one per stage; +inf means never exit there
+    name: ClassVar[str] = "wand"
+
+    def deepest_stage(self, num_stages: int) -> int:
+        return num_stages - 1
 
 
 @dataclass(frozen=True)
 class Speculative:
     draft_stage: int
     k_draft: int
+    name: ClassVar[str] = "speculative"
+
+    def deepest_stage(self, num_stages: int) -> int:
+        return num_stages - 1
 
 
 Mode = Composition | Wand | Speculative

@@ -19,11 +19,11 @@ from stage_workers.config import ModelConfig
 from stage_workers.sampling import SamplingParams
 
 from coordinator.core import requests as rq
+from coordinator.core.modes import MODES
 from coordinator.core.sequence import Sequence
 from coordinator.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 16
-DEFAULT_K_DRAFT = 3
 
 
 @dataclass(frozen=True)
@@ -103,28 +103,28 @@ def input_ids(message, tokenizer: Tokenizer, config: ModelConfig) -> list[int]:
 
 
 def mode_of(message: pb.GenerateRequest, config: ModelConfig) -> rq.Mode:
-    which = message.WhichOneof("mode")
-    if which in (None, "full"):
-        return rq.full_mode(config)
-    if which == "prefix":
-        return rq.prefix_mode(config, message.prefix.max_stages)
-    if which == "stage":
-        return rq.stage_mode(config, message.stage.stage)
-    if which == "wand":
-        bounds = list(message.wand.p99_bounds) or None
-        safety = message.wand.safety if message.wand.HasField("safety") else 1.0
-        return rq.wand_mode(config, safety, bounds)
-    if which == "speculative":
-        spec = message.speculative
-        return rq.speculative_mode(config, spec.draft_stage, spec.k_draft or DEFAULT_K_DRAFT)
-    stages, weights = list(message.composition.stages), list(message.composition.stage_weights) or None
-    return rq.composition_mode(config, stages, weights)
+    """The `mode` oneof (unset: full) through its MODES entry; its message's fields are the mode's
+    arguments by name."""
+    name = message.WhichOneof("mode") or "full"
+    fields = getattr(message, name)
+    return MODES[name].mode(config, {a.name: _set_value(fields, a.name) for a in MODES[name].args})
+
+
+def _set_value(message, name: str):
+    """A field's value, or None where proto3 cannot tell it from unset: an empty list, or a zero
+    without explicit presence (the mode's default applies)."""
+    value = getattr(message, name)
+    if message.DESCRIPTOR.fields_by_name[name].has_presence:
+        return value if message.HasField(name) else None
+    if isinstance(value, (int, float)):
+        return value or None
+    return list(value) or None
 
 
 def sampling_of(message: pb.GenerateRequest, mode: rq.Mode) -> SamplingParams | None:
     if not message.HasField("sampling") or message.sampling.temperature == 0:
         return None
-    if not isinstance(mode, rq.Composition):
+    if not MODES[mode.name].samples:
         raise ValueError("sampling: WAND and speculative modes are greedy; remove sampling or use another mode")
     s = message.sampling
     top_p = s.top_p if s.top_p != 0 else None  # 0 is proto3's "unset"; 1.5, -0.5 or NaN are errors, not "no top-p"

@@ -42,6 +42,7 @@ from coordinator.core import requests as rq
 from coordinator.grpc_api import wire
 from coordinator.serving.drain import Drain
 from coordinator.core.engine_loop import EngineLoop, Event, QueueFull, RequestHandle
+from coordinator.core.modes import MODES
 from coordinator.http_api.schema import Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage
 from coordinator.http_api.wire import BadRequest, ChoiceText, CompletionPlan, completion_plan, from_validation_errors, logprobs_of
 from coordinator.serving.metrics import Metrics
@@ -298,9 +299,10 @@ class Front:
             extras["token_ids"] = tokens
             if prompt_ids is not None:
                 extras["prompt_token_ids"] = list(prompt_ids)
-        if body.poe_mode == "wand":
+        statistic = MODES[body.poe_mode].statistic
+        if statistic == "stages_used":
             extras["stages_used"] = stages_used[: len(tokens)]
-        if body.poe_mode == "speculative" and ended_seq is not None:
+        if statistic == "acceptance" and ended_seq is not None:
             extras["acceptance_rate"] = wire.acceptance(ended_seq)
         return extras
 
@@ -317,7 +319,7 @@ class Front:
             prompt, first = plan.prompt_of(choice.index), not choice.started
             if first and body.echo:
                 text = prompt.text + text
-            tokens_shown = body.return_token_ids or body.poe_mode == "wand"  # ids or exit stages per token
+            tokens_shown = body.return_token_ids or MODES[body.poe_mode].statistic == "stages_used"  # per token
             if not (text or choice.ended or tokens and tokens_shown):
                 return
             choice.started = True

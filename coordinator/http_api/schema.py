@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from coordinator.core.modes import MODES
 
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5)
-PoEMode = Literal["full", "prefix", "stage", "wand", "speculative", "composition"]
+PoEMode = Literal[tuple(MODES)]
 
 
 def _is_none(value) -> bool:
@@ -34,7 +36,7 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = Field(None, description="accepted and ignored (OpenAI's padding of chunks)")
 
 
-class CompletionRequest(BaseModel):
+class _OpenAICompletion(BaseModel):
     # Each description ends an error message about its field: "allowed: <description>".
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -64,16 +66,18 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, description="0 (or unset); penalties are not supported")
     logit_bias: dict[str, float] | None = Field(None, description="{} (or unset); logit bias is not supported")
     suffix: str | None = Field(None, description="unset; suffixes are not supported")
-    # PoE modes (extra body fields, as vLLM takes its own)
-    poe_mode: PoEMode = Field("full", description="full, prefix, stage, wand, speculative or composition")
-    max_stages: int | None = Field(None, description="poe_mode=prefix: an integer, stages 0..max_stages-1")
-    stage: int | None = Field(None, description="poe_mode=stage: the stage index")
-    stages: list[int] | None = Field(None, description="poe_mode=composition: a list of stage indices")
-    stage_weights: list[float] | None = Field(None, description="poe_mode=composition: one weight > 0 per stage")
-    safety: float | None = Field(None, description="poe_mode=wand: a number >= 0 (default 1)")
-    p99_bounds: list[float] | None = Field(None, description="poe_mode=wand: one bound >= 0 per stage")
-    draft_stage: int | None = Field(None, description="poe_mode=speculative: the drafting stage (default 0)")
-    k_draft: int | None = Field(None, description="poe_mode=speculative: drafts per round (default 3)")
+    poe_mode: PoEMode = Field("full", description=", ".join(MODES))  # PoE modes: extra body fields, as vLLM's
+
+
+def _mode_field(mode: str, arg):
+    kind = list[arg.kind] if arg.many else arg.kind
+    default = "" if arg.default is None else f" (default {arg.default})"
+    return kind | None, Field(None, description=f"poe_mode={mode}: {'a list of ' if arg.many else ''}{arg.help}{default}")
+
+
+# OpenAI's fields, then each mode's arguments (coordinator/core/modes.py MODES) as fields of their own
+CompletionRequest = create_model("CompletionRequest", __base__=_OpenAICompletion, __module__=__name__,
+                                 **{a.name: _mode_field(m.name, a) for m in MODES.values() for a in m.args})
 
 
 class Logprobs(BaseModel):
@@ -120,14 +124,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail

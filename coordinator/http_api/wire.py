@@ -15,13 +15,11 @@ from stage_workers.config import ModelConfig
 from stage_workers.sampling import SamplingParams
 
 from coordinator.core import requests as rq
+from coordinator.core.modes import MODES
 from coordinator.grpc_api import wire
 from coordinator.http_api.schema import CompletionRequest, Logprobs
 from coordinator.tokenizer import Tokenizer
 
-# poe_mode -> the extra fields that belong to it; any other mode refuses them
-MODE_FIELDS = {"full": (), "prefix": ("max_stages",), "stage": ("stage",), "wand": ("safety", "p99_bounds"),
-               "speculative": ("draft_stage", "k_draft"), "composition": ("stages", "stage_weights")}
 NEUTRAL = {"best_of": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
            "logit_bias": (None, {}), "suffix": (None,)}  # OpenAI fields served only at these values
 
@@ -137,30 +135,22 @@ def _stop_strings(stop) -> tuple[str, ...]:
 
 
 def mode_of(body: CompletionRequest, config: ModelConfig) -> rq.Mode:
-    for mode, fields in MODE_FIELDS.items():
-        for field in fields:
-            if mode != body.poe_mode and getattr(body, field) is not None:
-                raise BadRequest(field, f"{field} is for poe_mode={mode!r}, not {body.poe_mode!r}; allowed: unset")
-    mode = body.poe_mode
-    if mode == "full":
-        return rq.full_mode(config)
-    if mode == "prefix":
-        return checked("max_stages", rq.prefix_mode, config, body.max_stages)
-    if mode == "stage":
-        return checked("stage", rq.stage_mode, config, body.stage)
-    if mode == "wand":
-        safety = 1.0 if body.safety is None else body.safety
-        return checked("safety", rq.wand_mode, config, safety, body.p99_bounds, also=("p99_bounds",))
-    if mode == "speculative":
-        draft = 0 if body.draft_stage is None else body.draft_stage
-        k_draft = wire.DEFAULT_K_DRAFT if body.k_draft is None else body.k_draft
-        return checked("draft_stage", rq.speculative_mode, config, draft, k_draft, also=("k_draft",))
-    return checked("stages", rq.composition_mode, config, body.stages, body.stage_weights, also=("stage_weights",))
+    """`poe_mode` through its MODES entry, its arguments read from the fields of the same names; a
+    field of another mode is refused."""
+    info = MODES[body.poe_mode]
+    for other in MODES.values():
+        for arg in other.args:
+            if other is not info and getattr(body, arg.name) is not None:
+                raise BadRequest(arg.name, f"{arg.name} is for poe_mode={other.name!r}, not {body.poe_mode!r}; "
+                                           "allowed: unset")
+    names = tuple(a.name for a in info.args)
+    values = {name: getattr(body, name) for name in names}
+    return checked(names[0] if names else "poe_mode", info.mode, config, values, also=names)
 
 
 def sampling_of(body: CompletionRequest, mode: rq.Mode) -> SamplingParams | None:
     """None (greedy) for temperature 0; unset is OpenAI's 1.0, except in the greedy-only modes."""
-    greedy_only = not isinstance(mode, rq.Composition)
+    greedy_only = not MODES[mode.name].samples
     if body.temperature == 0 or body.temperature is None and greedy_only:
         return None
     if greedy_only:
