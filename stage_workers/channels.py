@@ -35,14 +35,14 @@ import struct
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .messages import decode, encode
+from .framing import (ChannelTimeout, Envelope, Interrupted, Packed, aligned, drain, layout, serialize,
+                      wait_for_message)
+from .messages import decode
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 # magic, flags, step, epoch, rows, marshalled bytes, tensors, total bytes
@@ -51,26 +51,9 @@ COUNTERS = struct.Struct("<qq")  # after the slots: messages written (by the wri
 COUNTER = struct.Struct("<q")  # one of them
 MAGIC = b"PoE1"
 SPILLED = 1  # flag: the message is in a file of its own, named after the header
-ALIGN = 64
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
                 "int32": np.int32, "int16": np.int16, "uint8": np.uint8, "bool": np.bool_}
 ITEMSIZE = {**{name: np.dtype(d).itemsize for name, d in NUMPY_DTYPES.items()}, "bfloat16": 2}
-
-
-class ChannelTimeout(TimeoutError):
-    """Nothing arrived (or no slot freed) before the deadline."""
-
-
-class Interrupted(RuntimeError):
-    """The watched channel got a message while this one was waited on."""
-
-
-@dataclass
-class Envelope:
-    step: int
-    epoch: int
-    rows: int
-    message: object
 
 
 class LocalChannel:
@@ -96,27 +79,6 @@ class LocalChannel:
         self._queue.clear()
 
 
-class Packed(NamedTuple):
-    """A message encoded once (`pack`), to send on one channel or several."""
-
-    flags: int
-    step: int
-    epoch: int
-    rows: int
-    stream: bytes  # the marshalled plain part, with each tensor's dtype and shape
-    tensors: list[torch.Tensor]  # contiguous; on the host unless packed for a device channel
-    total: int  # bytes of the stream and the tensors, laid out (ALIGN-aligned)
-    offsets: list[int]  # each tensor's offset in that layout
-
-
-def pack(message, step: int, epoch: int, rows: int = 0, on_host: bool = True) -> Packed:
-    plain, tensors = encode(message)
-    tensors = [t.detach().cpu().contiguous() if on_host else t.detach().contiguous() for t in tensors]
-    metas = tuple((str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors)
-    stream = marshal.dumps((plain, metas))
-    return Packed(0, step, epoch, rows, stream, tensors, *_layout(stream, tensors))
-
-
 def open_channel(edge, is_reader: bool, host: str = "127.0.0.1", device: str = "cpu", timeout: float = 60.0):
     """The channel an `Edge` names, as its reader (which creates it) or its writer (which attaches).
     `host`: this process's address as a peer reaches it; `device`: this worker's (an nccl edge's tensors)."""
@@ -127,20 +89,6 @@ def open_channel(edge, is_reader: bool, host: str = "127.0.0.1", device: str = "
     if is_reader:
         return ShmChannel.create(edge.name, edge.slot_bytes, edge.num_slots)
     return ShmChannel.attach(edge.name, edge.slot_bytes, edge.num_slots, timeout=timeout)
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def _layout(stream: bytes, tensors: list[torch.Tensor]) -> tuple[int, list[int]]:
-    """Bytes of a message after the header, and each tensor's offset from the header's end."""
-    offset = _aligned(len(stream))
-    offsets = []
-    for t in tensors:
-        offsets.append(offset)
-        offset = _aligned(offset + t.nbytes)
-    return offset, offsets
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -173,47 +121,16 @@ def _take(view: memoryview, base: int, name: str):
         raise RuntimeError(f"channel {name}: no message at byte {base} (magic {magic!r})")
     start = base + HEADER.size
     plain, metas = marshal.loads(view[start : start + stream_len])
-    tensors, offset = [], _aligned(stream_len)
+    tensors, offset = [], aligned(stream_len)
     for dtype, shape in metas:
         nbytes = math.prod(shape) * ITEMSIZE[dtype]
         tensors.append(_tensor_of(bytearray(view[start + offset : start + offset + nbytes]), dtype, shape))
-        offset = _aligned(offset + nbytes)
+        offset = aligned(offset + nbytes)
     return flags, step, epoch, rows, plain if flags & SPILLED else decode(plain, tensors)
 
 
 def _paths(name: str, *suffixes: str) -> tuple[Path, ...]:
     return tuple(SHM_DIR / f"poe-{name}{suffix}" for suffix in suffixes)
-
-
-def wait_for_message(channel, deadline: float | None, interrupt, also=(), check=None) -> None:
-    """Until `channel.pending()`: sleep on its wake-up descriptor (`fileno()`) and on `also`
-    (other channels whose messages may come first; here they only wake the wait), unless a message
-    is already there. `interrupt` readable while nothing arrived raises Interrupted; `check()`
-    runs before each sleep (to raise what the channel learnt meanwhile)."""
-    watch = [channel.fileno(), *also] + ([] if interrupt is None else [interrupt.fileno()])
-    while not channel.pending():
-        if check is not None:
-            check()
-        wait = None if deadline is None else deadline - time.monotonic()
-        if wait is not None and wait <= 0:
-            raise ChannelTimeout(f"channel {channel.name}: nothing arrived before the deadline")
-        ready = select.select(watch, [], [], wait)[0]
-        if channel.fileno() in ready:
-            channel.drain_wakeups()
-        if interrupt is not None and interrupt.fileno() in ready and not channel.pending():
-            raise Interrupted(f"channel {channel.name}: interrupted while waiting (nothing arrived)")
-        for other in also:
-            if other in ready:
-                other.drain_wakeups()
-
-
-def drain(fd: int) -> None:
-    """Read a non-blocking descriptor empty."""
-    try:
-        while os.read(fd, 1 << 12):
-            pass
-    except BlockingIOError:
-        pass
 
 
 class ShmChannel:
@@ -312,7 +229,7 @@ class ShmChannel:
     # ---- the writer --------------------------------------------------------------------------
     def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
              interrupt=None, wake: bool = True) -> None:
-        self.send_packed(pack(message, step, epoch, rows), deadline, interrupt, wake)
+        self.send_packed(serialize(message, step, epoch, rows), deadline, interrupt, wake)
 
     def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None, wake: bool = True) -> None:
         """`wake`: also wake the reader; False when something else will (a worker's upstream data)
@@ -323,7 +240,7 @@ class ShmChannel:
             self._spills += 1
             self._write_spill(spill, packed)
             stream = marshal.dumps((spill, ()))
-            total, offsets = _layout(stream, [])
+            total, offsets = layout(stream, [])
             packed = packed._replace(flags=SPILLED, stream=stream, tensors=[], total=total, offsets=offsets)
         self._take_token(self._free, deadline, interrupt, "no slot was freed")
         base = (self._count % self.num_slots) * self.slot_bytes

@@ -3,8 +3,8 @@ vLLM's practice), so a GPU decode step is one graph launch instead of hundreds o
 
 A decode batch (one new position per sequence) is padded to a batch-size bucket with rows of the
 cache's scratch block, its block tables to the key-span bucket that covers its longest
-sequence, and every row gets a head or none does: shapes then depend only on the bucket
-(batch, key span, head), never on the batch's contents. Each bucket's step runs on static input
+sequence, and every row gets logits or none does: shapes then depend only on the bucket
+(batch, key span, logits or not), never on the batch's contents. Each bucket's step runs on static input
 buffers: the first time it is captured into a graph, later it is replayed after copying the
 new inputs in. On the CPU there is nothing to capture; the same padded step runs eagerly, which
 is how the tests check that padding and bucketing change no result. This module knows the
@@ -39,19 +39,19 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, bool], _Graph] = {}
 
     def fits(self, batch: ExtendBatch) -> bool:
-        """A decode batch: one position per sequence, every row with a head or none, and within the buckets."""
+        """A decode batch: one position per sequence, every row with logits or none, and within the buckets."""
         segs = batch.segments
-        return (all(s.length == 1 for s in segs) and len({s.num_heads for s in segs}) == 1
+        return (all(s.length == 1 for s in segs) and len({s.num_logits for s in segs}) == 1
                 and len(segs) <= BATCH_BUCKETS[-1])
 
     def run(self, batch: ExtendBatch) -> ExtendResult:
         """The batch's result, computed at its bucket's shapes (the cache holds its new positions' blocks)."""
         w, segs = self.worker, batch.segments
         B = len(segs)
-        size, with_head = bucket(B, BATCH_BUCKETS), segs[0].num_heads == 1
+        size, with_logits = bucket(B, BATCH_BUCKETS), segs[0].num_logits == 1
         span = bucket(max(s.start + 1 for s in segs), self.spans)
         padded = ExtendBatch(
-            segments=segs + [Segment(PADDING, 0, 1, int(with_head))] * (size - B),
+            segments=segs + [Segment(PADDING, 0, 1, int(with_logits))] * (size - B),
             token_ids=_pad(batch.token_ids, size, 0),
             prev_token_ids=None if batch.prev_token_ids is None else _pad(batch.prev_token_ids, size, -1),
             trunk=None if batch.trunk is None else batch.trunk.map(lambda t: _pad(t, size, 0)),
@@ -61,7 +61,7 @@ class DecodeGraphs:
         if not self.capture:
             result = self.step(padded.segments, inputs, trunk, span)
         else:
-            key = (size, span, with_head)
+            key = (size, span, with_logits)
             if key not in self.graphs:
                 self.graphs[key] = _Graph(self, padded.segments, inputs, trunk, span)
             result = self.graphs[key].replay(inputs, trunk)

@@ -23,7 +23,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from .channels import Envelope, Packed, _aligned, drain, pack, wait_for_message
+from .framing import Envelope, Packed, aligned, drain, serialize, wait_for_message
 from .messages import decode
 
 HEADER_FIELDS = 5  # step, epoch, rows, marshalled bytes, tensor bytes
@@ -67,14 +67,14 @@ class DistChannel:
     # ---- the writer --------------------------------------------------------------------------
     def send(self, message, step: int, epoch: int, rows: int = 0, deadline: float | None = None,
              interrupt=None) -> None:
-        self.send_packed(pack(message, step, epoch, rows, on_host=self.device.type != "cuda"))
+        self.send_packed(serialize(message, step, epoch, rows, on_host=self.device.type != "cuda"))
 
     def send_packed(self, packed: Packed, deadline: float | None = None, interrupt=None, wake: bool = True) -> None:
         """Header and marshalled part over gloo; the tensors' bytes as one buffer (NCCL from a GPU).
         (Every message wakes the reader's thread: `wake` is a shared-memory saving.)"""
         assert not self.is_reader, f"channel {self.name}: the reader cannot send"
         control, data = self._connect()
-        stream_len = _aligned(len(packed.stream))
+        stream_len = aligned(len(packed.stream))
         on_device = any(t.is_cuda for t in packed.tensors)
         payload = torch.zeros(packed.total - stream_len, dtype=torch.uint8, device=self.device if on_device else "cpu")
         for t, offset in zip(packed.tensors, packed.offsets):

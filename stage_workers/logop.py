@@ -29,9 +29,3 @@ def combine(logprobs: list[torch.Tensor], weights: list[float] | tuple[float, ..
 def normalize(score: torch.Tensor) -> torch.Tensor:
     """(..., V) ranking score -> normalized log-probabilities."""
     return score - torch.logsumexp(score, dim=-1, keepdim=True)
-
-
-def top2_margin(score: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (...) top-1 minus top-2 score."""
-    top = torch.topk(score, 2, dim=-1).values
-    return top[..., 0] - top[..., 1]

@@ -88,7 +88,7 @@ class Segment:
     seq_id: int
     start: int  # first new position; must equal what the worker has computed for seq_id
     length: int  # new positions in this call (>= 1)
-    num_heads: int = 0  # stage logits wanted for the last num_heads new positions
+    num_logits: int = 0  # stage logits wanted for the last num_logits new positions
 
 
 @dataclass
@@ -138,7 +138,7 @@ class ExtendBatch:
 @dataclass
 class ExtendResult:
     trunk: TrunkState | None  # (N, C) for the downstream stage; None from the last stage
-    logits: torch.Tensor | None  # (M, V) fp32 stage logits, M = sum of num_heads, segment order
+    logits: torch.Tensor | None  # (M, V) fp32 stage logits, M = sum of num_logits, segment order
     __reduce__ = _reduce
 
 
@@ -199,10 +199,10 @@ class SeqStep(NamedTuple):
     tokens: tuple[int, ...]  # entering stage 0 this step (at least one)
     prev_token: int  # the token at start - 1 (-1 at position 0): stage 0's smear
     depth: int  # deepest stage that computes this step
-    head_from: int  # positions >= head_from get a distribution this step
+    logits_from: int  # positions >= logits_from get a distribution this step
     action: Action = "decide"  # "none": a prompt chunk; "draft": a speculative draft pass
     uniform: float | None = None  # "sample" with sampling: this token's draw from the request's generator
-    targets: tuple[int, ...] = ()  # "score": the token after each head position (-1: none)
+    targets: tuple[int, ...] = ()  # "score": the token after each position with logits (-1: none)
 
 
 class StepPlan(NamedTuple):

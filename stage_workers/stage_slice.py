@@ -53,7 +53,7 @@ class StageSlice(nn.Module):
             if layer.layer_idx == self.config.backout_layer:
                 x_backout = x
         logits = None
-        rows = inputs.head_rows  # (M,)
+        rows = inputs.logit_rows  # (M,)
         if rows.numel():
             z = readout(x[rows], None if x_backout is None else x_backout[rows], self.backout_lambda)
             logits = stage_logits(z, self.head_weight, self.config.logit_softcap)  # (M, V)

@@ -1,7 +1,7 @@
 """A worker call's index tensors: built on the host from its segments, then one copy to the device.
 
 Where every packed position lives (its segment, absolute position and cache slot), which rows
-get a head, and the smear's previous tokens are all known from Python ints before the call
+get logits, and the smear's previous tokens are all known from Python ints before the call
 computes anything. Working them out here, on the host, means the device never has to report a
 size back (no boolean indexing on the device), and one non-blocking copy brings them all over:
 a decode step on a GPU runs to its results without a host sync. This module knows the cache's
@@ -26,7 +26,7 @@ class StepInputs:
     positions: torch.Tensor  # (N,) absolute position of every packed position
     write_slots: torch.Tensor  # (N,) KV cache slot each new key and value goes to
     pad_index: torch.Tensor  # (N,) row of each packed position in the padded (B * n_max) layout
-    head_rows: torch.Tensor  # (M,) packed rows whose stage logits are returned, segment order
+    logit_rows: torch.Tensor  # (M,) packed rows whose stage logits are returned, segment order
     starts: torch.Tensor  # (B,) first new position of each segment
     lengths: torch.Tensor  # (B,) new positions of each segment
     q_pos: torch.Tensor  # (B, n_max) absolute position of each padded query; pads repeat the start
@@ -44,18 +44,18 @@ class StepInputs:
         r = torch.arange(n_max)
         q_valid = r < lengths[:, None]  # (B, n_max)
         q_pos = starts[:, None] + torch.where(q_valid, r, 0)  # (B, n_max)
-        firsts, head_rows, end = [], [], 0  # each segment's first packed row; rows given a head
+        firsts, logit_rows, end = [], [], 0  # each segment's first packed row; rows given logits
         for s in segs:
             firsts.append(end)
             end += s.length
-            head_rows.extend(range(end - s.num_heads, end))
+            logit_rows.extend(range(end - s.num_logits, end))
         return cls(
             token_ids=batch.token_ids,
             prev_ids=None if batch.prev_token_ids is None else _previous_tokens(batch, firsts),
             positions=q_pos[q_valid],
             write_slots=cache.slots(tables, q_pos)[q_valid],
             pad_index=(torch.arange(B)[:, None] * n_max + r)[q_valid],
-            head_rows=torch.tensor(head_rows, dtype=torch.long),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long),
             starts=starts,
             lengths=lengths,
             q_pos=q_pos,

@@ -157,7 +157,7 @@ class StageWorker:
         for seg in batch.segments:
             cached = self.cache.length(seg.seq_id)
             require(seg.start == cached, f"{where}: sequence {seg.seq_id} extends at {seg.start} but has {cached} cached")
-            require(seg.length >= 1 and 0 <= seg.num_heads <= seg.length, f"{where}: bad segment {seg}")
+            require(seg.length >= 1 and 0 <= seg.num_logits <= seg.length, f"{where}: bad segment {seg}")
             require(seg.start + seg.length <= self.config.sequence_len,
                     f"{where}: sequence {seg.seq_id} would exceed the context of {self.config.sequence_len} positions")
         needed = sum(self.cache.blocks_needed(s.seq_id, s.start + s.length) for s in batch.segments)

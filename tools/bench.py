@@ -232,7 +232,6 @@ def every_mode(cluster, ids: torch.Tensor, n: int) -> dict:
 
 def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | None = None) -> dict:
     from coordinator import PoEModel
-    from coordinator.model import PoEModel
     from coordinator.tokenizer import load_tokenizer
     from tools.transport_bench import measure, relay_per_hop
 

@@ -66,7 +66,7 @@ class EchoWorker:
         self.logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(stage))  # (1, V)
 
     def extend(self, batch) -> ExtendResult:
-        N, M = batch.token_ids.shape[0], sum(s.num_heads for s in batch.segments)
+        N, M = batch.token_ids.shape[0], sum(s.num_logits for s in batch.segments)
         trunk = batch.trunk if batch.trunk is not None else TrunkState(*(torch.zeros(N, self.n_embd) for _ in range(3)))
         return ExtendResult(trunk, self.logits.expand(M, -1).clone() if M else None)
 

@@ -119,12 +119,12 @@ class Engine:
         return sorted(work, key=lambda item: order[item[0].seq_id])
 
     def _chunk(self, seq: Sequence, plan: SeqPlan, size: int) -> SeqPlan:
-        """The plan's first `size` fed positions. Distributions are asked from `head_from` on, so
+        """The plan's first `size` fed positions. Distributions are asked from `logits_from` on, so
         only a scorer's fall inside a chunk; a chunk runs every stage the sequence may reach and
         decides nothing else (no WAND exit, no draft)."""
         if size >= plan.num_feed:
             return plan
-        decides = plan.head_from < seq.num_computed[0] + size
+        decides = plan.logits_from < seq.num_computed[0] + size
         return replace(plan, num_feed=size, depth=seq.reach, action="decide" if decides else "none",
                        targets=plan.targets[:size])
 

@@ -37,7 +37,7 @@ class StepFailed(RuntimeError):
 class SeqPlan:
     num_feed: int  # unfed tokens entering stage 0 this step (at least one)
     depth: int  # deepest stage that runs
-    head_from: int  # positions >= head_from get a distribution
+    logits_from: int  # positions >= logits_from get a distribution
     action: str = "decide"  # "decide" | "draft" (speculative) | "none" (a prompt chunk: nothing decided)
     uniform: float | None = None  # a sampled token's draw
     targets: tuple[int, ...] = ()  # Score: the token after each fed position (-1: none)
@@ -110,7 +110,7 @@ class Pipeline:
         assert plan.num_feed >= 1, f"sequence {seq.seq_id}: a step feeds at least one token"
         start = seq.num_computed[0]
         return SeqStep(seq.seq_id, start, tuple(seq.tokens[start : start + plan.num_feed]),
-                       seq.tokens[start - 1] if start else -1, plan.depth, plan.head_from, plan.action,
+                       seq.tokens[start - 1] if start else -1, plan.depth, plan.logits_from, plan.action,
                        plan.uniform, plan.targets)
 
     def _participants(self, batches) -> set[int]:

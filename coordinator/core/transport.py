@@ -16,7 +16,8 @@ import select
 import time
 import uuid
 
-from stage_workers.channels import ChannelTimeout, LocalChannel, ShmChannel, open_channel, pack
+from stage_workers.channels import LocalChannel, ShmChannel, open_channel
+from stage_workers.framing import ChannelTimeout, serialize
 from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
 from stage_workers.step_runner import StageRunner
 
@@ -39,13 +40,13 @@ class LocalTransport:
     def connect(self, topology: list[list[int]], epoch: int) -> None:
         """A fresh channel between every two workers of adjacent stages (`topology`: worker ids per stage)."""
         for runner in self.runners.values():
-            runner.rewire({}, {})
+            runner.neighbours.rewire({}, {})
         for upstream, downstream in zip(topology, topology[1:]):
             for a in upstream:
                 for b in downstream:
                     channel = LocalChannel(f"{a}->{b}@{epoch}")
-                    self.runners[a].outbound[b] = channel
-                    self.runners[b].inbound[a] = channel
+                    self.runners[a].neighbours.outbound[b] = channel
+                    self.runners[b].neighbours.inbound[a] = channel
 
     def run(self, plan: StepPlan, expected_items: int, participants: set[int]) -> list[StepResult]:
         """Every runner's part of the step, in stage order; if one raises, the step is undone on all."""
@@ -62,9 +63,9 @@ class LocalTransport:
                     later.apply_changes(plan)
                 for r in ordered:
                     if r.worker_id == lost:
-                        r.restart()  # as a restarted process would, it starts afresh
+                        r.state.restart()  # as a restarted process would, it starts afresh
                     else:
-                        r.undo(plan.step)
+                        r.state.undo(plan.step)
                 raise
             if result is not None:
                 results.append(result)
@@ -186,7 +187,7 @@ class ChannelTransport:
         """Send the plan to every worker; return reports until they hold `expected_items`
         decisions and stage logits (a failed worker's report ends the wait too)."""
         deadline = time.monotonic() + self.step_timeout_s
-        packed = pack(plan, plan.step, plan.epoch)  # encoded once for every worker
+        packed = serialize(plan, plan.step, plan.epoch)  # encoded once for every worker
         # A worker of stage > 0 with a part in the step is woken by its upstream's data, one wake-up
         # per worker per step instead of two (on a few cores, wake-ups are the cost); so its plan is
         # written first, before any worker that could send it data is woken.

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from coordinator import PoEModel
 from coordinator.serving.drain import Drain
 from coordinator.http_api.app import Front, build_app
 from coordinator.serving.metrics import Metrics

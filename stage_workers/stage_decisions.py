@@ -1,0 +1,108 @@
+"""What a stage does for each sequence once its rows are computed: decide here, or let them go on.
+
+`Onward` is the answer for one sequence: the next stage computes its rows now (`CONTINUE`),
+keeps them with their Log-OP sums for later (`PARK`: a draft, or positions that need no token),
+keeps them without sums because a token was decided here (`FINAL`), or they stay in this worker
+(`HELD`: the last stage's drafts, until verification). `StageDecider` applies each sequence's
+rule (its `SeqSpec`): the plain greedy and WAND choices of a whole batch at once (`batch_greedy`),
+the rest one sequence at a time (`decide`), with the math of stage_workers/decisions.py. It
+knows the rules and the rows; nothing of channels or the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+
+from . import decisions as rules
+from .messages import Decision, SeqSpec, SeqStep
+from .rows import Rows, cat_adjacent
+from .sampling import sample
+
+
+class Onward(Enum):
+    CONTINUE = "continue"  # the next stage computes the rows now
+    PARK = "park"  # the next stage keeps the rows, with their sums, until it next runs for the sequence
+    FINAL = "final"  # a token was decided here: the next stage keeps the rows, without sums
+    HELD = "held"  # the rows stay here (the last stage's drafts, until verification)
+
+
+class StageDecider:
+    def __init__(self, stage: int, num_stages: int, held: dict[int, Rows]):
+        self.stage, self.num_stages = stage, num_stages
+        self.held = held  # the stage's store of drafted positions' sums (StageState.held)
+
+    def batch_greedy(self, work: list[tuple[SeqStep, SeqSpec]], outs: list[Rows]) -> dict[int, int | None]:
+        """The step's plain decisions in one op: a greedy token at the deepest stage, and WAND's
+        margin test. seq_id -> the token, or None where WAND goes on to the next stage."""
+        k, last = self.stage, self.num_stages - 1
+        picked, last_rows, divisors, thresholds = [], [], [], []
+        for (s, spec), rows in zip(work, outs):
+            if rows.num_acc == 0 or s.action != "decide":
+                continue
+            if spec.rule == "wand" or (spec.rule == "sample" and spec.sampling is None and k == s.depth):
+                picked.append(s.seq_id)
+                last_rows.append(rows)
+                divisors.append(rules.divisor(spec.weights, k, spec.alpha))
+                thresholds.append(-math.inf if spec.rule != "wand" or k == last else spec.exit_thresholds[k])
+        if not picked:
+            return {}
+        block = last_rows[0].block
+        if all(r.block is block for r in last_rows):  # one gather from the batch's sums
+            index = torch.tensor([r.acc0 + r.num_acc - 1 for r in last_rows], device=block.acc.device)
+            stacked = block.acc.index_select(0, index)  # (B, V)
+        else:
+            stacked = cat_adjacent([r.acc[-1:] for r in last_rows])  # (B, V)
+        scores = stacked / divisors[0] if len(set(divisors)) == 1 else \
+            stacked / torch.tensor(divisors, device=stacked.device)[:, None]
+        tokens = scores.argmax(dim=-1).tolist()
+        wand = [t > -math.inf for t in thresholds]
+        exits = rules.wand_exits(scores, torch.tensor(thresholds, device=scores.device)).tolist() if any(wand) \
+            else [True] * len(picked)
+        return {seq_id: token if done or not w else None for seq_id, token, done, w in zip(picked, tokens, exits, wand)}
+
+    def decide(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor | None, decisions: list) -> Onward:
+        """Apply the sequence's rule at this stage (WAND and greedy tokens: `batch_greedy`).
+        `own`: this stage's own log-probs at the rows that got logits (M, V)."""
+        k, last = self.stage, self.num_stages - 1
+        if s.action == "none" or spec.rule == "logits":  # nothing to decide; the deepest stage says it is done
+            if k < s.depth:
+                return Onward.CONTINUE
+            decisions.append(Decision(s.seq_id, k))
+            return Onward.PARK
+        if k < s.depth:
+            return Onward.CONTINUE
+        if spec.rule == "sample":  # a sampled token
+            score = rows.acc[-1] / rules.divisor(spec.weights, k, spec.alpha)  # (V,)
+            token = sample(score - torch.logsumexp(score, dim=-1), spec.sampling, s.uniform)
+            decisions.append(Decision(s.seq_id, k, token))
+            return Onward.FINAL
+        if spec.rule == "score":
+            scores = rows.acc / rules.divisor(spec.weights, k, spec.alpha)  # (n, V)
+            logprobs, top = rules.token_logprobs(scores, list(s.targets), spec.top_n)
+            decisions.append(Decision(s.seq_id, k, logprobs=tuple(logprobs), top=tuple(map(tuple, top))))
+            return Onward.FINAL
+        if s.action == "draft":  # speculative: this stage's own distribution drafts the next token
+            decisions.append(Decision(s.seq_id, k, int(own[-1].argmax())))
+            if k == last:
+                held = self.held.get(s.seq_id)
+                kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
+                self.held[s.seq_id] = kept.kept() if held is None else held.then(kept)
+                return Onward.HELD
+            return Onward.PARK
+        return self._verify(s, spec, rows, decisions)
+
+    def _verify(self, s: SeqStep, spec: SeqSpec, rows: Rows, decisions: list) -> Onward:
+        """Speculative verification at the last stage: the full-PoE choice at the last committed
+        position and each drafted one; drafts kept up to the first disagreement, plus one token."""
+        held = self.held.pop(s.seq_id, None)
+        kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
+        rows = kept if held is None else held.then(kept)
+        scores = rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha)  # (k+1, V)
+        targets = scores.argmax(dim=-1).tolist()
+        drafts = rows.token_ids[len(rows) - len(targets) + 1 :].tolist()
+        accepted = rules.verify_drafts(targets, drafts)
+        decisions.append(Decision(s.seq_id, self.stage, targets[accepted], accepted))
+        return Onward.FINAL
