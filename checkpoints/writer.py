@@ -14,11 +14,11 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from tools.progress import Progress
 from coordinator.tokenizer import Tokenizer, byte_level_encoding
-from stage_workers.compute_thread import off_main_thread
 from stage_workers.checkpoint import INDEX_FILE, SINGLE_FILE, expected_shapes
+from stage_workers.compute_thread import off_main_thread
 from stage_workers.config import CONFIG_FILE, ModelConfig, config_from_dict
+from tools.progress import Progress
 
 PRESETS = {
     # unit tests: 8 layers in 4 stages, GQA, the backout layer inside stage 1

@@ -14,11 +14,6 @@ from pathlib import Path
 
 import torch
 
-from stage_workers.compute_thread import off_main_thread
-from stage_workers.config import ModelConfig, load_config
-from stage_workers.logop import combine, log_probs, normalize
-from stage_workers.worker import StageWorker, WorkerSpec
-
 from coordinator.core import requests as rq
 from coordinator.core.autoscaler import Autoscaler, AutoscalingConfig, StageSignals
 from coordinator.core.engine import Engine, EngineConfig
@@ -26,6 +21,10 @@ from coordinator.core.engine_loop import EngineLoop
 from coordinator.core.pipeline import Pipeline
 from coordinator.core.sequence import Sequence
 from coordinator.core.wand import bounds_from_gaps, exit_gaps
+from stage_workers.compute_thread import off_main_thread
+from stage_workers.config import ModelConfig, load_config
+from stage_workers.logop import combine, log_probs, normalize
+from stage_workers.worker import StageWorker, WorkerSpec
 
 
 class InProcessWorkers:

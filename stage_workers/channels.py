@@ -40,8 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .framing import (ChannelTimeout, Envelope, Interrupted, Packed, aligned, drain, layout, serialize,
-                      wait_for_message)
+from .framing import ChannelTimeout, Envelope, Interrupted, Packed, aligned, drain, layout, serialize, wait_for_message
 from .messages import decode
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())

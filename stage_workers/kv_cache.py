@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-
 PADDING = -1  # the sequence id of a padding row
 
 

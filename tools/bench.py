@@ -42,7 +42,6 @@ from stage_workers.config import load_config
 from tools.demo import CARD_SAMPLING
 from tools.progress import Progress
 
-
 CODE_PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
                 "class Stack:\n    def __init__(self):\n", "for i in range(10):\n")
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from coordinator.core.modes import MODES
 
 
-
 def default_checkpoint() -> Path:
     from checkpoints import DEFAULT_CHECKPOINT
 
@@ -109,8 +108,8 @@ def add_security_flags(p: argparse.ArgumentParser, server: bool) -> None:
 
 def connect(args):
     """A `PoEClient` for --server, with the bearer token and TLS flags."""
-    from tools.client import PoEClient
     from coordinator.serving.security import client_credentials
+    from tools.client import PoEClient
 
     tls = client_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
     return PoEClient(args.server, token=auth_token(args), credentials=tls)
@@ -189,9 +188,9 @@ def cmd_init_checkpoint(args) -> None:
 
 def cmd_serve(args) -> None:
     from coordinator import PoEModel
+    from coordinator.grpc_api.server import Server
     from coordinator.http_api.app import serve_http
     from coordinator.serving.security import ServerSecurity
-    from coordinator.grpc_api.server import Server
     from coordinator.serving.shutdown import shut_down, wait_for_signal
     from coordinator.tokenizer import load_tokenizer
 

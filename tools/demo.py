@@ -53,10 +53,10 @@ def render_table(rows: list[tuple[str, str, str, str]], widths=(28, 56, 22, 8)) 
 
 
 def run_demo(checkpoint: Path, config: str | None = None, prompt: str = DEMO_PROMPT, max_new_tokens: int = 40) -> None:
-    from tools.client import PoEClient
     from coordinator import PoEModel
     from coordinator.grpc_api.server import Server
     from coordinator.tokenizer import load_tokenizer
+    from tools.client import PoEClient
 
     started = time.perf_counter()
     print(f"starting a local Ray cluster with one worker per stage ({checkpoint})", file=sys.stderr)

@@ -27,16 +27,15 @@ import uuid
 import ray
 import torch
 
+from coordinator.core import requests as rq
+from coordinator.core.engine import Engine
+from coordinator.core.pipeline import Pipeline
+from coordinator.core.transport import ChannelTransport
+from coordinator.ray_cluster.cluster import CPU_WORKER_ENV, RayProcesses, RemoteWorker, StageActor, _data_slot_bytes
+from coordinator.serving_config import ServingConfig
 from stage_workers.channels import ShmChannel
 from stage_workers.config import config_from_dict
 from stage_workers.messages import Boundary, ExtendResult, Handoff, TrunkState, WorkerInfo
-
-from coordinator.core import requests as rq
-from coordinator.ray_cluster.cluster import CPU_WORKER_ENV, RayProcesses, RemoteWorker, StageActor, _data_slot_bytes
-from coordinator.core.engine import Engine
-from coordinator.core.pipeline import Pipeline
-from coordinator.serving_config import ServingConfig
-from coordinator.core.transport import ChannelTransport
 
 TRANSPORTS = ("channels", "plain", "plain_no_logits", "chained", "compiled")
 

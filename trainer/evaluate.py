@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from coordinator import PoEModel, load_tokenizer
+from stage_workers.config import CONFIG_FILE
 from stage_workers.decisions import wand_exits as clear_margins
 from stage_workers.decisions import wand_threshold
 from stage_workers.logop import combine, log_probs, normalize
-from stage_workers.config import CONFIG_FILE
 
 from .data import encode_documents, read_split
 

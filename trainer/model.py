@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage_workers.logop import combine, normalize
 from stage_workers.attention import sequence_attention
 from stage_workers.config import ModelConfig
+from stage_workers.logop import combine, normalize
 from stage_workers.trunk import Embedding, TrunkLayer, readout, rotary_tables, stage_logits
 
 

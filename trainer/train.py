@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from checkpoints.writer import save_checkpoint
-from tools.progress import Progress
 from stage_workers.config import config_from_dict
+from tools.progress import Progress
 
 from .data import encode_documents, read_split, train_tokenizer
 from .model import TrainablePoE

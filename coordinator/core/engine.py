@@ -14,13 +14,12 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, fields, replace
 
-from stage_workers.config import ModelConfig
-from stage_workers.messages import WorkerLost
-
 from coordinator.core.modes import make_decoder
 from coordinator.core.pipeline import Outcome, Pipeline, SeqPlan
 from coordinator.core.requests import GenerationRequest, LogitsRequest, ScoreRequest
 from coordinator.core.sequence import Sequence
+from stage_workers.config import ModelConfig
+from stage_workers.messages import WorkerLost
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Callers `submit` a request and read `RequestHandle.next_event()` (new tokens as they are
 committed, then the end); `abort` drops a request and frees its KV on every worker. Requests
 join the running batch between steps (continuous batching). If a step fails, only the requests
-in that step fail; the loop keeps serving. An optional `observer` (coordinator/serving/metrics.py) is
-told of each submit and step.
+in that step fail; the loop keeps serving. Its `observers` (coordinator/serving/metrics.py, one per
+front that counts) are told of each submit and step.
 
 If anything else the loop runs raises (scheduling, recovery from a lost worker), the engine's
 state is unknown, so the loop does not restart: it fails every request not yet ended (queued or
@@ -96,7 +96,7 @@ class EngineLoop:
         self._num_stages_down = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poe-engine-loop", daemon=True)
-        self.observer = None  # metrics (coordinator/serving/metrics.py): told of each submit and step; None: none
+        self.observers: list = []  # each told of every submit and step (coordinator/serving/metrics.py)
 
     def stop(self) -> None:
         """End the thread after its current step; requests not yet ended fail with EngineLoopDown."""
@@ -148,8 +148,8 @@ class EngineLoop:
                 raise QueueFull(f"server overloaded: {self.max_queue} requests already waiting; retry later")
             self._num_inbox_adds += 1
             self._outstanding.add(handle)
-            if self.observer is not None:
-                self.observer.on_submit(handle)  # before any event can reach the handle
+            for observer in self.observers:
+                observer.on_submit(handle)  # before any event can reach the handle
             self._inbox.put(("add", handle))
         self._ensure_started()
         return handle
@@ -167,11 +167,6 @@ class EngineLoop:
             self._inbox.put(("call", (fn, future)))
         self._ensure_started()
         return self.wait_for(lambda seconds: future.result(timeout=seconds))
-
-    @property
-    def alive(self) -> bool:
-        """Serving: not stopped, not died (readiness)."""
-        return self.failure() is None
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -268,8 +263,8 @@ class EngineLoop:
     def _step(self) -> None:
         started = time.perf_counter()
         seqs = self.engine.step()
-        if self.observer is not None:
-            self.observer.on_step(started, seqs)
+        for observer in self.observers:
+            observer.on_step(started, seqs)
         for seq in seqs:
             handle = self._handles.get(seq.seq_id)
             if handle is not None:

@@ -24,14 +24,13 @@ from typing import Callable
 
 import torch
 
+from coordinator.core import requests as rq
+from coordinator.core.pipeline import Outcome, SeqPlan
+from coordinator.core.requests import LogitsRequest, ScoreRequest
+from coordinator.core.sequence import Sequence
 from stage_workers.decisions import wand_threshold
 from stage_workers.messages import SeqSpec
 from stage_workers.sampling import draw_uniform, make_generator
-
-from coordinator.core.pipeline import Outcome, SeqPlan
-from coordinator.core import requests as rq
-from coordinator.core.requests import LogitsRequest, ScoreRequest
-from coordinator.core.sequence import Sequence
 
 
 def _weights(stages: tuple[int, ...], weights: tuple[float, ...], num_stages: int) -> tuple[float, ...]:

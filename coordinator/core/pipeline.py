@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stage_workers.messages import Decision, SeqSpec, SeqStep, StepPlan, StepResult
-from stage_workers.step_runner import takes_part
 from coordinator.core.replicas import StageReplicas
 from coordinator.core.sequence import Sequence
 from coordinator.core.transport import LocalTransport
+from stage_workers.messages import Decision, SeqSpec, SeqStep, StepPlan, StepResult
+from stage_workers.step_runner import takes_part
 
 
 class StepFailed(RuntimeError):

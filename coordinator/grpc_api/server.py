@@ -23,19 +23,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.core import requests as rq
+from coordinator.core.engine_loop import LIVENESS_POLL_S, EngineLoop, EngineLoopDown, QueueFull, RequestHandle
+from coordinator.grpc_api import wire
+from coordinator.grpc_api.admin import ADMIN_SERVICE_NAME, AdminServicer
+from coordinator.grpc_api.handler_errors import InternalErrors, abort_internal
+from coordinator.model import PoEModel
+from coordinator.serving.drain import Drain
+from coordinator.serving.readiness import not_ready
+from coordinator.serving.security import ServerSecurity
+from coordinator.tokenizer import Tokenizer
 from protos import poe_serving_pb2 as pb
 from protos import poe_serving_pb2_grpc as pb_grpc
 from stage_workers.messages import WorkerLost
-
-from coordinator.core import requests as rq
-from coordinator.grpc_api import wire
-from coordinator.grpc_api.admin import ADMIN_SERVICE_NAME, AdminServicer
-from coordinator.serving.drain import Drain
-from coordinator.core.engine_loop import LIVENESS_POLL_S, EngineLoop, EngineLoopDown, QueueFull, RequestHandle
-from coordinator.grpc_api.handler_errors import InternalErrors, abort_internal
-from coordinator.model import PoEModel
-from coordinator.serving.security import ServerSecurity
-from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger("poe_serve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name
@@ -231,15 +231,7 @@ class Server:
 
     def readiness_problem(self) -> str | None:
         """Why the server is not ready (health NOT_SERVING), or None when it serves every request."""
-        if self.admission.draining:
-            return "draining: the server is shutting down"
-        failure = self.loop.failure()
-        if failure is not None:
-            return str(failure)
-        down = self.model.stages_down()
-        if down:
-            return f"stage(s) {down} down: a lost worker was not restarted"
-        return None
+        return not_ready(self.admission.draining, self.loop, self.model)
 
     def update_health(self) -> None:
         """Set the health of the PoEServing service and of the server ("") from readiness_problem()."""

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 import torch
 from google.protobuf.message import DecodeError
 
-from protos import poe_serving_pb2 as pb
-from stage_workers.config import ModelConfig
-from stage_workers.sampling import SamplingParams
-
 from coordinator.core import requests as rq
 from coordinator.core.modes import MODES
 from coordinator.core.sequence import Sequence
 from coordinator.tokenizer import Tokenizer
+from protos import poe_serving_pb2 as pb
+from stage_workers.config import ModelConfig
+from stage_workers.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 16
 

@@ -36,18 +36,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from stage_workers.messages import WorkerLost
-
 from coordinator.core import requests as rq
-from coordinator.grpc_api import wire
-from coordinator.serving.drain import Drain
 from coordinator.core.engine_loop import EngineLoop, Event, QueueFull, RequestHandle
 from coordinator.core.modes import MODES
+from coordinator.grpc_api import wire
 from coordinator.http_api.schema import Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage
-from coordinator.http_api.wire import BadRequest, ChoiceText, CompletionPlan, completion_plan, from_validation_errors, logprobs_of
+from coordinator.http_api.wire import (
+    BadRequest,
+    ChoiceText,
+    CompletionPlan,
+    completion_plan,
+    from_validation_errors,
+    logprobs_of,
+)
+from coordinator.serving.drain import Drain
 from coordinator.serving.metrics import Metrics
+from coordinator.serving.readiness import not_ready
 from coordinator.serving.security import ServerSecurity
 from coordinator.tokenizer import Tokenizer
+from stage_workers.messages import WorkerLost
 
 THREAD_HEADROOM = 16  # event-reading threads beyond running + queued sequences
 PROBE_PATHS = ("/health", "/ready")  # answered without the bearer token
@@ -161,13 +168,8 @@ class Front:
                                              + THREAD_HEADROOM)
 
     def not_ready(self) -> str | None:
-        """Why new requests would not all be served (draining, the engine loop down, a stage down), or None."""
-        if self.drain.draining:
-            return "draining: the server is shutting down"
-        if not self.loop.alive:
-            return "the engine loop is not running"
-        down = self.model.stages_down()
-        return f"stages {down} have no live worker" if down else None
+        """Why new requests would not all be served, or None (coordinator/serving/readiness.py)."""
+        return not_ready(self.drain.draining, self.loop, self.model)
 
     def check_ready(self) -> None:
         """503 unless ready (readiness)."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from stage_workers.config import ModelConfig
-from stage_workers.sampling import SamplingParams
-
 from coordinator.core import requests as rq
 from coordinator.core.modes import MODES
 from coordinator.grpc_api import wire
 from coordinator.http_api.schema import CompletionRequest, Logprobs
 from coordinator.tokenizer import Tokenizer
+from stage_workers.config import ModelConfig
+from stage_workers.sampling import SamplingParams
 
 NEUTRAL = {"best_of": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
            "logit_bias": (None, {}), "suffix": (None,)}  # OpenAI fields served only at these values

@@ -26,15 +26,14 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from coordinator.core.transport import ChannelTransport
+from coordinator.serving_config import ServingConfig, StagePlacement, load_serving_config
 from stage_workers.channels import open_channel
 from stage_workers.compute_thread import compute_here, off_main_thread
 from stage_workers.config import load_config
 from stage_workers.messages import Edge, Rewire, WorkerInfo
 from stage_workers.step_runner import StageRunner, serve_forever
 from stage_workers.worker import StageWorker, WorkerSpec
-
-from coordinator.core.transport import ChannelTransport
-from coordinator.serving_config import ServingConfig, StagePlacement, load_serving_config
 
 PLACEMENT_TIMEOUT_S = 120
 NODE_START_TIMEOUT_S = 600  # with cluster_autoscaling: how long a new replica may wait for Ray to add a node

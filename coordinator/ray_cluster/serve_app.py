@@ -25,11 +25,11 @@ from ray import serve
 from ray.serve import Application
 
 from coordinator import PoEModel
-from coordinator.serving.drain import Drain
+from coordinator.grpc_api.server import Server
 from coordinator.http_api.app import Front, build_app
+from coordinator.serving.drain import Drain
 from coordinator.serving.metrics import Metrics
 from coordinator.serving.security import ServerSecurity
-from coordinator.grpc_api.server import Server
 from coordinator.tokenizer import Tokenizer, load_tokenizer
 
 

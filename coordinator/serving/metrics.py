@@ -1,6 +1,6 @@
 """Prometheus metrics of one engine loop: vLLM's, named `poe:` where vLLM says `vllm:`, and PoE's own.
 
-`Metrics(model, model_name)` owns a registry; `attach(loop)` makes it the loop's observer, so it
+`Metrics(model, model_name)` owns a registry; `attach(loop)` makes it one of the loop's observers, so it
 counts every request the loop serves, whoever sent it (gRPC, HTTP, Python). It wraps each
 request's event queue as it is submitted and counts what the caller is told, as the loop puts it:
 every way the loop ends a request is counted, whichever code path ends it. Each step tells it
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from coordinator.core.engine_loop import Event, EngineLoop, RequestHandle
+from coordinator.core.engine_loop import EngineLoop, Event, RequestHandle
 
 log = logging.getLogger("poe_serve.metrics")
 
@@ -77,8 +77,8 @@ class Metrics:
         self._lock = threading.Lock()
 
     def attach(self, loop: EngineLoop) -> None:
-        assert loop.observer in (None, self), "an engine loop has one Metrics"
-        loop.observer = self
+        if self not in loop.observers:
+            loop.observers.append(self)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""
