@@ -20,6 +20,7 @@ from coordinator.core.engine import EngineConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local-cpu.yaml"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # a request's bytes, on gRPC and HTTP: larger is refused before it is parsed
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ServingConfig:
     placement_strategy: str = "PACK"
     engine: EngineConfig = EngineConfig()  # the engine's limits: top-level keys of the YAML (max_num_seqs, ...)
     max_queue: int = 256  # requests waiting for KV room before RESOURCE_EXHAUSTED
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # one request's bytes (gRPC message, HTTP body) at most
     max_worker_restarts: int = 3  # Ray restarts of a lost worker process (Ray's max_restarts)
     step_timeout_s: float = 300.0  # a worker silent this long in a step is stuck: killed and restarted
     transport: str = "auto"  # channels: auto (shared memory on one node and device, else torch.distributed) | shm | dist
@@ -100,7 +102,7 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
     engine_keys = tuple(f.name for f in fields(EngineConfig))
-    limit_keys = ("max_queue", "max_worker_restarts")
+    limit_keys = ("max_queue", "max_worker_restarts", "max_request_bytes")
     known = {"stages", "defaults", "placement_strategy", "step_timeout_s", "transport", "cluster_autoscaling",
              *limit_keys, *engine_keys}
     unknown = sorted(set(raw) - known)

@@ -20,7 +20,7 @@ if [ ! -f "$CKPT/config.json" ]; then
     poe-serve init-checkpoint "$CKPT" --preset 1.5b
 fi
 echo "gpu-check: 3/3 poe-serve bench, 1.5b, bf16, one GPU"
-poe-serve bench --checkpoint "$CKPT" --config cluster_configs/one-gpu.yaml --device cuda --dtype bfloat16 \
+poe-serve bench --checkpoint "$CKPT" --config cluster_configs/one-gpu.yaml --device cuda --dtype bf16 \
     --sections floor,single_stream,transport,concurrency --concurrency 1,16,64 --new-tokens 32 \
     --json "$OUT/1.5b-gpu.json"
 python3 - "$OUT/1.5b-gpu.json" <<'PY'

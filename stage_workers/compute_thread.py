@@ -52,7 +52,7 @@ def off_main_thread(fn: Callable[..., T], *args, **kwargs) -> T:
 # one thread. Measured on 2 cores (small preset, width 256, in one process): one thread decodes as
 # fast as two up to batch 4 (1M MACs in the MLP's matmuls), two are 1.13-1.4x faster from batch 8
 # (2M). In a cluster of four CPU workers, one thread for those steps made single-stream decode
-# 1.28x faster on average, and steadier (README, Benchmarks).
+# 1.28x faster on average, and steadier (docs/benchmarks.md).
 PARALLEL_MIN_MACS = 1_500_000
 
 

@@ -150,3 +150,35 @@ def test_ray_job_submit_serves_generate_and_stops(ray_head, tiny_dir, tiny_model
     logs = ray_head.jobs.get_job_logs(job_id)
     assert ray_head.jobs.get_job_status(job_id) == JobStatus.STOPPED, logs
     assert "poe-serve: stopped" in logs, f"the server did not shut down cleanly:\n{logs}"
+
+
+def docs_block(page: Path, marker: str) -> str:
+    """The fenced block right after the `<!-- tested: ... -->` marker line on a docs page."""
+    text = page.read_text()
+    after = text[text.index(f"<!-- tested: {marker}"):]
+    start = after.index("```bash\n") + len("```bash\n")
+    return after[start : after.index("\n```", start)]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_docs_ray_job_block_works_as_pasted_twice_in_a_row(tmp_path):
+    """docs/serving.md's block in a fresh home directory (no ~/.ray/auth_token yet), then again:
+    token auth, readiness, a new submission id, and stopping its own head only."""
+    block = docs_block(REPO / "docs" / "serving.md", "the Ray job block")
+    busy = [port for port in (6379, 8265, 50051) if port_in_use(port)]
+    if busy:
+        pytest.skip(f"the block uses Ray's and poe-serve's default ports, and {busy} are in use on this machine")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env |= {"HOME": str(tmp_path), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for run in (1, 2):
+        done = subprocess.run(["bash", "-e", "-c", block], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=STARTUP_TIMEOUT_S + 2 * STOP_TIMEOUT_S)
+        shown = f"run {run}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, shown
+        assert "SERVING" in done.stdout and "16 tokens" in done.stderr and "poe-serve: serving" in done.stdout, shown
+    assert (tmp_path / ".ray" / "auth_token").is_file(), "the first run made the token the second one used"
+    assert not port_in_use(8265) and not port_in_use(50051), "the block stopped its head and the server"

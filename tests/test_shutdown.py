@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -187,3 +188,90 @@ def test_the_shutdown_timeout_must_be_positive_seconds(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--shutdown-timeout", value])
     assert exit_info.value.code == 2 and "--shutdown-timeout" in capsys.readouterr().err
+
+
+SECOND_SIGNAL_SCRIPT = """
+import os, signal, sys, threading, time
+from coordinator.serving.shutdown import interruptible_startup, release_after_interrupt, wait_for_signal
+
+def signal_soon(sig):
+    threading.Timer(0.3, os.kill, (os.getpid(), sig)).start()
+
+if sys.argv[1] == "draining":
+    signal_soon(signal.SIGTERM)
+    print(wait_for_signal(), flush=True)
+    signal_soon(signal.SIGINT)
+    time.sleep(60)  # a drain that would take long
+else:
+    signal_soon(signal.SIGINT)
+    try:
+        with interruptible_startup(50):
+            time.sleep(60)  # a start that takes long (Ray, loading the workers)
+    except KeyboardInterrupt:
+        signal_soon(signal.SIGINT)
+        release_after_interrupt(lambda: time.sleep(60))  # a release that hangs: the second Ctrl-C ends it
+"""
+
+
+@pytest.mark.parametrize("phase", ["starting", "draining"])
+def test_a_second_signal_exits_at_once_saying_so(phase):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL_SCRIPT, phase], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 130 and "second SIGINT: exiting at once" in done.stderr, done.stderr
+    assert time.monotonic() - started < 15, "not the drain's or the release's minute"
+    assert "Traceback" not in done.stderr
+    if phase == "starting":
+        assert "interrupted while starting" in done.stderr
+
+
+def serve_command(*flags: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "tools.cli", "serve", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_busy_port_is_one_line_and_exit_2_before_anything_starts(tiny_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = serve_command("--checkpoint", str(tiny_dir), "--port", str(port))
+    assert done.returncode == 2 and time.monotonic() - started < 20, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"poe-serve serve: error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "allowed: a free port, or 0 for any"]
+
+
+def test_an_unreachable_ray_address_is_one_line_and_exit_2_within_seconds(tiny_dir):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        started = time.monotonic()
+        done = serve_command("--checkpoint", str(tiny_dir), "--port", "0", "--address", f"127.0.0.1:{port}")
+    assert done.returncode == 2 and time.monotonic() - started < 20, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"poe-serve serve: error: no Ray cluster answers at 127.0.0.1:{port}"), line
+
+
+def test_ctrl_c_while_starting_releases_ray_and_exits_130_without_a_traceback(tiny_dir):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--checkpoint", str(tiny_dir), "--port", "0",
+                             "--shutdown-timeout", "20"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(session_processes(proc.pid)) < 3:  # Ray's GCS and raylet are up: the start is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20 + 30)
+        took = time.monotonic() - signalled
+    finally:
+        for pid in session_processes(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130 and took <= 20 + MARGIN_S, out
+    assert "interrupted while starting" in out and "Traceback" not in out and "Segmentation" not in out, out
+    assert wait_until_gone(proc.pid) == [], "Ray's processes were released"

@@ -23,10 +23,7 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
     stage, stages, stage_weights, safety, p99_bounds, draft_stage, k_draft); None is unset."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
-    names = {a.name for a in MODES[mode].args}
-    stray = sorted(k for k, v in mode_args.items() if v is not None and k not in names)
-    if stray:
-        raise ValueError(f"{stray[0]} is not an argument of mode {mode!r}; allowed: {', '.join(sorted(names)) or 'none'}")
+    MODES[mode].check_names(mode_args)
     request = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids or [])
     if token_ids is not None:
         request.token_ids.ids.extend(token_ids)

@@ -183,6 +183,7 @@ class ModeArg:
     help: str
     default: object = None  # taken when unset; None: the argument has no default
     many: bool = False
+    required: bool = False  # unset is an error (no default makes sense)
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,21 @@ class ModeInfo:
     statistic: str | None = None  # what it reports besides tokens: "stages_used" or "acceptance"
     example: Callable[[int], dict] = lambda num_stages: {}  # arguments the demo and bench show, for K stages
 
+    def check_names(self, values: dict) -> None:
+        """Refuse a value given for an argument of another mode (None counts as not given)."""
+        own = [a.name for a in self.args]
+        stray = sorted(k for k, v in values.items() if v is not None and k not in own)
+        if stray:
+            raise ValueError(f"{stray[0]} is not an argument of mode {self.name}; allowed: "
+                             f"{', '.join(own) or 'no mode arguments'}")
+
     def mode(self, config, values: dict):
-        """The validated mode from `values` (argument name -> value; None or absent: the default)."""
+        """The validated mode from `values` (argument name -> value; None or absent: the default;
+        a value for another mode's argument is an error)."""
+        self.check_names(values)
+        missing = [a for a in self.args if a.required and values.get(a.name) is None]
+        if missing:
+            raise ValueError(f"{missing[0].name}: required by mode {self.name}; allowed: {missing[0].help}")
         args = {a.name: a.default if values.get(a.name) is None else values[a.name] for a in self.args}
         return self.build(config, **args)
 
@@ -205,13 +219,13 @@ class ModeInfo:
 MODES: dict[str, ModeInfo] = {m.name: m for m in (
     ModeInfo("full", "every stage, Log-OP with equal weights", (), rq.full_mode, CompositionDecoder, samples=True),
     ModeInfo("prefix", "stages 0..max_stages-1 (a pruned model)",
-             (ModeArg("max_stages", int, "stages used, from the first: an integer 1..K"),),
+             (ModeArg("max_stages", int, "stages used, from the first: an integer 1..K", required=True),),
              rq.prefix_mode, CompositionDecoder, samples=True, example=lambda K: {"max_stages": max(K - 1, 1)}),
     ModeInfo("stage", "one stage's own head (a drafter)",
-             (ModeArg("stage", int, "the stage index 0..K-1"),),
+             (ModeArg("stage", int, "the stage index: an integer 0..K-1", required=True),),
              rq.stage_mode, CompositionDecoder, samples=True, example=lambda K: {"stage": 0}),
     ModeInfo("composition", "a weighted Log-OP of chosen stages",
-             (ModeArg("stages", int, "stage indices", many=True),
+             (ModeArg("stages", int, "stage indices 0..K-1", many=True, required=True),
               ModeArg("stage_weights", float, "weights > 0, one per stage (default: all 1)", many=True)),
              rq.composition_mode, CompositionDecoder, samples=True,
              example=lambda K: {"stages": [0, K - 1], "stage_weights": [0.5, 1.0]}),
@@ -226,6 +240,9 @@ MODES: dict[str, ModeInfo] = {m.name: m for m in (
              rq.speculative_mode, SpeculativeDecoder, statistic="acceptance",
              example=lambda K: {"draft_stage": 0, "k_draft": 3}),
 )}
+
+
+ARG_NAMES = tuple(a.name for m in MODES.values() for a in m.args)  # every mode's arguments
 
 
 def make_decoder(request, num_stages: int, alpha: float):

@@ -137,9 +137,20 @@ def check_max_new_tokens(config: ModelConfig, prompt_len: int, max_new_tokens) -
     return max_new_tokens
 
 
-def check_sampling(do_sample: bool, temperature, top_k, top_p, seed) -> SamplingParams | None:
+def check_sampling(do_sample: bool, temperature, top_k, top_p, seed, switch: str = "do_sample=True"
+                   ) -> SamplingParams | None:
+    """Sampling parameters, or None (greedy). With sampling off, a sampling parameter that is set
+    (a temperature other than the card's default 1.0, top_k, top_p or a seed) is an error rather than
+    silently ignored; `switch` names what turns sampling on, for the message."""
     if not do_sample:
+        given = [(name, value) for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                                   ("seed", seed)) if value is not None and (name, value) != ("temperature", 1.0)]
+        if given:
+            name, value = given[0]
+            raise ValueError(f"{name}={value!r} is set but sampling is off; allowed: {switch} to sample, "
+                             f"or {name} unset for greedy decoding")
         return None
+    temperature = 1.0 if temperature is None else temperature
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < MIN_SCALE:
         raise ValueError(f"temperature={temperature!r} is invalid; allowed: a finite number >= {MIN_SCALE:g}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):

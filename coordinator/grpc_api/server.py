@@ -1,8 +1,8 @@
 """The gRPC front: a thin `PoEServing` servicer over an `EngineLoop`, plus health and reflection.
 
 Every RPC parses and validates its message (bytes that do not parse, a message over
-MAX_MESSAGE_BYTES, or bad arguments -> INVALID_ARGUMENT naming the field; only one over
-TRANSPORT_MAX_BYTES is RESOURCE_EXHAUSTED from gRPC itself, before any handler), submits to the shared engine loop (a full queue ->
+its max_request_bytes, or bad arguments -> INVALID_ARGUMENT naming the field; only one over
+TRANSPORT_LIMIT times that is RESOURCE_EXHAUSTED from gRPC itself, before any handler), submits to the shared engine loop (a full queue ->
 RESOURCE_EXHAUSTED), and waits for its events. A client that goes away or runs out of deadline
 has its sequence aborted, freeing its KV. Anything unexpected is INTERNAL with a request id
 (coordinator/grpc_api/handler_errors.py). Health is SERVING only while the server admits requests, its
@@ -32,6 +32,7 @@ from coordinator.model import PoEModel
 from coordinator.serving.drain import Drain
 from coordinator.serving.readiness import not_ready
 from coordinator.serving.security import ServerSecurity
+from coordinator.serving_config import DEFAULT_MAX_REQUEST_BYTES
 from coordinator.tokenizer import Tokenizer
 from protos import poe_serving_pb2 as pb
 from protos import poe_serving_pb2_grpc as pb_grpc
@@ -40,8 +41,7 @@ from stage_workers.messages import WorkerLost
 log = logging.getLogger("poe_serve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name
 REQUEST_TYPES = {m.name: getattr(pb, m.input_type.name) for m in pb.DESCRIPTOR.services_by_name["PoEServing"].methods}
-MAX_MESSAGE_BYTES = 4 << 20  # the API's request limit: larger is INVALID_ARGUMENT naming the field
-TRANSPORT_MAX_BYTES = 4 * MAX_MESSAGE_BYTES  # gRPC's own limit: larger is RESOURCE_EXHAUSTED before any handler
+TRANSPORT_LIMIT = 4  # gRPC's own limit, in request limits: larger is RESOURCE_EXHAUSTED before any handler
 HANDLER_HEADROOM = 16  # handler threads beyond running + queued requests: health checks, quick refusals
 
 
@@ -169,7 +169,11 @@ class PoEServicer(pb_grpc.PoEServingServicer):
 
 class ParseRequests(grpc.ServerInterceptor):
     """PoEServing requests are parsed here, not by gRPC, so that bytes which do not parse (a
-    prompt that is not UTF-8) are INVALID_ARGUMENT naming the field rather than INTERNAL."""
+    prompt that is not UTF-8) or more than `max_bytes` of them are INVALID_ARGUMENT naming the
+    field rather than INTERNAL or RESOURCE_EXHAUSTED."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -177,7 +181,7 @@ class ParseRequests(grpc.ServerInterceptor):
         if handler is None or handler.request_deserializer is None or service != SERVICE_NAME:
             return handler
         assert not handler.request_streaming, f"{method}: streaming requests are not parsed here"
-        parse = functools.partial(wire.parse_request, REQUEST_TYPES[method], max_bytes=MAX_MESSAGE_BYTES)
+        parse = functools.partial(wire.parse_request, REQUEST_TYPES[method], max_bytes=self.max_bytes)
 
         def checked(behaviour):
             def run(request, context):
@@ -196,7 +200,8 @@ class Server:
     """A running gRPC server over a model; `drain()` lets the requests in flight finish, `stop()` does not."""
 
     def __init__(self, model: PoEModel, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 50051,
-                 max_workers: int | None = None, max_queue: int = 256, security: ServerSecurity = ServerSecurity()):
+                 max_workers: int | None = None, max_queue: int = 256, security: ServerSecurity = ServerSecurity(),
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.model, self.loop = model, model.loop
         self.loop.max_queue = max_queue
         self.admission = Drain()
@@ -204,10 +209,10 @@ class Server:
         # the queue and some room (health checks, refusals); past it gRPC answers RESOURCE_EXHAUSTED
         # rather than holding calls in an unbounded backlog that health checks would wait behind.
         max_workers = max_workers or model.engine.engine_config.max_num_seqs + max_queue + HANDLER_HEADROOM
-        options = [("grpc.max_receive_message_length", TRANSPORT_MAX_BYTES),
+        options = [("grpc.max_receive_message_length", TRANSPORT_LIMIT * max_request_bytes),
                    ("grpc.max_send_message_length", 64 << 20)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                                interceptors=[*security.interceptors(), InternalErrors(), ParseRequests()],
+                                interceptors=[*security.interceptors(), InternalErrors(), ParseRequests(max_request_bytes)],
                                 maximum_concurrent_rpcs=max_workers)
         pb_grpc.add_PoEServingServicer_to_server(PoEServicer(model, tokenizer, self.loop, self.admission), self.grpc)
         pb_grpc.add_PoEAdminServicer_to_server(AdminServicer(model), self.grpc)

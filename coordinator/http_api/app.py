@@ -53,6 +53,7 @@ from coordinator.serving.drain import Drain
 from coordinator.serving.metrics import Metrics
 from coordinator.serving.readiness import not_ready
 from coordinator.serving.security import ServerSecurity
+from coordinator.serving_config import DEFAULT_MAX_REQUEST_BYTES
 from coordinator.tokenizer import Tokenizer
 from stage_workers.messages import WorkerLost
 
@@ -123,6 +124,44 @@ class BearerToken:
                                  "invalid bearer token", "authentication_error", code="invalid_api_key")
                 return await error.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused (413) before it is parsed or
+    tokenized: by its Content-Length when given, else as its chunks arrive."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(int(length))(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge as exc:
+            await self._refuse(exc.args[0], "at least ")(scope, receive, send)
+
+    def _refuse(self, size: int, at_least: str = "") -> JSONResponse:
+        return ApiError(413, f"request body: {at_least}{size:,} bytes; allowed: at most {self.max_bytes:,} "
+                        "(max_request_bytes in the serving config)", "invalid_request_error",
+                        code="request_too_large").response()
+
+
+class _TooLarge(Exception):
+    """A streamed body grew past the limit."""
 
 
 class Admission:
@@ -352,9 +391,10 @@ class Front:
 
 
 # ---- the app and its server --------------------------------------------------------------------
-def build_app(front: Front, metrics: Metrics, token: str | None, api: bool = True) -> FastAPI:
+def build_app(front: Front, metrics: Metrics, token: str | None, api: bool = True,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The ASGI app: the OpenAI routes, health and readiness (with `api`), and /metrics; the
-    completions admitted through `front.drain`."""
+    completions admitted through `front.drain`, their bodies at most `max_request_bytes`."""
     app = FastAPI(title="poe-serve", openapi_url="/openapi.json" if api else None, docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -366,12 +406,25 @@ def build_app(front: Front, metrics: Metrics, token: str | None, api: bool = Tru
         return bad_request(exc).response()
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(_request, exc: RequestValidationError):
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and not content_type.startswith("application/json"):
+            sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+            return bad_request(BadRequest(None, f"request body: sent with {sent}; allowed: a JSON object "
+                                                "with 'Content-Type: application/json'")).response()
         return bad_request(from_validation_errors(exc.errors())).response()
 
     @app.exception_handler(HTTPException)
-    async def on_http(_request, exc: HTTPException):  # unknown routes and methods
-        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+    async def on_http(_request, exc: HTTPException):  # unknown routes and methods; a body that is not text
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "request body: not valid JSON text (UTF-8); allowed: a JSON object in UTF-8"
+        return ApiError(exc.status_code, message, "invalid_request_error").response()
+
+    @app.api_route("/v1/chat/completions", methods=["GET", "POST"])
+    async def chat():
+        raise ApiError(404, "/v1/chat/completions: this is a base model with no chat template; allowed: "
+                       "POST /v1/completions with a prompt", "invalid_request_error", code="chat_not_supported")
 
     @app.exception_handler(Exception)
     async def on_bug(_request, exc: Exception):
@@ -387,6 +440,7 @@ def build_app(front: Front, metrics: Metrics, token: str | None, api: bool = Tru
         app.get("/v1/models")(front.models)
         app.post("/v1/completions", response_model=None)(front.completions)
     app.add_middleware(Admission, drain=front.drain)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     if token:  # added last, so it runs first: no answer, not even 503, without the token
         app.add_middleware(BearerToken, token=token)
     return app
@@ -408,10 +462,11 @@ class HttpServer:
 
     def __init__(self, model, tokenizer: Tokenizer, host: str = "127.0.0.1", port: int = 8000,
                  security: ServerSecurity = ServerSecurity(), model_name: str = "poe", api: bool = True,
-                 grace: float = 5.0, drain: Drain | None = None):
+                 grace: float = 5.0, drain: Drain | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.metrics = Metrics(model, model_name)
         front = Front(model, tokenizer, model_name, self.metrics, drain or Drain())
-        config = uvicorn.Config(build_app(front, self.metrics, security.token, api), log_level="warning",
+        app = build_app(front, self.metrics, security.token, api, max_request_bytes)
+        config = uvicorn.Config(app, log_level="warning",
                                 lifespan="off", timeout_graceful_shutdown=grace, **_ssl_options(security))
         config.load()  # reads the TLS files now, so a bad one fails here rather than in the server's thread
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
@@ -438,7 +493,8 @@ class HttpServer:
 
 
 def serve_http(model, tokenizer: Tokenizer, host: str, http_port: int | None, metrics_port: int | None,
-               security: ServerSecurity, model_name: str, drain: Drain | None = None) -> HttpServer | None:
+               security: ServerSecurity, model_name: str, drain: Drain | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> HttpServer | None:
     """`poe-serve serve`'s HTTP side: with `http_port`, the OpenAI API and /metrics there; else
     with `metrics_port`, /metrics alone; else nothing. Give at most one port. `drain`: the gRPC
     server's, so that SIGTERM drains both."""
@@ -446,4 +502,4 @@ def serve_http(model, tokenizer: Tokenizer, host: str, http_port: int | None, me
     if http_port is None and metrics_port is None:
         return None
     return HttpServer(model, tokenizer, host, metrics_port if http_port is None else http_port, security,
-                      model_name, api=http_port is not None, drain=drain)
+                      model_name, api=http_port is not None, drain=drain, max_request_bytes=max_request_bytes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from coordinator.core import requests as rq
-from coordinator.core.modes import MODES
+from coordinator.core.modes import ARG_NAMES, MODES
 from coordinator.grpc_api import wire
 from coordinator.http_api.schema import CompletionRequest, Logprobs
 from coordinator.tokenizer import Tokenizer
@@ -38,7 +38,8 @@ def checked(param: str, check, *args, also: tuple[str, ...] = ()):
         return check(*args)
     except ValueError as exc:
         message = str(exc)
-        raise BadRequest(next((p for p in also if message.startswith(p)), param), message) from None
+        named = sorted((p for p in also if message.startswith(p)), key=len)  # the longest: stages, not stage
+        raise BadRequest(named[-1] if named else param, message) from None
 
 
 def allowed(field: str) -> str:
@@ -51,13 +52,14 @@ def from_validation_errors(errors) -> BadRequest:
     error = errors[0]
     loc = [part for part in error["loc"] if part != "body"]
     if error["type"] == "json_invalid":
-        return BadRequest(None, f"request body: not valid JSON ({error['msg']})")
+        return BadRequest(None, f"request body: not valid JSON ({error['msg']}); allowed: a JSON object of "
+                                "completion fields, in UTF-8")
     if not loc or loc[0] not in CompletionRequest.model_fields and error["type"] != "extra_forbidden":
         return BadRequest(None, f"request body: {error['msg']}; allowed: a JSON object of completion fields")
     field, path = str(loc[0]), ".".join(map(str, loc))
     if error["type"] == "extra_forbidden":
         return BadRequest(field, f"{path}: unknown field; allowed: OpenAI's completion fields and poe-serve's "
-                                 "extra fields (README, HTTP API)")
+                                 "extra fields (docs/http.md)")
     if error["type"] == "missing":
         return BadRequest(field, f"{field}: required; allowed: {allowed(field)}")
     shown = repr(error.get("input"))
@@ -137,14 +139,8 @@ def mode_of(body: CompletionRequest, config: ModelConfig) -> rq.Mode:
     """`poe_mode` through its MODES entry, its arguments read from the fields of the same names; a
     field of another mode is refused."""
     info = MODES[body.poe_mode]
-    for other in MODES.values():
-        for arg in other.args:
-            if other is not info and getattr(body, arg.name) is not None:
-                raise BadRequest(arg.name, f"{arg.name} is for poe_mode={other.name!r}, not {body.poe_mode!r}; "
-                                           "allowed: unset")
-    names = tuple(a.name for a in info.args)
-    values = {name: getattr(body, name) for name in names}
-    return checked(names[0] if names else "poe_mode", info.mode, config, values, also=names)
+    values = {name: getattr(body, name) for name in ARG_NAMES}
+    return checked(info.args[0].name if info.args else "poe_mode", info.mode, config, values, also=ARG_NAMES)
 
 
 def sampling_of(body: CompletionRequest, mode: rq.Mode) -> SamplingParams | None:

@@ -38,6 +38,7 @@ from stage_workers.worker import StageWorker, WorkerSpec
 PLACEMENT_TIMEOUT_S = 120
 NODE_START_TIMEOUT_S = 600  # with cluster_autoscaling: how long a new replica may wait for Ray to add a node
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
+CONNECT_TIMEOUT_S = 5.0  # a Ray address that accepts no connection within this is refused at once
 SIGNALS_TIMEOUT_S = 5.0  # load signals (busy time) not read within this are skipped this round
 ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on the others
 # OpenMP threads spin only briefly (about 30k spins) after a parallel region before they sleep:
@@ -325,28 +326,52 @@ def launch(model_class, checkpoint: str | Path, config: str | Path | ServingConf
     serving.check_num_stages(model_config.num_stages)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+        check_reachable(address)
+        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING",
                  log_to_driver=False, configure_logging=True)
-    bundle_stages = [k for k in range(model_config.num_stages) for _ in range(serving.placement(k).replicas)]
-    group = _reserve([_bundle(serving.placement(k)) for k in bundle_stages], serving.placement_strategy)
-    dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
-    replicas: list[list[Replica]] = [[] for _ in range(model_config.num_stages)]
-    for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
-        replicas[k].append(Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, k, group, i),
-                                   group, i, False))
-    transport = ChannelTransport(RayProcesses(), serving.step_timeout_s, _data_slot_bytes(model_config, serving),
-                                 serving.transport)
-    cluster = RayCluster(serving, checkpoint, model_config.num_stages, dtype, owns_ray, group, replicas, transport)
-    scaled = {k: serving.placement(k).autoscaling for k in range(model_config.num_stages)
-              if serving.placement(k).autoscaling is not None}
+    group, replicas, transport = None, [[] for _ in range(model_config.num_stages)], None
     try:
+        bundle_stages = [k for k in range(model_config.num_stages) for _ in range(serving.placement(k).replicas)]
+        group = _reserve([_bundle(serving.placement(k)) for k in bundle_stages], serving.placement_strategy)
+        dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
+        for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
+            replicas[k].append(Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, k, group, i),
+                                       group, i, False))
+        transport = ChannelTransport(RayProcesses(), serving.step_timeout_s, _data_slot_bytes(model_config, serving),
+                                     serving.transport)
+        cluster = RayCluster(serving, checkpoint, model_config.num_stages, dtype, owns_ray, group, replicas, transport)
+        scaled = {k: serving.placement(k).autoscaling for k in range(model_config.num_stages)
+                  if serving.placement(k).autoscaling is not None}
         return model_class(model_config, cluster, serving.engine, scaled)
-    except (ray.exceptions.RayActorError, RuntimeError) as exc:
-        transport.close()
+    except BaseException as exc:  # a worker that failed to start, or an interrupt: release what started
+        if transport is not None:
+            transport.close()
         for r in (r for rs in replicas for r in rs):
             ray.kill(r.actor)
-        remove_placement_group(group)
-        raise RuntimeError(f"a stage worker failed to start: {exc}") from None
+        if group is not None:
+            remove_placement_group(group)
+        if owns_ray:
+            ray.shutdown()
+        if isinstance(exc, (ray.exceptions.RayActorError, RuntimeError)):
+            raise RuntimeError(f"a stage worker failed to start: {exc}") from None
+        raise
+
+
+def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A ValueError, within `timeout`, when `address` (HOST:PORT of a Ray head's GCS) does not accept
+    a connection: Ray itself would retry for minutes. None, "auto", "local" and ray:// go to Ray."""
+    import socket
+
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise ValueError(f"no Ray cluster answers at {address} (--address or RAY_ADDRESS): {reason}; allowed: "
+                         "the HOST:PORT of a running Ray head (`ray start --head` prints it), or unset to "
+                         "start a local Ray") from None
 
 
 def _start_actor(checkpoint: str, serving: ServingConfig, num_stages: int, dtype: str | None, stage: int, group,

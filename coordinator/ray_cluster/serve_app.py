@@ -30,6 +30,7 @@ from coordinator.http_api.app import Front, build_app
 from coordinator.serving.drain import Drain
 from coordinator.serving.metrics import Metrics
 from coordinator.serving.security import ServerSecurity
+from coordinator.serving_config import DEFAULT_MAX_REQUEST_BYTES
 from coordinator.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -60,11 +61,12 @@ class Coordinator:
     with a gRPC port, the gRPC server; one drain for both."""
 
     def __init__(self, model, tokenizer: Tokenizer, model_name: str, security: ServerSecurity = ServerSecurity(),
-                 grpc_port: int | None = None, grpc_host: str = "0.0.0.0", max_queue: int = 256):
-        self.model, self.token = model, security.token
+                 grpc_port: int | None = None, grpc_host: str = "0.0.0.0", max_queue: int = 256,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.model, self.token, self.max_request_bytes = model, security.token, max_request_bytes
         model.loop.max_queue = max_queue
-        self.grpc = None if grpc_port is None else Server(model, tokenizer, grpc_host, grpc_port,
-                                                          max_queue=max_queue, security=security)
+        self.grpc = None if grpc_port is None else Server(model, tokenizer, grpc_host, grpc_port, max_queue=max_queue,
+                                                          security=security, max_request_bytes=max_request_bytes)
         self.metrics = Metrics(model, model_name)
         self.front = Front(model, tokenizer, model_name, self.metrics,
                            Drain() if self.grpc is None else self.grpc.admission)
@@ -72,7 +74,7 @@ class Coordinator:
 
     def app(self):
         """The ASGI app: the OpenAI routes, /health, /ready and /metrics (coordinator/http_api/app.py)."""
-        return build_app(self.front, self.metrics, self.token)
+        return build_app(self.front, self.metrics, self.token, max_request_bytes=self.max_request_bytes)
 
     def check_health(self) -> None:
         """Raise while not ready: draining, the engine loop down, or a stage with no live worker."""
@@ -98,10 +100,11 @@ class PoECoordinator:
     def __init__(self, args: dict):
         self.args = ServeArgs.model_validate(args)
         self.cluster = PoEModel.on_ray(self.args.checkpoint, config=self.args.config, dtype=self.args.dtype)
+        serving = self.cluster.backend.serving_config
         try:
             self.coordinator = Coordinator(self.cluster, load_tokenizer(self.args.checkpoint), self.args.model_name(),
                                            self.args.security(), self.args.grpc_port, self.args.grpc_host,
-                                           self.cluster.backend.serving_config.max_queue)
+                                           serving.max_queue, serving.max_request_bytes)
         except BaseException:
             self.cluster.shutdown()
             raise
