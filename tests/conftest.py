@@ -1,4 +1,5 @@
-"""Shared fixtures: random checkpoints written once per session, and models loaded from them.
+"""Shared fixtures: random checkpoints written once per session, models and tokenizers loaded
+from them, test certificates and the session's Ray instance. Plain helpers are in support.py.
 
 Checkpoints are made by the project's writer with the `tiny` preset and overrides, so every
 variant (layout, heads, dtype, name prefix, shards, short windows) runs the real loading code.
@@ -7,6 +8,8 @@ variant (layout, heads, dtype, name prefix, shards, short windows) runs the real
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -64,12 +67,58 @@ def tiny_model(tiny_dir):
     return PoEModel.from_pretrained(tiny_dir)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tiny_dir):
+    """The checkpoint a module's `tokenizer` and `reference` load: the tiny one, unless the module
+    overrides this fixture."""
+    return tiny_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    from coordinator import load_tokenizer
+
+    return load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """An in-process model of the module's own, the reference served replies are compared with."""
+    from coordinator import PoEModel
+
+    model = PoEModel.from_pretrained(checkpoint)
+    yield model
+    model.shutdown()
+
+
+def openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate signed by the
+    same CA, made with the `openssl` command line: ca.pem, server.pem/.key, client.pem/.key."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command line is needed to make test certificates (apt install openssl)")
+    d = tmp_path_factory.mktemp("certs")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=poe-serve test CA", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session; clusters join it and leave it running."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from coordinator import PoEModel, load_tokenizer
+from coordinator.grpc_api.server import Server
 from tools.cli import main
 from tools.client import PoEClient
-from coordinator.grpc_api.server import Server
 
 
 def ids(seed: int) -> list[int]:

@@ -12,7 +12,6 @@ import torch
 from coordinator.core import requests as rq
 from coordinator.core.autoscaler import AutoscalingConfig, StageAutoscaler, StageSignals, autoscaling_from_yaml
 
-
 CLOCK = {"t": 0.0, "busy": 0.0}
 UTILIZATION_TARGET = 0.3  # the Ray test: drafting keeps stage 0 busier than this (~0.45 measured), the others not (~0.15)
 

@@ -11,9 +11,20 @@ import uuid
 import pytest
 import torch
 
-from stage_workers.channels import SHM_DIR, ChannelTimeout, Interrupted, LocalChannel, ShmChannel
-from stage_workers.messages import (Boundary, Decision, Edge, Handoff, Rewire, SeqSpec, SeqStep, StepPlan,
-                                    StepResult, TrunkState)
+from stage_workers.channels import SHM_DIR, LocalChannel, ShmChannel
+from stage_workers.framing import ChannelTimeout, Interrupted
+from stage_workers.messages import (
+    Boundary,
+    Decision,
+    Edge,
+    Handoff,
+    Rewire,
+    SeqSpec,
+    SeqStep,
+    StepPlan,
+    StepResult,
+    TrunkState,
+)
 from stage_workers.sampling import SamplingParams
 
 

@@ -2,6 +2,9 @@
 
 Three kinds live there: placement configs (ServingConfig keys, read by `load_serving_config`),
 Ray cluster-launcher configs (`ray up`) and KubeRay manifests; a file of no known kind fails.
+Each check runs on the files that hold what it checks (a RayJob, a RayService, an autoscaled
+placement; found when the module loads), so none skips, and a deployment's file that loses one
+fails test_the_directory_covers_each_deployment.
 Nothing here starts Ray or talks to a cloud or to Kubernetes: resources are checked on paper.
 KubeRay manifests are validated against the KubeRay CRDs' schemas (vendored in tests/schemas/)
 and their Services and pod templates against Kubernetes' own (the kubernetes-validate package),
@@ -55,6 +58,35 @@ def files_of(kind: str) -> list:
     return [pytest.param(p, id=p.name) for p in CONFIG_FILES if config_kind(p) == kind]
 
 
+def document_kinds(path: Path) -> set[str]:
+    """The `kind` of every document of a KubeRay file."""
+    return {d.get("kind") for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)}
+
+
+def kuberay_files_with(kind: str) -> list:
+    """The KubeRay files holding a `kind` document: the checks of a RayJob run on the files that
+    have one, and test_the_directory_covers_each_deployment fails when a file loses one."""
+    return [pytest.param(p, id=p.name) for p in CONFIG_FILES
+            if config_kind(p) == "kuberay" and kind in document_kinds(p)]
+
+
+def autoscaled_rayservice_files() -> list:
+    """The KubeRay files whose RayService serves a placement with an autoscaled stage."""
+    found = []
+    for param in kuberay_files_with("RayService"):
+        docs = yaml.safe_load_all(param.values[0].read_text())
+        (rayservice,) = (d for d in docs if d and d["kind"] == "RayService")
+        (application,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+        config = load_serving_config(REPO / application["args"]["config"])
+        if any(config.placement(k).autoscaling for k in range(NUM_STAGES)):
+            found.append(param)
+    return found
+
+
+RAYJOB_FILES, RAYSERVICE_FILES = kuberay_files_with("RayJob"), kuberay_files_with("RayService")
+AUTOSCALED_RAYSERVICE_FILES = autoscaled_rayservice_files()
+
+
 def stage_placements(config: ServingConfig) -> list[StagePlacement]:
     return [config.placement(k) for k in range(NUM_STAGES)]
 
@@ -100,10 +132,14 @@ def test_every_config_file_is_a_known_kind(path):
 
 
 def test_the_directory_covers_each_deployment():
+    """Each deployment's file is there, of its kind, with the documents the KubeRay checks run on."""
     expected = {"local-cpu.yaml": "placement", "one-gpu.yaml": "placement", "four-gpus.yaml": "placement",
                 "multi-node.yaml": "placement", "ray-cluster-launcher.yaml": "launcher",
                 "kuberay-rayjob.yaml": "kuberay", "kuberay-rayservice.yaml": "kuberay"}
-    assert {name: config_kind(CONFIG_DIR / name) for name in expected if (CONFIG_DIR / name).is_file()} == expected
+    assert {name: config_kind(CONFIG_DIR / name) for name in expected} == expected
+    documents = {"kuberay-rayjob.yaml": {"RayJob", "Service"}, "kuberay-rayservice.yaml": {"RayService", "Service"}}
+    assert {name: document_kinds(CONFIG_DIR / name) for name in documents} == documents
+    assert [p.id for p in AUTOSCALED_RAYSERVICE_FILES] == ["kuberay-rayservice.yaml"], "its stages are autoscaled"
 
 
 # --- placement configs --------------------------------------------------------------------------
@@ -224,14 +260,6 @@ def kuberay_docs(path: Path) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-def kuberay_docs_with(path: Path, kind: str) -> dict[str, dict]:
-    """`kuberay_docs(path)`, skipping the test where the file has no `kind` document."""
-    docs = kuberay_docs(path)
-    if kind not in docs:
-        pytest.skip(f"{path}: no {kind}")
-    return docs
-
-
 def serve_flags(path: Path, rayjob: dict) -> dict[str, str]:
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:2] == ["poe-serve", "serve"], f"{path}: entrypoint {argv[:2]} is not `poe-serve serve`"
@@ -257,9 +285,9 @@ def worker_pods(spec: dict, count: str) -> list[dict[str, float]]:
     return pods
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", RAYJOB_FILES)
 def test_rayjob_serves_an_existing_placement_config(path):
-    rayjob = kuberay_docs_with(path, "RayJob")["RayJob"]
+    rayjob = kuberay_docs(path)["RayJob"]
     assert rayjob["apiVersion"] == "ray.io/v1"
     flags = serve_flags(path, rayjob)
     config_path = REPO / flags["--config"]
@@ -271,9 +299,9 @@ def test_rayjob_serves_an_existing_placement_config(path):
         assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values()), group["rayStartParams"]
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", RAYJOB_FILES)
 def test_rayjob_gpu_workers_fit_its_placement_config(path):
-    rayjob = kuberay_docs_with(path, "RayJob")["RayJob"]
+    rayjob = kuberay_docs(path)["RayJob"]
     config = load_serving_config(REPO / serve_flags(path, rayjob)["--config"])
     spec = rayjob["spec"]["rayClusterSpec"]
     for group in spec["workerGroupSpecs"]:
@@ -300,9 +328,9 @@ def service_targets(path: Path, docs: dict, pod: dict) -> list[int]:
     return [ports.get(p["targetPort"], p["targetPort"]) for p in service["spec"]["ports"]]
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", RAYJOB_FILES)
 def test_service_targets_the_ports_the_entrypoint_serves(path):
-    docs = kuberay_docs_with(path, "RayJob")
+    docs = kuberay_docs(path)
     flags, pod = serve_flags(path, docs["RayJob"]), head_pod(docs["RayJob"])
     targets = service_targets(path, docs, pod)
     for flag in ("--port", "--http-port"):
@@ -321,9 +349,9 @@ def probe_urls(probe: dict) -> list[tuple[int, str]]:
     return [(int(port), route) for port, route in PROBE_URL.findall(" ".join(probe["exec"]["command"]))]
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", RAYJOB_FILES)
 def test_rayjob_probes_ask_the_servers_ready_and_health_on_its_http_port(path):
-    docs = kuberay_docs_with(path, "RayJob")
+    docs = kuberay_docs(path)
     http_port = int(serve_flags(path, docs["RayJob"])["--http-port"])
     (container,) = head_pod(docs["RayJob"])["spec"]["containers"]
     for probe, route in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
@@ -346,14 +374,14 @@ def run_probe(probe: dict, http_port: int, server_port: int, ray_health_url: str
     return subprocess.run(command, timeout=30).returncode
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", RAYJOB_FILES)
 def test_rayjob_probes_pass_until_the_server_listens_then_follow_it(path, tiny_dir):
     """KubeRay submits the job only once the head pod is Ready: before the server listens, both
     probes pass; then readiness fails while a stage is down and liveness only once the loop died."""
     from coordinator import PoEModel, load_tokenizer
     from coordinator.http_api.app import HttpServer
 
-    docs = kuberay_docs_with(path, "RayJob")
+    docs = kuberay_docs(path)
     http_port = int(serve_flags(path, docs["RayJob"])["--http-port"])
     (container,) = head_pod(docs["RayJob"])["spec"]["containers"]
     ready, live = container["readinessProbe"], container["livenessProbe"]
@@ -417,13 +445,13 @@ def serve_application(path: Path, rayservice: dict) -> dict:
     return application
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", RAYSERVICE_FILES)
 def test_rayservice_builds_the_serve_app_from_its_args(path):
     import importlib
 
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # as Serve calls it
 
-    rayservice = kuberay_docs_with(path, "RayService")["RayService"]
+    rayservice = kuberay_docs(path)["RayService"]
     application = serve_application(path, rayservice)
     module, _, name = application["import_path"].partition(":")
     builder = getattr(importlib.import_module(module), name)
@@ -435,16 +463,14 @@ def test_rayservice_builds_the_serve_app_from_its_args(path):
     load_serving_config(config_path).check_num_stages(NUM_STAGES)
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", AUTOSCALED_RAYSERVICE_FILES)
 def test_an_autoscaled_placement_runs_on_a_cluster_that_adds_nodes_for_it(path):
     """Stages with autoscaling: blocks need Ray's in-tree autoscaler on, cluster_autoscaling in
     the placement (so scale-ups wait for nodes), pods for the starting replicas at minReplicas and
     room for every stage at its max_replicas at maxReplicas."""
-    docs = kuberay_docs_with(path, "RayService")
+    docs = kuberay_docs(path)
     config = load_serving_config(REPO / serve_application(path, docs["RayService"])["args"]["config"])
     scaled = [config.placement(k).autoscaling for k in range(NUM_STAGES)]
-    if not any(scaled):
-        pytest.skip(f"{path}: no stage is autoscaled")
     spec = docs["RayService"]["spec"]["rayClusterConfig"]
     assert spec.get("enableInTreeAutoscaling") is True and config.cluster_autoscaling, path
     most = [{"CPU": config.placement(k).num_cpus, "GPU": config.placement(k).num_gpus}
@@ -454,9 +480,9 @@ def test_an_autoscaled_placement_runs_on_a_cluster_that_adds_nodes_for_it(path):
         f"{path}: every stage at max_replicas needs {len(most)} bundles; maxReplicas pods cannot hold them")
 
 
-@pytest.mark.parametrize("path", files_of("kuberay"))
+@pytest.mark.parametrize("path", RAYSERVICE_FILES)
 def test_rayservice_pins_the_coordinator_to_the_head_that_exposes_its_grpc_port(path):
-    docs = kuberay_docs_with(path, "RayService")
+    docs = kuberay_docs(path)
     application = serve_application(path, docs["RayService"])
     (deployment,) = application["deployments"]
     wanted = deployment["ray_actor_options"]["resources"]

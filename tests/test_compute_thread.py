@@ -29,12 +29,19 @@ def test_a_worker_loaded_off_the_main_thread_serves_like_one_loaded_on_it(tiny_d
         assert torch.equal(a, b)
 
 
-def test_compute_here_sets_the_calling_threads_count():
+def test_compute_here_sets_the_calling_threads_count_and_none_leaves_it_alone():
+    def counts():
+        torch.set_num_threads(3)
+        compute_here(None)
+        left_alone = torch.get_num_threads()
+        compute_here(1)
+        return left_alone, torch.get_num_threads()
+
     before = torch.get_num_threads()
-    seen = off_main_thread(lambda: (compute_here(1), torch.get_num_threads())[1])
-    assert seen == 1
-    compute_here(None)  # leaves it alone
-    torch.set_num_threads(before)
+    try:
+        assert off_main_thread(counts) == (3, 1)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_step_too_small_for_two_threads_runs_on_one():

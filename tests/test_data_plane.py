@@ -124,7 +124,7 @@ def parked_bytes(model) -> tuple[int, int]:
     """(bytes of the rows workers keep for later, bytes of the storage behind them)."""
     own = behind = 0
     for runner in model.engine.pipeline.transport.runners.values():
-        for rows in [*runner.parked.values(), *runner.held.values()]:
+        for rows in [*runner.state.parked.values(), *runner.state.held.values()]:
             tensors = [rows.token_ids, rows.acc] + ([] if rows.trunk is None else
                                                     [rows.trunk.x, rows.trunk.x0, rows.trunk.x_backout])
             for t in (t for t in tensors if t is not None):
@@ -135,22 +135,30 @@ def parked_bytes(model) -> tuple[int, int]:
 
 def test_memory_of_deferred_states_is_exactly_what_is_owed_over_a_long_wand_run(tiny_dir):
     """Rows parked for a later catch-up are copies of their own, not views that keep whole batch
-    messages alive: at every step of a long WAND run the bytes behind them are the bytes of the
-    positions the stages owe (num_computed[k-1] - num_computed[k]), and nothing stays after."""
+    messages alive: at every step of a long WAND run the bytes parked, and the bytes behind them,
+    are exactly those of the positions the stages owe (num_computed[k-1] - num_computed[k] rows
+    parked at stage k, each a token id and its boundary state: no Log-OP sums once a token was
+    decided; a finished sequence's until they are freed), and nothing stays after."""
     from coordinator import PoEModel
 
     model = PoEModel.from_pretrained(tiny_dir)
     config = model.config
     K, C = config.num_stages, config.n_embd
+    # a row parked at stage k: its token id (int64), x and x0 and, once stage k-1 passed the middle
+    # layer, the backout residual (fp32)
+    row_bytes = [0] + [8 + (3 if config.stage_boundaries[k - 1] >= config.backout_layer else 2) * C * 4
+                       for k in range(1, K)]
+    assert len(set(row_bytes[1:])) == 2, "boundaries before and after the middle layer: both row sizes are checked"
     ids = torch.randint(0, config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(3))
     jobs = rq.build_requests(config, ids, 160, rq.wand_mode(config, 1.0, [0.6] * (K - 1) + [0.0]))
     samples = []
     step = model.engine.step
 
     def sampling_step():
-        stepped = step()  # the sequences it ran; those that finished are forgotten with the next plan
-        known = {seq.seq_id: seq for seq in [*model.engine.running, *stepped]}.values()
-        owed = sum(seq.num_computed[k - 1] - seq.num_computed[k] for seq in known for k in range(1, K))
+        stepped = step()  # the sequences it ran; those that finished are forgotten with the next plan,
+        # or at once when nothing else runs (the engine flushes its frees)
+        known = {seq.seq_id: seq for seq in [*model.engine.running, *stepped]}.values() if model.engine.running else ()
+        owed = sum((seq.num_computed[k - 1] - seq.num_computed[k]) * row_bytes[k] for seq in known for k in range(1, K))
         samples.append((*parked_bytes(model), owed))
         return stepped
 
@@ -158,11 +166,10 @@ def test_memory_of_deferred_states_is_exactly_what_is_owed_over_a_long_wand_run(
     seqs = model.run(jobs)
     model.loop.stop()
     assert any(min(s.stages_used) < K - 1 for s in seqs), "tokens exited early, so states were parked"
-    row_bytes = 8 + 3 * C * 4  # a token id, x, x0 and (past the middle layer) the backout residual, fp32
     assert max(own for own, _, _ in samples) > 0
     for own, behind, owed in samples:
         assert own == behind, "a parked row holds only itself"
-        assert own <= owed * row_bytes, f"{own} bytes parked for {owed} positions owed"
+        assert own == owed, f"{own} bytes parked for {owed} bytes of positions owed"
     assert samples[-1][:2] == (0, 0), "nothing stays parked once the sequences are done"
 
 

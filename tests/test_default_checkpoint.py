@@ -19,7 +19,6 @@ import tokenize
 import pytest
 
 from checkpoints import DEFAULT_CHECKPOINT
-from coordinator import PoEModel, load_tokenizer
 from stage_workers.logop import log_probs
 from trainer.data import encode_documents, read_split
 from trainer.evaluate import NUM_WINDOWS, free_running, model_card, teacher_forced, wand_exits, windows
@@ -30,13 +29,15 @@ FLIPS = 3  # positions whose argmax may differ between machines
 
 
 @pytest.fixture(scope="module")
-def model():
-    return PoEModel.from_pretrained(DEFAULT_CHECKPOINT)
+def checkpoint():
+    """conftest.py's `tokenizer` and `reference` load the default checkpoint in this module."""
+    return DEFAULT_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(DEFAULT_CHECKPOINT)
+def model(reference):
+    """The model under test: the in-process `PoEModel` of the default checkpoint."""
+    return reference
 
 
 @pytest.fixture(scope="module")

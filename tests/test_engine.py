@@ -6,45 +6,41 @@ import math
 
 import pytest
 import torch
+from fakes import (
+    CONFIG,
+    VOCAB,
+    FakeWorker,
+    K,
+    LosingWorker,
+    expected_score,
+    fake_logits,
+    greedy,
+    make_engine,
+    request,
+    run,
+)
+from oracle import top2_margin
+from support import free_blocks
 
 from coordinator.core import requests as rq
 from coordinator.core.engine import Engine, EngineConfig
-from stage_workers.logop import combine, log_probs, normalize, top2_margin
 from coordinator.core.pipeline import Pipeline
-from stage_workers.config import config_from_dict
+from stage_workers.logop import combine, log_probs, normalize
 from stage_workers.messages import WorkerLost
 
-from fakes import VOCAB, FakeWorker, fake_logits
 
-K = 4
-CONFIG = config_from_dict(dict(vocab_size=VOCAB, n_layer=4, n_embd=32, n_head=2, sequence_len=128,
-                               poe_stage_layout=[1, 1, 1, 1]))
-
-
-def make_engine(kv_blocks=64, **engine_kwargs):
-    workers = [FakeWorker(k, K, kv_blocks=kv_blocks) for k in range(K)]
-    return Engine(CONFIG, Pipeline(workers), EngineConfig(**engine_kwargs)), workers
-
-
-def expected_score(prefix, stages):
-    return combine([log_probs(fake_logits(k, tuple(prefix))) for k in stages], [1.0] * len(stages), 0.0)
-
-
-def greedy(prompt, n, stages=range(K)):
-    seq = list(prompt)
+def wand_greedy(prompt, n, bounds):
+    """WAND (safety 1) over the fakes: each token from the shallowest stage j whose score over
+    stages 0..j has a top-2 margin above bounds[j]. Returns (new tokens, the stage each exited at)."""
+    tokens, used = list(prompt), []
     for _ in range(n):
-        seq.append(int(expected_score(seq, list(stages)).argmax()))
-    return seq[len(prompt):]
-
-
-def run(engine, request):
-    seq = engine.add(request)
-    engine.run_to_completion([seq])
-    return seq
-
-
-def request(prompt, n, mode, **kw):
-    return rq.GenerationRequest(tuple(prompt), n, mode, **kw)
+        for j in range(K):
+            score = expected_score(tokens, range(j + 1))
+            if j == K - 1 or top2_margin(score) > bounds[j]:
+                tokens.append(int(score.argmax()))
+                used.append(j)
+                break
+    return tokens[len(prompt):], used
 
 
 def test_full_mode_computes_each_position_once_per_stage():
@@ -66,15 +62,8 @@ def test_wand_defers_skipped_stages_and_catches_up_in_one_batch():
     engine, workers = make_engine()
     bounds = (2.0, 2.0, 2.0, 0.0)
     seq = run(engine, request([3, 1], 12, rq.wand_mode(CONFIG, 1.0, bounds)))
-    tokens, used = [3, 1], []
-    for _ in range(12):
-        for j in range(K):
-            score = expected_score(tokens, range(j + 1))
-            if j == K - 1 or top2_margin(score) > bounds[j]:
-                tokens.append(int(score.argmax()))
-                used.append(j)
-                break
-    assert seq.new_tokens == tokens[2:] and seq.stages_used == used
+    tokens, used = wand_greedy([3, 1], 12, bounds)
+    assert seq.new_tokens == tokens and seq.stages_used == used
     assert 0 in used and K - 1 in used, "the fake table should exercise both early and full exits"
     deepest_lengths = [c[0][2] for c in workers[K - 1].calls]
     assert max(deepest_lengths) > 1, "a skipped stage catches up several positions in one extend"
@@ -111,6 +100,7 @@ def test_requests_of_mixed_modes_share_steps_and_stay_exact():
     assert max(len(c) for c in workers[0].calls) >= 4, "several sequences share one extend"
     assert seqs[0].new_tokens == greedy([1, 2], 5)
     assert seqs[1].new_tokens == greedy([3], 7)
+    assert (seqs[2].new_tokens, seqs[2].stages_used) == wand_greedy([4, 4, 4], 6, (1.0, 1.0, 1.0, 0.0))
     assert late.new_tokens == greedy([6, 5], 3)
     composed = [9]
     for _ in range(4):
@@ -126,7 +116,7 @@ def test_stop_token_ends_a_sequence_and_frees_its_cache():
     seq = run(engine, request([1, 2], 8, rq.full_mode(CONFIG), stop_token_ids=frozenset({stop})))
     assert seq.new_tokens == full[: full.index(stop) + 1] and seq.finish_reason == "stop"
     assert all(seq.seq_id not in w.tokens for w in workers)
-    assert engine.free_blocks == engine.capacity
+    assert free_blocks(engine) == engine.capacity
 
 
 def test_requests_wait_for_kv_room_and_oversized_ones_are_refused():
@@ -140,21 +130,6 @@ def test_requests_wait_for_kv_room_and_oversized_ones_are_refused():
     assert engine.running == [a, b] and list(engine.waiting) == [c]
     engine.run_to_completion([a, b, c])
     assert c.new_tokens == greedy([3] * 4, 4)
-
-
-class LosingWorker(FakeWorker):
-    """Loses its whole state (like a restarted process) on chosen extend calls."""
-
-    def __init__(self, *args, lose_on: set[int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lose_on, self.num_extends = lose_on, 0
-
-    def extend(self, batch):
-        self.num_extends += 1
-        if self.num_extends in self.lose_on:
-            self.tokens.clear()
-            raise WorkerLost(self.stage, "killed for the test")
-        return super().extend(batch)
 
 
 def test_a_lost_worker_is_rebuilt_from_committed_tokens_and_tokens_are_unchanged():
@@ -174,7 +149,7 @@ def test_a_lost_worker_is_rebuilt_from_committed_tokens_and_tokens_are_unchanged
         alone = run(clean, req)
         assert (seq.new_tokens, seq.stages_used) == (alone.new_tokens, alone.stages_used)
     assert seqs[0].new_tokens == greedy([1, 2], 8) and seqs[1].new_tokens == greedy([3], 9)
-    assert engine.free_blocks == engine.capacity
+    assert free_blocks(engine) == engine.capacity
 
 
 def test_only_the_lost_workers_sequences_are_rebuilt_and_its_new_kv_size_is_read():
@@ -209,7 +184,7 @@ def test_only_the_lost_workers_sequences_are_rebuilt_and_its_new_kv_size_is_read
     for s, (prompt, n) in zip(seqs, jobs):
         if s.error is None:
             assert s.new_tokens == greedy(prompt, n), f"sequence {s.seq_id}"
-    assert engine.free_blocks == engine.capacity
+    assert free_blocks(engine) == engine.capacity
 
 
 def test_a_worker_lost_too_often_fails_its_sequences_with_the_error():
@@ -219,7 +194,7 @@ def test_a_worker_lost_too_often_fails_its_sequences_with_the_error():
     seq = engine.add(request([1, 2], 8, rq.full_mode(CONFIG)))
     with pytest.raises(WorkerLost, match="stage 1 worker lost"):
         engine.run_to_completion([seq])
-    assert seq.finished and engine.free_blocks == engine.capacity and not engine.running
+    assert seq.finished and free_blocks(engine) == engine.capacity and not engine.running
 
 
 # ---- chunked prefill ------------------------------------------------------------------------
@@ -239,7 +214,7 @@ def test_a_long_prompt_enters_in_chunks_on_every_stage():
     seq = run(engine, request(prompt, 4, rq.full_mode(CONFIG)))
     assert seq.new_tokens == greedy(prompt, 4)
     chunks, rest, decodes = [(0, 8, 0), (8, 8, 0), (16, 8, 0)], [(24, 6, 1)], [(p, 1, 1) for p in (30, 31, 32)]
-    for w in workers:  # (start, length, heads): chunks without logits, the rest of the prompt, decodes
+    for w in workers:  # (start, length, num_logits): chunks without logits, the rest of the prompt, decodes
         assert [c[0][1:] for c in w.calls] == chunks + rest + decodes
 
 

@@ -89,16 +89,26 @@ def test_a_fault_outside_a_step_fails_every_outstanding_request_and_every_later_
     assert reached.wait(BOUND_S), "the fault was not reached"
     assert len(engine.running) == 2 and len(engine.waiting) == 2
     handles += [loop.submit(request(model, seed)) for seed in range(4, 6)]  # still in the inbox
-    call_result: list[BaseException] = []
+    queued, put = threading.Event(), loop._inbox.put
+
+    def put_and_tell(item, *args, **kwargs):
+        put(item, *args, **kwargs)
+        if item is not None and item[0] == "call":
+            queued.set()
+
+    monkeypatch.setattr(loop._inbox, "put", put_and_tell)
+    call_result: list[pytest.ExceptionInfo] = []
     caller = threading.Thread(target=lambda: call_result.append(pytest.raises(EngineLoopDown, loop.call_in_loop,
                                                                               lambda: "ran")))
     caller.start()
-    time.sleep(0.2)  # the call is queued
+    assert queued.wait(BOUND_S), "the call was not queued"
+    assert loop.failure() is None, "the loop was still up when the call was queued behind the fault"
     release.set()
     for handle in handles:
         assert ends_with(handle, EngineLoopDown).__cause__ is error
     caller.join(BOUND_S)
     assert not caller.is_alive() and call_result, "call_in_loop returned the loop's failure"
+    assert call_result[0].value.__cause__ is error, "the queued call failed with the loop's fault"
     assert loop.failure() is not None
     with pytest.raises(EngineLoopDown):
         loop.submit(request(model, 9))

@@ -13,23 +13,12 @@ import grpc
 import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import BOUNDS, MODES, new_tokens, prompt_ids, stage_infos
 
 from coordinator import PoEModel, load_tokenizer
-from tools.client import PoEClient, build_request
 from coordinator.grpc_api.server import SERVICE_NAME, Server
 from protos import poe_serving_pb2 as pb
-
-from grpc_modes import BOUNDS, MODES
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    return PoEModel.from_pretrained(tiny_dir)
+from tools.client import PoEClient, build_request
 
 
 @pytest.fixture(scope="module", params=["local", "ray"])
@@ -42,29 +31,17 @@ def client(request, tiny_dir):
         server.stop()
         return
     request.getfixturevalue("ray_session")
-    from coordinator import PoEModel
-
     with PoEModel.on_ray(tiny_dir) as cluster:
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
         yield PoEClient(server.address, timeout=120)
         server.stop()
 
 
-def prompt_ids(seed: int, length: int = 30) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 500, (length,), generator=g).tolist()
-
-
-def expected_new(reference, mode: str, ids: list[int], n: int) -> list[int]:
-    out = MODES[mode][1](reference, torch.tensor([ids]), n)
-    return out[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_generate_matches_the_in_process_model(client, reference, tokenizer, mode):
-    ids = prompt_ids(seed=len(mode))
+    ids = prompt_ids(seed=len(mode), length=30)
     response = client.generate(token_ids=ids, max_new_tokens=9, **MODES[mode][0])
-    assert list(response.token_ids) == expected_new(reference, mode, ids, 9)
+    assert list(response.token_ids) == new_tokens(reference, mode, ids, 9)
     assert response.finish_reason == "length" and response.prompt_tokens == len(ids)
     assert response.text == tokenizer.decode(list(response.token_ids))
     if mode == "wand":
@@ -81,7 +58,7 @@ def test_prompt_text_gets_bos_and_stop_tokens_stop(client, reference, tokenizer)
     ids = tok.encode(text)
     assert ids[0] == tok.bos_token_id
     free = client.generate(prompt=text, max_new_tokens=8)
-    assert list(free.token_ids) == expected_new(reference, "full", ids, 8)
+    assert list(free.token_ids) == new_tokens(reference, "full", ids, 8)
     stop = free.token_ids[3]
     stopped = client.generate(prompt=text, max_new_tokens=8, stop_token_ids=[stop])
     first = list(free.token_ids).index(stop)
@@ -90,7 +67,7 @@ def test_prompt_text_gets_bos_and_stop_tokens_stop(client, reference, tokenizer)
 
 @pytest.mark.parametrize("mode", ["full", "wand", "speculative"])
 def test_stream_yields_the_same_tokens_and_text(client, mode):
-    ids = prompt_ids(seed=40)
+    ids = prompt_ids(seed=40, length=30)
     whole = client.generate(token_ids=ids, max_new_tokens=10, **MODES[mode][0])
     chunks = list(client.stream(token_ids=ids, max_new_tokens=10, **MODES[mode][0]))
     assert len(chunks) >= 2, "tokens arrive as they are made, not in one chunk"
@@ -123,7 +100,7 @@ def test_model_info_health_and_reflection(client, reference):
     assert info.vocab_size == c.vocab_size and info.context_length == c.sequence_len
     assert info.parameter_count == c.num_parameters()
     assert [w.stage for w in info.workers] == list(range(c.num_stages))
-    held = reference.worker_infos()
+    held = stage_infos(reference)
     assert [(w.first_layer, w.last_layer, w.parameters) for w in info.workers] == \
         [(*h.layers, h.num_parameters) for h in held]
     assert all(w.parameters < c.num_parameters() for w in info.workers), "a worker holds only its slice"
@@ -151,7 +128,7 @@ def test_sixteen_concurrent_calls_each_get_their_own_tokens(client, reference):
     for t in threads:
         t.join(timeout=300)
     for i, mode, ids in jobs:
-        assert results.get(i) == expected_new(reference, mode, ids, 8), f"request {i} ({mode})"
+        assert results.get(i) == new_tokens(reference, mode, ids, 8), f"request {i} ({mode})"
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -169,8 +146,8 @@ def test_bad_arguments_are_invalid_argument_and_the_server_keeps_serving(client,
         client.generate(**kwargs)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.value.details()
-    ids = prompt_ids(seed=5)
-    assert list(client.generate(token_ids=ids, max_new_tokens=3).token_ids) == expected_new(reference, "full", ids, 3)
+    ids = prompt_ids(seed=5, length=30)
+    assert list(client.generate(token_ids=ids, max_new_tokens=3).token_ids) == new_tokens(reference, "full", ids, 3)
 
 
 def test_request_builder_rejects_unknown_modes():

@@ -13,9 +13,10 @@ import re
 import grpc
 import pytest
 
-from coordinator import PoEModel, load_tokenizer, wire
-from tools.client import PoEClient
+from coordinator import PoEModel, load_tokenizer
+from coordinator.grpc_api import wire
 from coordinator.grpc_api.server import Server
+from tools.client import PoEClient
 
 SECRET = "secret detail /etc/model-path 42"
 

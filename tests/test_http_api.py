@@ -23,34 +23,31 @@ from types import SimpleNamespace
 import openai
 import pytest
 import torch
+from support import (
+    BAD_GENERATE,
+    MODES,
+    SEQ_LEN,
+    TOKEN,
+    kv_in_use,
+    new_tokens,
+    prompt_ids,
+    scrape,
+    wait_for,
+    wait_until_kv_free,
+)
 
-from coordinator import PoEModel, load_tokenizer
-from tools.client import PoEClient
+from coordinator import PoEModel
+from coordinator.core.requests import GenerationRequest, full_mode
+from coordinator.grpc_api.server import Server
 from coordinator.http_api.app import HttpServer, api_error, serve_http
 from coordinator.http_api.schema import MAX_LOGPROBS
-from coordinator.core.requests import GenerationRequest, full_mode
 from coordinator.serving.security import ServerSecurity
-from coordinator.grpc_api.server import Server
 from protos import poe_serving_pb2 as pb
 from stage_workers.messages import WorkerLost
-
-from grpc_modes import MODES
-from test_metrics import scrape
-from test_reliability import BAD_GENERATE, SEQ_LEN, kv_in_use, wait_until_kv_free
-from test_security import TOKEN, certs  # noqa: F401  (certs: a fixture)
+from tools.client import PoEClient
 
 MODEL = "tiny"
 GREEDY_ONLY = ("wand", "speculative")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    return PoEModel.from_pretrained(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +65,6 @@ def served(tiny_dir, tokenizer):
 def client(served):
     with openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
         yield client
-
-
-def prompt_ids(seed: int, length: int = 20) -> list[int]:
-    return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def expected(reference, mode: str, ids: list[int], n: int) -> list[int]:
-    return MODES[mode][1](reference, torch.tensor([ids]), n)[0, len(ids):].tolist()
 
 
 def mode_fields(mode: str) -> dict:
@@ -108,7 +97,7 @@ def assert_still_serving(client, reference) -> None:
     ids = prompt_ids(seed=5)
     reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0,
                                       extra_body={"return_token_ids": True})
-    assert reply.choices[0].token_ids == expected(reference, "full", ids, 3)
+    assert reply.choices[0].token_ids == new_tokens(reference, "full", ids, 3)
 
 
 # ---- tokens in every mode --------------------------------------------------------------------
@@ -118,7 +107,7 @@ def test_every_mode_gives_the_in_process_models_tokens(client, reference, tokeni
     ids, n = prompt_ids(seed=len(mode)), 12
     fields = mode_fields(mode)
     args = dict(model=MODEL, prompt=ids, max_tokens=n, extra_body={**fields, "return_token_ids": True})
-    want = expected(reference, mode, ids, n)
+    want = new_tokens(reference, mode, ids, n)
     if not stream:
         reply = client.completions.create(**args)
         choice = reply.choices[0]
@@ -222,7 +211,7 @@ def test_a_drain_lets_http_streams_finish_and_refuses_new_completions(tiny_dir, 
         events = [line[len(b"data: "):].strip() for line in lines if line.startswith(b"data: ")]
         assert events[-1] == b"[DONE]"
         tokens = [t for e in events[:-1] for t in json.loads(e)["choices"][0].get("token_ids", [])]
-        assert tokens == expected(reference, "full", ids, 60)
+        assert tokens == new_tokens(reference, "full", ids, 60)
         drainer.join(30)
         assert left == [0]
     finally:
@@ -274,7 +263,7 @@ def test_generated_tokens_logprobs_are_the_scores_of_prompt_plus_completion(serv
 def _stop_case(reference, tokenizer, ids: list[int], n: int) -> tuple[list[int], str, str]:
     """The reference tokens and text, and a 3-character stop string that straddles a token boundary
     and first occurs there."""
-    tokens = expected(reference, "full", ids, n)
+    tokens = new_tokens(reference, "full", ids, n)
     text = tokenizer.decode(tokens)
     for j in range(6, n):
         k = len(tokenizer.decode(tokens[:j]))
@@ -306,7 +295,7 @@ def test_stop_strings_cut_the_text_exactly_and_free_the_sequence(served, client,
 
 def test_stop_token_ids_end_the_choice_with_the_token(client, reference):
     ids = prompt_ids(seed=34)
-    tokens = expected(reference, "full", ids, 10)
+    tokens = new_tokens(reference, "full", ids, 10)
     choice = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0,
                                        extra_body={"stop_token_ids": [tokens[4]], "return_token_ids": True}).choices[0]
     assert choice.token_ids == tokens[: tokens.index(tokens[4]) + 1] and choice.finish_reason == "stop"
@@ -437,13 +426,6 @@ def one_sequence(tiny_dir, tokenizer):
     http.stop()
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_a_full_queue_is_429(one_sequence):
     model, http = one_sequence
     long = GenerationRequest(tuple(prompt_ids(1, 8)), SEQ_LEN - 8, full_mode(model.config))
@@ -485,7 +467,7 @@ def test_a_client_that_goes_away_has_its_sequence_aborted(served):
     wait_until_kv_free(served.model)
 
 
-def test_bearer_token_and_tls(tiny_dir, tokenizer, certs):  # noqa: F811
+def test_bearer_token_and_tls(tiny_dir, tokenizer, certs):
     security = ServerSecurity(TOKEN, str(certs / "server.pem"), str(certs / "server.key"))
     model = PoEModel.from_pretrained(tiny_dir)
     http = HttpServer(model, tokenizer, port=0, model_name=MODEL, security=security)
@@ -513,7 +495,7 @@ def test_bearer_token_and_tls(tiny_dir, tokenizer, certs):  # noqa: F811
         http.stop()
 
 
-def test_mutual_tls_requires_a_client_certificate(tiny_dir, tokenizer, certs):  # noqa: F811
+def test_mutual_tls_requires_a_client_certificate(tiny_dir, tokenizer, certs):
     security = ServerSecurity(None, str(certs / "server.pem"), str(certs / "server.key"), str(certs / "ca.pem"))
     http = serve_http(PoEModel.from_pretrained(tiny_dir), tokenizer, "127.0.0.1", 0, None, security, MODEL)
     try:
@@ -538,7 +520,7 @@ def test_the_same_front_serves_a_ray_cluster(ray_session, tiny_dir, tokenizer, r
                 for mode in ("full", "speculative"):
                     chunks = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, stream=True,
                                                        extra_body={**mode_fields(mode), "return_token_ids": True})
-                    assert [t for c in chunks for t in c.choices[0].token_ids] == expected(reference, mode, ids, 8)
+                    assert [t for c in chunks for t in c.choices[0].token_ids] == new_tokens(reference, mode, ids, 8)
             assert call(http.url, "/ready") == (200, {"status": "ready"})
         finally:
             http.stop()
@@ -558,3 +540,46 @@ def test_serve_flags_choose_what_http_serves(tiny_dir, tokenizer):
             assert reply.status == 200 and b"poe:num_requests_running" in reply.read()
     finally:
         metrics_only.stop()
+
+
+def raw(url: str, path: str, data: bytes, headers: dict) -> tuple[int, dict]:
+    """A POST exactly as given: no header but `headers` (and Host, Content-Length)."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    connection.request("POST", path, body=data, headers=headers)
+    answer = connection.getresponse()
+    return answer.status, json.loads(answer.read())
+
+
+def test_a_careless_client_is_told_what_to_send(served, client, reference):
+    payload = json.dumps(body()).encode()
+    status, reply = raw(served.url, "/v1/completions", payload, {})
+    assert status == 400 and "no Content-Type" in reply["error"]["message"], reply
+    assert "'Content-Type: application/json'" in reply["error"]["message"]
+    status, reply = raw(served.url, "/v1/completions", b'{"model": "\xff\xfe"}', {"Content-Type": "application/json"})
+    assert status == 400 and "not valid JSON" in reply["error"]["message"] and "UTF-8" in reply["error"]["message"]
+    status, reply = call(served.url, "/v1/chat/completions", {"model": MODEL, "messages": []})
+    assert status == 404 and reply["error"]["code"] == "chat_not_supported", reply
+    assert "base model" in reply["error"]["message"] and "/v1/completions" in reply["error"]["message"]
+    assert_still_serving(client, reference)
+
+
+def test_a_body_over_max_request_bytes_is_413_before_it_is_parsed(tiny_dir, tokenizer):
+    with PoEModel.from_pretrained(tiny_dir) as model:
+        server = HttpServer(model, tokenizer, port=0, model_name=MODEL, max_request_bytes=2_000)
+        try:
+            status, reply = call(server.url, "/v1/completions", body(prompt="x" * 5_000))
+            assert status == 413 and reply["error"]["code"] == "request_too_large", reply
+            assert "at most 2,000" in reply["error"]["message"] and "max_request_bytes" in reply["error"]["message"]
+            connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+            connection.putrequest("POST", "/v1/completions")  # chunked, no Content-Length: counted as it comes
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders()
+            for chunk in [json.dumps(body(prompt="y" * 3_000)).encode()]:
+                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            connection.send(b"0\r\n\r\n")
+            answer = connection.getresponse()
+            assert answer.status == 413 and b"request_too_large" in answer.read()
+            assert call(server.url, "/v1/completions", body())[0] == 200, "a small body still serves"
+        finally:
+            server.stop()

@@ -175,10 +175,14 @@ def test_the_docs_ray_job_block_works_as_pasted_twice_in_a_row(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env |= {"HOME": str(tmp_path), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     for run in (1, 2):
-        done = subprocess.run(["bash", "-e", "-c", block], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=STARTUP_TIMEOUT_S + 2 * STOP_TIMEOUT_S)
-        shown = f"run {run}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        assert done.returncode == 0, shown
-        assert "SERVING" in done.stdout and "16 tokens" in done.stderr and "poe-serve: serving" in done.stdout, shown
+        shell = subprocess.Popen(["bash", "-e", "-c", block], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = shell.communicate(timeout=STARTUP_TIMEOUT_S + 2 * STOP_TIMEOUT_S)
+        finally:  # a failed run leaves its head running: end what is left of the shell's own session
+            subprocess.run(["pkill", "-KILL", "-s", str(shell.pid)], check=False)
+        shown = f"run {run}:\n{out[-3000:]}\n{err[-3000:]}"
+        assert shell.returncode == 0, shown
+        assert "SERVING" in out and "16 tokens" in err and "poe-serve: serving" in out, shown
     assert (tmp_path / ".ray" / "auth_token").is_file(), "the first run made the token the second one used"
     assert not port_in_use(8265) and not port_in_use(50051), "the block stopped its head and the server"

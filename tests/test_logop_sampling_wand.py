@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from oracle import top2_margin
 
 from coordinator.core.wand import bounds_from_gaps, exit_gaps
-from stage_workers.decisions import (accumulate, divisor, token_logprobs, verify_drafts, wand_exits,
-                                     wand_threshold)
-from stage_workers.logop import combine, log_probs, normalize, top2_margin
+from stage_workers.decisions import accumulate, divisor, token_logprobs, verify_drafts, wand_exits, wand_threshold
+from stage_workers.logop import combine, log_probs, normalize
 from stage_workers.sampling import SamplingParams, draw_uniform, filtered_logits, make_generator, sample
 
 
@@ -30,10 +30,6 @@ def test_normalize_gives_log_probabilities_with_the_same_ranking():
     lp = normalize(score)
     assert torch.allclose(lp.exp().sum(-1), torch.ones(3))
     assert torch.equal(lp.argmax(-1), score.argmax(-1))
-
-
-def test_top2_margin():
-    assert top2_margin(torch.tensor([0.0, 3.0, 1.5])).item() == pytest.approx(1.5)
 
 
 def test_top_k_keeps_exactly_k_tokens():
@@ -99,13 +95,17 @@ def test_token_logprobs_pick_each_target_and_the_top_alternatives():
 
 
 def test_exit_gaps_guarantee_the_full_argmax():
-    lps = [random_logprobs(200, 30, seed=s) for s in range(3)]
+    shared = torch.randn(200, 30, generator=torch.Generator().manual_seed(10)) * 3  # (T, V)
+    lps = [log_probs(shared + torch.randn(200, 30, generator=torch.Generator().manual_seed(s)) * 0.9)
+           for s in range(3)]  # stages that mostly agree, as trained ones do: some margins clear U_j
     full = combine(lps, [1, 1, 1], 0.0)
     prefix = combine(lps[:1], [1], 0.0)
     gaps = exit_gaps(prefix, full)
     assert (gaps >= 0).all()
-    safe = top2_margin(prefix) > gaps  # margin above U_j: the prefix argmax is the full argmax
-    assert torch.equal(prefix.argmax(-1)[safe], full.argmax(-1)[safe])
+    safe = torch.tensor([top2_margin(row) > gap for row, gap in zip(prefix, gaps.tolist())])  # margin above U_j
+    assert safe.sum() >= 50, f"only {int(safe.sum())} of 200 positions clear their bound: too few to check"
+    assert torch.equal(prefix.argmax(-1)[safe], full.argmax(-1)[safe]), "an exit there keeps the full argmax"
+    assert (prefix.argmax(-1) != full.argmax(-1))[~safe].any(), "elsewhere the prefix argmax does differ at times"
     assert torch.equal(exit_gaps(full, full), torch.zeros(200))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import stage_infos
 
 import stage_workers.worker as worker_module
 from stage_workers.memory import device_memory, kv_tokens_for_memory
@@ -67,5 +68,5 @@ def test_a_model_sized_from_host_memory_serves_the_same_tokens(tiny_dir, tiny_mo
     sized = PoEModel.from_pretrained(tiny_dir, memory_fraction=fraction)
     ids = torch.randint(0, sized.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     assert torch.equal(sized.generate(ids, max_new_tokens=8), tiny_model.generate(ids, max_new_tokens=8))
-    blocks = [info.kv_num_blocks for info in sized.worker_infos()]
-    assert blocks != [info.kv_num_blocks for info in tiny_model.worker_infos()] and min(blocks) > 0
+    blocks = [info.kv_num_blocks for info in stage_infos(sized)]
+    assert blocks != [info.kv_num_blocks for info in stage_infos(tiny_model)] and min(blocks) > 0

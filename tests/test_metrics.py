@@ -9,42 +9,25 @@ request while it runs and return to zero after.
 
 from __future__ import annotations
 
-import time
-import urllib.request
 from collections import Counter
 from types import SimpleNamespace
 
 import openai
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
+from support import BOUNDS, prompt_ids, scrape, wait_for
 
-from coordinator import PoEModel, load_tokenizer
-from tools.client import PoEClient
-from coordinator.http_api.app import HttpServer
+from coordinator import PoEModel
 from coordinator.grpc_api.server import Server
-
-from grpc_modes import BOUNDS
+from coordinator.http_api.app import HttpServer
+from tools.client import PoEClient
 
 MODEL = "tiny"
 KV_TOKENS = 128  # per worker: room for the requests below, not for one of 10 + 200 tokens
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """/metrics as {(sample name, sorted labels but model_name): value}."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+PROMPT_LEN = 10  # tokens per prompt
 
 
 def value(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(tiny_dir)
 
 
 @pytest.fixture
@@ -59,26 +42,15 @@ def served(tiny_dir, tokenizer):
     grpc_server.stop(0)
 
 
-def prompt_ids(seed: int, length: int = 10) -> list[int]:
-    return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_counts_equal_what_was_sent_over_http_and_grpc(served, tokenizer):
     client, grpc = served.client, served.grpc
     for seed in (1, 2):
-        client.completions.create(model=MODEL, prompt=prompt_ids(seed), max_tokens=5, temperature=0)
-    wand = client.completions.create(model=MODEL, prompt=prompt_ids(3), max_tokens=6,
+        client.completions.create(model=MODEL, prompt=prompt_ids(seed, PROMPT_LEN), max_tokens=5, temperature=0)
+    wand = client.completions.create(model=MODEL, prompt=prompt_ids(3, PROMPT_LEN), max_tokens=6,
                                      extra_body={"poe_mode": "wand", "p99_bounds": BOUNDS})
     client.completions.create(model=MODEL, prompt="x = 1", max_tokens=3, temperature=0)
-    spec = grpc.generate(token_ids=prompt_ids(4), max_new_tokens=8, mode="speculative", k_draft=3)
-    list(grpc.stream(token_ids=prompt_ids(5), max_new_tokens=4))
+    spec = grpc.generate(token_ids=prompt_ids(4, PROMPT_LEN), max_new_tokens=8, mode="speculative", k_draft=3)
+    list(grpc.stream(token_ids=prompt_ids(5, PROMPT_LEN), max_new_tokens=4))
     m = scrape(served.url)
 
     num_requests, prompt_tokens = 6, 5 * 10 + len(tokenizer.encode("x = 1"))
@@ -100,8 +72,8 @@ def test_counts_equal_what_was_sent_over_http_and_grpc(served, tokenizer):
 
 
 def test_gauges_follow_a_running_request(served):
-    stream = served.client.completions.create(model=MODEL, prompt=prompt_ids(6), max_tokens=100, temperature=0,
-                                              stream=True)
+    stream = served.client.completions.create(model=MODEL, prompt=prompt_ids(6, PROMPT_LEN), max_tokens=100,
+                                              temperature=0, stream=True)
     chunks = iter(stream)
     next(chunks)  # it runs
     m = scrape(served.url)
@@ -116,7 +88,7 @@ def test_gauges_follow_a_running_request(served):
 
 
 def test_every_ending_is_counted_by_its_reason(served):
-    client, ids = served.client, prompt_ids(7)
+    client, ids = served.client, prompt_ids(7, PROMPT_LEN)
     text = client.completions.create(model=MODEL, prompt=ids, max_tokens=20, temperature=0).choices[0].text
     cut = client.completions.create(model=MODEL, prompt=ids, max_tokens=20, temperature=0, stop=text[4:7])
     assert cut.choices[0].finish_reason == "stop"
@@ -137,7 +109,7 @@ def test_stage_busy_time_counts_the_stages_a_request_ran_through(served):
     first = scrape(served.url)
     assert busy(first) == [0, 0, 0, 0]
     assert [value(first, "poe:stage_replicas", stage=str(k)) for k in range(4)] == [1, 1, 1, 1]
-    ids = prompt_ids(6)
+    ids = prompt_ids(6, PROMPT_LEN)
     served.client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0,
                                      extra_body={"poe_mode": "stage", "stage": 0})
     only_first = busy(scrape(served.url))
@@ -155,3 +127,19 @@ def test_a_scrape_while_a_worker_cannot_answer_leaves_out_busy_time_and_nothing_
     m = scrape(served.url)
     assert not any(name == "poe:stage_busy_seconds_total" for name, _ in m)
     assert value(m, "poe:stage_replicas", stage="0") == 1 and ("poe:num_requests_running", ()) in m
+
+
+def test_every_metrics_attached_to_a_loop_counts_its_requests(tiny_dir):
+    """The engine loop tells each of its observers; a second Metrics joins the first instead of
+    replacing it, and attaching one twice counts once."""
+    from coordinator.serving.metrics import Metrics
+
+    with PoEModel.from_pretrained(tiny_dir) as model:
+        first, second = Metrics(model, "first"), Metrics(model, "second")
+        for metrics in (first, second, first):
+            metrics.attach(model.loop)
+        assert model.loop.observers == [first, second]
+        model.generate([[1, 2, 3]], 2)
+        for metrics in (first, second):
+            lines = metrics.exposition().decode().splitlines()
+            assert f'poe:prompt_tokens_total{{model_name="{metrics.model_name}"}} 3.0' in lines

@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 import torch
+from oracle import Oracle, filtered_logits, top2_margin, window_mask
 
 from checkpoints.writer import init_checkpoint
-from oracle import Oracle, filtered_logits, top2_margin, window_mask
 
 PROMPT = [(7 * i + 3) % 512 for i in range(40)]  # 40 tokens: crosses the short window of 16
 TIE = 1e-4  # margins below this are "ties" the tests set aside

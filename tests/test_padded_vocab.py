@@ -15,9 +15,9 @@ import pytest
 
 from checkpoints.writer import init_checkpoint
 from coordinator import PoEModel, load_tokenizer
-from tools.client import PoEClient
 from coordinator.grpc_api.server import Server
 from coordinator.tokenizer import padded_encoding
+from tools.client import PoEClient
 
 TOKENIZER_VOCAB = 265
 PROMPT = "hello"

@@ -14,6 +14,8 @@ import uuid
 
 import pytest
 import torch
+from fakes import CONFIG, MIXED, VOCAB, FakeWorker, K, LosingWorker, reference_tokens, request
+from support import free_blocks
 
 from coordinator.core import requests as rq
 from coordinator.core.engine import Engine, EngineConfig
@@ -22,10 +24,6 @@ from coordinator.serving_config import config_from_yaml_dict
 from stage_workers.channels import ShmChannel
 from stage_workers.messages import SeqSpec, SeqStep, StepPlan
 from stage_workers.step_runner import StageRunner
-
-from fakes import VOCAB, FakeWorker
-from test_engine import CONFIG, K, LosingWorker, request
-from test_replicas import MIXED, reference_tokens
 
 
 def engine_with(num_micro_batches: int, **engine_kwargs):
@@ -70,7 +68,7 @@ def test_tokens_exits_and_logits_do_not_depend_on_the_number_of_micro_batches():
         assert all(torch.equal(a, b) for a, b in zip(got[-1], expected[-1]))
         calls_per_step = max(len(w.calls) for w in workers) / max(len(plain.pipeline.stages[0].workers[0].calls), 1)
         assert num_micro_batches == 1 or calls_per_step > 1, "stage 0 ran several micro-batches per step"
-        assert engine.free_blocks == engine.capacity
+        assert free_blocks(engine) == engine.capacity
 
 
 def test_each_stage_runs_the_micro_batches_in_order_and_only_those_that_reach_it():
@@ -127,7 +125,7 @@ def test_stage_1_computes_micro_batch_0_while_stage_0_computes_micro_batch_1():
     for a, b in zip(runners, runners[1:]):
         reader = ShmChannel.create(f"test-{tag}-{a.worker_id}", 1 << 16, 2)
         writer = ShmChannel.attach(f"test-{tag}-{a.worker_id}", 1 << 16, 2)
-        a.outbound[b.worker_id], b.inbound[a.worker_id] = writer, reader
+        a.neighbours.outbound[b.worker_id], b.neighbours.inbound[a.worker_id] = writer, reader
         channels += [reader, writer]
     homes = tuple(range(K))
     specs = tuple(SeqSpec(seq_id, "sample", homes, (1.0,) * K, 0.0) for seq_id in (0, 1))
@@ -158,7 +156,7 @@ def test_a_worker_lost_mid_wavefront_is_rebuilt_and_tokens_are_unchanged():
     engine.run_to_completion(seqs)
     assert all(seq.recoveries == 2 for seq in seqs), "both losses were recovered"
     assert [(s.new_tokens, s.stages_used) for s in seqs] == reference_tokens()
-    assert engine.free_blocks == engine.capacity
+    assert free_blocks(engine) == engine.capacity
 
 
 def test_pipeline_micro_batches_is_read_from_yaml_and_checked():
@@ -198,4 +196,4 @@ def test_ray_cluster_with_two_micro_batches_gives_the_plain_model_tokens(ray_ses
     with PoEModel.on_ray(tiny_dir, config=ServingConfig(engine=EngineConfig(pipeline_micro_batches=2))) as cluster:
         assert cluster.engine.engine_config.pipeline_micro_batches == 2
         assert [(s.new_tokens, s.stages_used) for s in cluster.run(jobs)] == expected
-        assert cluster.engine.free_blocks == cluster.engine.capacity
+        assert free_blocks(cluster.engine) == cluster.engine.capacity

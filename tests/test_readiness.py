@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator import PoEModel, load_tokenizer
-from tools.client import PoEClient
 from coordinator.grpc_api.server import SERVICE_NAME, Server
 from stage_workers.messages import WorkerLost
+from tools.client import PoEClient
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

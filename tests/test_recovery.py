@@ -20,10 +20,9 @@ import ray
 import torch
 
 from coordinator import PoEModel, load_tokenizer
-from tools.client import PoEClient
-from coordinator import PoEModel
 from coordinator.grpc_api.server import Server
 from coordinator.serving_config import ServingConfig
+from tools.client import PoEClient
 
 NEW_TOKENS = 40
 JOBS = [  # (client kwargs, reference call)

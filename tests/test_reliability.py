@@ -22,21 +22,31 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import (
+    BAD_GENERATE,
+    BOUNDS,
+    INF,
+    MODES,
+    NAN,
+    NUM_STAGES,
+    SEQ_LEN,
+    VOCAB,
+    edited,
+    gen,
+    kv_in_use,
+    new_tokens,
+    non_utf8_prompt,
+    prompt_ids,
+    wait_until_kv_free,
+)
 
-from coordinator import PoEModel, load_tokenizer, wire
-from tools.client import PoEClient, build_request
+from coordinator import PoEModel
 from coordinator.core.requests import MAX_K_DRAFT
-from coordinator.grpc_api.server import MAX_MESSAGE_BYTES, SERVICE_NAME, TRANSPORT_MAX_BYTES, Server
+from coordinator.grpc_api import wire
+from coordinator.grpc_api.server import SERVICE_NAME, TRANSPORT_LIMIT, Server
+from coordinator.serving_config import DEFAULT_MAX_REQUEST_BYTES as MAX_MESSAGE_BYTES
 from protos import poe_serving_pb2 as pb
-
-from grpc_modes import BOUNDS, MODES
-
-VOCAB, SEQ_LEN, NUM_STAGES = 512, 256, 4  # the tiny preset; checked against the checkpoint below
-NAN, INF = math.nan, math.inf
-
-
-def prompt_ids(seed: int, length: int = 20) -> list[int]:
-    return torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+from tools.client import PoEClient, build_request
 
 
 class Expected:
@@ -49,7 +59,7 @@ class Expected:
         key = (mode, tuple(ids), n)
         with self.lock:
             if key not in self.cache:
-                self.cache[key] = MODES[mode][1](self.model, torch.tensor([ids]), n)[0, len(ids):].tolist()
+                self.cache[key] = new_tokens(self.model, mode, ids, n)
             return self.cache[key]
 
 
@@ -61,21 +71,10 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir):
-    model = PoEModel.from_pretrained(tiny_dir)
-    c = model.config
-    assert (c.vocab_size, c.sequence_len, c.num_stages) == (VOCAB, SEQ_LEN, NUM_STAGES), "constants out of date"
-    return model
-
-
-@pytest.fixture(scope="module")
 def expected(reference):
+    c = reference.config
+    assert (c.vocab_size, c.sequence_len, c.num_stages) == (VOCAB, SEQ_LEN, NUM_STAGES), "support.py's constants: out of date"
     return Expected(reference)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(tiny_dir)
 
 
 def serve(model: PoEModel, tokenizer, **kwargs) -> Served:
@@ -93,29 +92,6 @@ def served(tiny_dir, tokenizer):
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def kv_in_use(model: PoEModel) -> int:
-    """KV blocks held on the workers plus blocks the engine has promised to sequences (0 at rest)."""
-    held = sum(w.kv_num_blocks - w.kv_free_blocks for w in model.worker_infos())
-    promised = sum(cap - free for cap, free in zip(model.engine.capacity, model.engine.free_blocks))
-    return held + promised
-
-
-def wait_until_kv_free(model: PoEModel, timeout: float = 10.0) -> float:
-    """Seconds until every worker's free blocks and the engine's free blocks are back to capacity
-    and the engine holds no sequence (KV is also free for a moment while aborts of waiting requests
-    are still queued for the engine loop and it has yet to admit the next ones)."""
-    t0 = time.perf_counter()
-    while kv_in_use(model) or model.engine.has_work():
-        workers = [(w.kv_free_blocks, w.kv_num_blocks) for w in model.worker_infos()]
-        assert time.perf_counter() - t0 < timeout, (
-            f"KV not released after {timeout}s: (free, total) blocks per worker {workers}, "
-            f"engine {model.engine.free_blocks} free of {model.engine.capacity}, "
-            f"{len(model.engine.waiting)} sequences waiting and {len(model.engine.running)} running"
-        )
-        time.sleep(0.005)
-    return time.perf_counter() - t0
-
-
 def call_raw(client: PoEClient, method: str, data: bytes, timeout: float = 60):
     """Send serialized bytes as they are (no client-side serialization) and return the raw reply."""
     path = f"/{SERVICE_NAME}/{method}"
@@ -137,72 +113,7 @@ def assert_still_serving(served: Served, expected: Expected) -> None:
 
 
 # ---- 1. bad input matrix -------------------------------------------------------------------
-def gen(**kwargs) -> pb.GenerateRequest:
-    return build_request(**{"token_ids": [1, 2, 3], "max_new_tokens": 2, **kwargs})
-
-
-def edited(message, edit):
-    edit(message)
-    return message
-
-
-def non_utf8_prompt(message) -> bytes:
-    """`message` (whose prompt is "AB") serialized with the prompt's two bytes made invalid UTF-8."""
-    data = message.SerializeToString()
-    assert data.count(b"\x0a\x02AB") == 1
-    return data.replace(b"\x0a\x02AB", b"\x0a\x02\xc3\x28")
-
-
-def comp(stages, weights=None) -> pb.GenerateRequest:
-    return gen(mode="composition", stages=stages, stage_weights=weights)
-
-
-# (case, payload: a message or raw bytes, the field the details must name). Cases already in
-# tests/test_grpc.py (stage 9, max_stages 0, stages [0, 0], a NaN weight, k_draft 10000, token
-# 10**6, max_new_tokens 10**6) are not repeated.
-BAD_GENERATE = [
-    ("max_stages above the stage count", gen(mode="prefix", max_stages=NUM_STAGES + 1), "max_stages"),
-    ("max_stages at the uint32 limit", gen(mode="prefix", max_stages=2**32 - 1), "max_stages"),
-    ("stage at the uint32 limit", gen(mode="stage", stage=2**32 - 1), "stage"),
-    ("stages empty", edited(gen(), lambda m: m.composition.SetInParent()), "stages"),
-    ("stages entry out of range", comp([0, NUM_STAGES]), "stages"),
-    ("stages duplicated among three", comp([1, 3, 1], [1.0] * 3), "stages"),
-    ("stage_weights zero", comp([0, 1], [1.0, 0.0]), "stage_weights"),
-    ("stage_weights negative", comp([0, 1], [-1.0, 1.0]), "stage_weights"),
-    ("stage_weights inf", comp([0, 1], [INF, 1.0]), "stage_weights"),
-    ("stage_weights 1e-310 (0 in fp32)", comp([0, 1], [1e-310, 1e-310]), "stage_weights"),
-    ("stage_weights 1e300 (inf in fp32)", comp([0, 1], [1e300, 1.0]), "stage_weights"),
-    ("stage_weights fewer than stages", comp([0, 1, 2], [1.0, 1.0]), "stage_weights"),
-    ("stage_weights more than stages", comp([2], [1.0, 1.0]), "stage_weights"),
-    ("k_draft one above the maximum", gen(mode="speculative", k_draft=MAX_K_DRAFT + 1), "k_draft"),
-    ("draft_stage out of range", gen(mode="speculative", draft_stage=NUM_STAGES), "draft_stage"),
-    ("wand safety negative", gen(mode="wand", safety=-0.5), "safety"),
-    ("wand safety NaN", gen(mode="wand", safety=NAN), "safety"),
-    ("wand safety inf", gen(mode="wand", safety=INF), "safety"),
-    ("p99_bounds too few", gen(mode="wand", p99_bounds=[0.5] * (NUM_STAGES - 1)), "p99_bounds"),
-    ("p99_bounds too many", gen(mode="wand", p99_bounds=[0.5] * (NUM_STAGES + 1)), "p99_bounds"),
-    ("p99_bounds negative", gen(mode="wand", p99_bounds=[0.6, -0.1, 0.6, 0.0]), "p99_bounds"),
-    ("p99_bounds NaN", gen(mode="wand", p99_bounds=[0.6, NAN, 0.6, 0.0]), "p99_bounds"),
-    ("neither prompt nor token_ids", pb.GenerateRequest(max_new_tokens=2), "input"),
-    ("token_ids empty", edited(pb.GenerateRequest(max_new_tokens=2), lambda m: m.token_ids.SetInParent()), "token_ids"),
-    ("token id equal to the vocab size", gen(token_ids=[1, VOCAB]), "token_ids"),
-    ("token_ids longer than the context", gen(token_ids=[1] * (SEQ_LEN + 1)), "token_ids"),
-    ("prompt longer than the context", gen(token_ids=None, prompt=" x" * (2 * SEQ_LEN)), "prompt"),
-    ("prompt filling the context", gen(token_ids=[1] * SEQ_LEN, max_new_tokens=1), "max_new_tokens"),
-    ("max_new_tokens one past the context", gen(token_ids=[1] * 200, max_new_tokens=SEQ_LEN - 199), "max_new_tokens"),
-    ("stop token id equal to the vocab size", gen(stop_token_ids=[3, VOCAB]), "stop_token_ids"),
-    ("temperature negative", gen(temperature=-0.5), "temperature"),
-    ("temperature NaN", gen(temperature=NAN), "temperature"),
-    ("temperature inf", gen(temperature=INF), "temperature"),
-    ("temperature 1e-300 (0 in fp32)", gen(temperature=1e-300), "temperature"),
-    ("top_p above 1", gen(temperature=0.8, top_p=1.5), "top_p"),
-    ("top_p negative", gen(temperature=0.8, top_p=-0.2), "top_p"),
-    ("top_p NaN", gen(temperature=0.8, top_p=NAN), "top_p"),
-    ("sampling with WAND", gen(mode="wand", temperature=0.8), "sampling"),
-    ("sampling with speculation", gen(mode="speculative", temperature=0.8), "sampling"),
-    ("prompt not UTF-8", non_utf8_prompt(gen(token_ids=None, prompt="AB")), "prompt"),
-    ("bytes that are not a message", b"\xff\xff\xff\xff", "request"),
-]
+# support.py's bad Generate requests (shared with the HTTP suite), and the other RPCs'
 BAD_INPUTS = [(case, "Generate", payload, field) for case, payload, field in BAD_GENERATE] + [
     ("stream: stage out of range", "GenerateStream", gen(mode="stage", stage=NUM_STAGES), "stage"),
     ("stream: prompt not UTF-8", "GenerateStream", non_utf8_prompt(gen(token_ids=None, prompt="AB")), "prompt"),
@@ -250,7 +161,7 @@ def test_zero_values_mean_the_documented_defaults(served, expected, reference):
 
 
 def test_an_oversize_message_is_invalid_argument_naming_its_largest_field(served, expected):
-    """Over MAX_MESSAGE_BYTES (4 MiB) the server refuses the request before parsing it, naming the
+    """Over max_request_bytes (4 MiB by default) the server refuses the request before parsing it, naming the
     field that made it large; only past gRPC's transport limit is it RESOURCE_EXHAUSTED, from
     gRPC itself. Just under the limit the message is parsed and refused by validation."""
     for field, message in [("prompt", gen(token_ids=None, prompt="x" * (MAX_MESSAGE_BYTES + 1))),
@@ -259,7 +170,7 @@ def test_an_oversize_message_is_invalid_argument_naming_its_largest_field(served
             call_raw(served.client, "Generate", message.SerializeToString())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and names(field, err.value.details())
         assert f"at most {MAX_MESSAGE_BYTES:,}" in err.value.details()
-    beyond = gen(token_ids=None, prompt="x" * (TRANSPORT_MAX_BYTES + 1)).SerializeToString()
+    beyond = gen(token_ids=None, prompt="x" * (TRANSPORT_LIMIT * MAX_MESSAGE_BYTES + 1)).SerializeToString()
     with pytest.raises(grpc.RpcError) as err:
         call_raw(served.client, "Generate", beyond)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.value.details()
@@ -729,3 +640,17 @@ def test_soak_mixed_modes_from_several_clients_gets_every_token_right(served, ex
     assert failures == [] and wrong_tokens == 0
     assert set(modes) == set(MODES), f"every mode ran: {dict(modes)}"
     wait_until_kv_free(served.model)
+
+
+def test_max_request_bytes_is_the_grpc_limit_too(tiny_dir, tokenizer):
+    with PoEModel.from_pretrained(tiny_dir) as model:
+        server = Server(model, tokenizer, port=0, max_request_bytes=2_000)
+        try:
+            with PoEClient(server.address, timeout=30) as client:
+                with pytest.raises(grpc.RpcError) as err:
+                    client.generate(prompt="x" * 3_000, max_new_tokens=2)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert err.value.details().startswith("prompt:") and "at most 2,000" in err.value.details()
+                assert len(client.generate(token_ids=[1, 2, 3], max_new_tokens=2).token_ids) == 2
+        finally:
+            server.stop(grace=0)

@@ -8,22 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakes import CONFIG, MIXED, FakeWorker, K, greedy, reference_tokens, request
+from support import free_blocks, stage_infos
 
 from coordinator.core import requests as rq
 from coordinator.core.engine import Engine
 from coordinator.core.pipeline import Pipeline
-
-from fakes import FakeWorker
-from test_engine import CONFIG, K, greedy, make_engine, request, run
-
-MIXED = [  # (prompt, max_new_tokens, mode)
-    ([1, 2], 8, rq.full_mode(CONFIG)),
-    ([3], 9, rq.speculative_mode(CONFIG, 1, 2)),
-    ([4, 4, 4], 8, rq.wand_mode(CONFIG, 1.0, (1.0, 1.0, 1.0, 0.0))),
-    ([9, 1], 6, rq.composition_mode(CONFIG, [0, 3], [0.5, 2.0])),
-    ([5, 6, 7], 7, rq.full_mode(CONFIG)),
-    ([2, 2], 5, rq.prefix_mode(CONFIG, 3)),
-]
 
 
 def replicated_engine(replicas: list[int], stage0_blocks: int = 64):
@@ -37,11 +27,6 @@ def seqs_seen(fake: FakeWorker) -> set[int]:
     return {seg[0] for call in fake.calls for seg in call}
 
 
-def reference_tokens() -> list[tuple[list[int], list[int]]]:
-    engine, _ = make_engine()
-    return [(s.new_tokens, s.stages_used) for s in (run(engine, request(*job)) for job in MIXED)]
-
-
 @pytest.mark.parametrize("replicas", [[3, 1, 1, 1], [2, 1, 2, 1]], ids=["stage0x3", "stage0x2-stage2x2"])
 def test_sequences_spread_over_replicas_stay_on_theirs_and_keep_their_tokens(replicas):
     engine, fakes = replicated_engine(replicas)
@@ -53,7 +38,7 @@ def test_sequences_spread_over_replicas_stay_on_theirs_and_keep_their_tokens(rep
         assert all(seen), f"stage {k}: every replica runs some sequence"
         assert sum(len(s) for s in seen) == len(set().union(*seen)), f"stage {k}: a sequence ran on two replicas"
     assert any(len(c) > 1 for f in fakes[0] for c in f.calls), "a replica's part of a step holds several sequences"
-    assert engine.free_blocks == engine.capacity and not any(f.tokens for stage in fakes for f in stage)
+    assert free_blocks(engine) == engine.capacity and not any(f.tokens for stage in fakes for f in stage)
 
 
 def test_a_sequence_must_fit_one_replica():
@@ -84,7 +69,7 @@ def test_removing_a_replica_mid_generation_moves_its_sequences_and_keeps_their_t
     for seq_id in moved:  # rebuilt on a remaining replica from position 0
         first = [seg for f in fakes[0] if f is not removed for c in f.calls for seg in c if seg[0] == seq_id][0]
         assert first[1] == 0 and first[2] > 1
-    assert engine.free_blocks == engine.capacity
+    assert free_blocks(engine) == engine.capacity
 
 
 def test_removing_a_replica_refuses_when_the_others_lack_room_and_changes_nothing():
@@ -117,7 +102,7 @@ def test_replicas_of_the_tiny_model_give_the_plain_model_outputs(tiny_dir, tiny_
     from coordinator import PoEModel
 
     model = PoEModel.from_pretrained(tiny_dir, replicas=[2, 1, 2, 1])
-    assert len(model.workers) == 6 and len(model.worker_infos()) == 4
+    assert len(model.workers) == 6 and len(stage_infos(model)) == 4
     ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(4))
     for call in (lambda m: m.generate(ids, 8), lambda m: m.generate_speculative(ids, 0, 3, 8),
                  lambda m: m.generate_wand(ids, 8, p99_bounds=[0.6, 0.6, 0.6, 0.0])):
@@ -153,4 +138,4 @@ def test_ray_stage_scales_down_and_up_while_requests_run(ray_session, tiny_dir, 
         later = cluster.run(jobs[:2])  # the new replica is the least loaded
         assert [h.result(timeout=300).new_tokens for h in handles] == expected
         assert [s.new_tokens for s in later] == expected[:2]
-        assert cluster.engine.free_blocks == cluster.engine.capacity
+        assert free_blocks(cluster.engine) == cluster.engine.capacity

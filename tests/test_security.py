@@ -1,45 +1,22 @@
 """Bearer tokens, TLS and mutual TLS on the real gRPC server, over the in-process model.
 
 Certificates are made per test session with the `openssl` command line (a CA, a server
-certificate for 127.0.0.1/localhost, and a client certificate signed by the same CA).
+certificate for 127.0.0.1/localhost, and a client certificate signed by the same CA: the
+`certs` fixture in conftest.py).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import TOKEN
 
 from coordinator import PoEModel, load_tokenizer
 from coordinator.grpc_api.admin import ADMIN_SERVICE_NAME
-from tools.client import PoEClient
-from coordinator.serving.security import ServerSecurity, client_credentials
 from coordinator.grpc_api.server import SERVICE_NAME, Server
-
-TOKEN = "s3cret-token"
-
-
-def openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl command line is needed to make test certificates (apt install openssl)")
-    d = tmp_path_factory.mktemp("certs")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=poe-serve test CA", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
-    return d
+from coordinator.serving.security import ServerSecurity, client_credentials
+from tools.client import PoEClient
 
 
 @pytest.fixture(scope="module")

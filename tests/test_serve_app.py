@@ -16,8 +16,8 @@ from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what Serve does with `args`
 
 from coordinator import PoEModel, load_tokenizer
-from tools.client import PoEClient
 from coordinator.ray_cluster.serve_app import Coordinator, build
+from tools.client import PoEClient
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_check_health_fails_once_the_engine_loop_is_down(coordinator):
 
 def test_a_drain_covers_both_fronts_and_fails_the_health_check(coordinator):
     assert coordinator.front.drain is coordinator.grpc.admission  # one drain: HTTP and gRPC
-    assert coordinator.serving.drain(timeout=5) == 0
+    assert coordinator.drain(timeout=5) == 0
     with pytest.raises(RuntimeError, match="draining"):
         coordinator.check_health()
 

@@ -9,12 +9,12 @@ import time
 import uuid
 
 import pytest
+from fakes import FakeWorker
 
-from stage_workers.channels import Interrupted, ShmChannel
+from stage_workers.channels import ShmChannel
+from stage_workers.framing import Interrupted
 from stage_workers.messages import StepPlan
 from stage_workers.step_runner import StageRunner
-
-from fakes import FakeWorker
 
 
 def channel_pair(tag: str):
@@ -27,7 +27,7 @@ def channel_pair(tag: str):
 def runner():
     control, coordinator = channel_pair("ctl")
     data_in, upstream = channel_pair("data")
-    r = StageRunner(FakeWorker(1, 4), worker_id=1, num_stages=4)
+    r = StageRunner(FakeWorker(1, 4), worker_id=1, num_stages=4).neighbours
     r.control = control
     yield r, coordinator, data_in, upstream
     for channel in (coordinator, control, upstream, data_in):

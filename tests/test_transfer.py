@@ -78,7 +78,7 @@ def resident_tensors(worker: StageWorker) -> list[torch.Tensor]:
 
 def decode_batch(worker: StageWorker, seq_lengths: list[int]) -> ExtendBatch:
     """One new position per sequence after `seq_lengths` cached ones, as the pipeline sends it."""
-    segments = [Segment(seq_id, n, 1, num_heads=1) for seq_id, n in enumerate(seq_lengths)]
+    segments = [Segment(seq_id, n, 1, num_logits=1) for seq_id, n in enumerate(seq_lengths)]
     N, C = len(segments), worker.config.n_embd
     trunk = None
     if worker.stage:  # a boundary state from upstream, arriving on the host as from a Ray actor
@@ -109,7 +109,7 @@ def test_a_decode_step_on_a_device_needs_no_host_sync(tiny_dir, stage):
 def test_a_prefill_chunk_with_heads_needs_no_host_sync(tiny_dir):
     worker = meta_worker(tiny_dir, 0)
     worker.cache.reserve(0, 5)
-    segments = [Segment(0, 5, 20, num_heads=3), Segment(1, 0, 7, num_heads=0)]
+    segments = [Segment(0, 5, 20, num_logits=3), Segment(1, 0, 7, num_logits=0)]
     batch = ExtendBatch(segments, torch.randint(0, 100, (27,)), prev_token_ids=torch.tensor([9, -1]))
     with HostSyncAudit("meta", resident_tensors(worker)) as audit:
         result = worker.extend(batch)
@@ -152,7 +152,7 @@ def test_to_device_and_to_host_are_no_ops_on_the_cpu():
 
 
 def decode_positions(worker, lengths: list[int]) -> ExtendBatch:
-    """One new position per sequence after `lengths` cached ones, every row with a head."""
+    """One new position per sequence after `lengths` cached ones, every row with logits."""
     N, C = len(lengths), worker.config.n_embd
     g = torch.Generator().manual_seed(sum(lengths))
     trunk = None if worker.stage == 0 else TrunkState(*(torch.randn(N, C, generator=g) for _ in range(3)))

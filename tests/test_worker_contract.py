@@ -18,7 +18,7 @@ BROKEN = {
     "a gap": lambda w: ExtendBatch([Segment(0, 3, 1)], torch.tensor([5]), torch.tensor([1])),
     "a sequence twice": lambda w: ExtendBatch([Segment(0, 0, 1), Segment(0, 0, 1)], torch.tensor([5, 6]),
                                               torch.tensor([-1, -1])),
-    "more heads than positions": lambda w: ExtendBatch([Segment(0, 0, 1, 2)], torch.tensor([5]), torch.tensor([-1])),
+    "more logit rows than positions": lambda w: ExtendBatch([Segment(0, 0, 1, 2)], torch.tensor([5]), torch.tensor([-1])),
     "past the context": lambda w: ExtendBatch([Segment(0, 0, w.config.sequence_len + 1)],
                                               torch.zeros(w.config.sequence_len + 1, dtype=torch.long),
                                               torch.tensor([-1])),

@@ -128,7 +128,8 @@ class BearerToken:
 
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` is refused (413) before it is parsed or
-    tokenized: by its Content-Length when given, else as its chunks arrive."""
+    tokenized: by its Content-Length when given, else once the chunks read so far pass it (the
+    body is read here, at most `max_bytes` of it, then handed on)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -138,30 +139,32 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(int(length))(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+            return await self._refuse(f"{int(length):,} bytes")(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge(seen)
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(f"more than {self.max_bytes:,} bytes")(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge as exc:
-            await self._refuse(exc.args[0], "at least ")(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: a disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-    def _refuse(self, size: int, at_least: str = "") -> JSONResponse:
-        return ApiError(413, f"request body: {at_least}{size:,} bytes; allowed: at most {self.max_bytes:,} "
+        await self.app(scope, replay, send)
+
+    def _refuse(self, size: str) -> JSONResponse:
+        return ApiError(413, f"request body: {size}; allowed: at most {self.max_bytes:,} "
                         "(max_request_bytes in the serving config)", "invalid_request_error",
                         code="request_too_large").response()
-
-
-class _TooLarge(Exception):
-    """A streamed body grew past the limit."""
 
 
 class Admission:

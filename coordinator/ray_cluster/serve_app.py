@@ -116,7 +116,7 @@ class PoECoordinator:
         self.coordinator.check_health()
 
     def __del__(self):
-        self.coordinator.serving.drain(self.args.shutdown_timeout_s)
+        self.coordinator.drain(self.args.shutdown_timeout_s)
         self.cluster.shutdown()
 
 
