@@ -122,3 +122,9 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked before_session_ray run first, before a test starts the session's Ray: they start
+    Ray heads of their own on Ray's default ports, which that one would hold."""
+    items.sort(key=lambda item: item.get_closest_marker("before_session_ray") is None)
