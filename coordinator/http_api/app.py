@@ -6,8 +6,8 @@ draining, the engine loop runs and no stage is down) and `/metrics` (Prometheus,
 coordinator/serving/metrics.py). The probes answer without the bearer token, as vLLM's /health does: a
 Kubernetes probe cannot read a Secret. A completion counts as in flight in the server's `Drain`
 (shared with gRPC) until its last byte is sent; once the drain started, new ones are 503. A
-completion is validated at the boundary (http_schema's pydantic models, then the gRPC checks
-through http_wire), submitted to the shared engine loop as one sequence per choice, and its
+completion is validated at the boundary (schema.py's pydantic models, then the gRPC checks
+through wire.py), submitted to the shared engine loop as one sequence per choice, and its
 events become JSON as they come. A client that goes away has its sequences aborted, freeing its
 KV, as gRPC does. Errors are OpenAI's JSON shape: 400 naming the field, 401, 404, 429 (queue
 full), 503 (a lost worker, not ready, draining). `prompt_logprobs` is the one place the front
