@@ -43,6 +43,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PoEServing"].full_name
 REQUEST_TYPES = {m.name: getattr(pb, m.input_type.name) for m in pb.DESCRIPTOR.services_by_name["PoEServing"].methods}
 TRANSPORT_LIMIT = 4  # gRPC's own limit, in request limits: larger is RESOURCE_EXHAUSTED before any handler
 HANDLER_HEADROOM = 16  # handler threads beyond running + queued requests: health checks, quick refusals
+FLUSH_GRACE_S = 1.0  # after a drain: the requests that finished send their last message; the rest are cancelled
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
@@ -255,11 +256,12 @@ class Server:
     def drain(self, deadline: float) -> int:
         """Stop admitting (health NOT_SERVING at once, new requests UNAVAILABLE), let the requests in
         flight finish until `deadline` (time.monotonic()), then stop, cancelling the rest.
-        Returns how many were still running at the deadline."""
+        Returns how many were still running at the deadline. A handler that returned may not have
+        sent its last message and status yet: those get FLUSH_GRACE_S before the stop cancels."""
         self.admission.start()
         self.update_health()
         left = self.admission.wait(deadline)
-        self.stop(0)
+        self.stop(FLUSH_GRACE_S)
         return left
 
     def stop(self, grace: float = 5.0) -> None:
