@@ -10,6 +10,7 @@ them. This module knows nothing of Ray or gRPC: a backend owns where its workers
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from coordinator.core.wand import bounds_from_gaps, exit_gaps
 from stage_workers.compute_thread import off_main_thread
 from stage_workers.config import ModelConfig, load_config
 from stage_workers.logop import combine, log_probs, normalize
+from stage_workers.messages import WorkerLocation
 from stage_workers.worker import StageWorker, WorkerSpec
 
 
@@ -38,6 +40,9 @@ class InProcessWorkers:
 
     def busy_seconds(self, workers: list) -> list[float]:
         return [w.info().busy_s for w in workers]
+
+    def locations(self, workers: list) -> list[WorkerLocation]:
+        return [WorkerLocation("in-process", "127.0.0.1", w.info().device, os.getpid()) for w in workers]
 
     def scale_stage(self, model: "PoEModel", stage: int, replicas: int) -> None:
         raise ValueError("scale_stage: this model's stage workers run in process, where the replica count is "
@@ -102,6 +107,11 @@ class PoEModel:
     def replica_infos(self) -> list[tuple[int, object]]:
         """(replica index, WorkerInfo) of every worker, stage by stage, in `workers` order."""
         return [(r, w.info()) for stage in self.engine.stages for r, w in enumerate(list(stage.workers))]
+
+    def worker_locations(self) -> list[tuple[int, int, WorkerLocation]]:
+        """(stage, replica, where it runs) of every worker, stage by stage."""
+        workers = [(k, r, w) for k, stage in enumerate(self.engine.stages) for r, w in enumerate(list(stage.workers))]
+        return [(k, r, where) for (k, r, _), where in zip(workers, self.backend.locations([w for _, _, w in workers]))]
 
     def stage_signals(self) -> list[StageSignals]:
         """Each stage's load now (the autoscaler's and the busy-time metric's input): its replicas,

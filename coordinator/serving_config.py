@@ -20,6 +20,7 @@ from coordinator.core.engine import EngineConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local-cpu.yaml"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # a request's bytes, on gRPC and HTTP: larger is refused before it is parsed
 
 
@@ -27,6 +28,9 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # a request's bytes, on gRPC and HTTP: larg
 class StagePlacement:
     num_cpus: float = 0.5  # Ray logical CPUs reserved for the worker
     num_gpus: float = 0.0  # fractional GPUs let one GPU hold several stages
+    resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per worker ({name: amount} in YAML)
+    label_selector: tuple[tuple[str, str], ...] = ()  # Ray node labels the worker's node must match ({key: value})
+    accelerator_type: str | None = None  # Ray's accelerator type (H100, A10G, ...); needs num_gpus > 0
     device: str = "cpu"  # cpu | cuda (Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU)
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     kv_cache_tokens: int | None = None  # KV pool per replica in positions; None: memory_fraction, else 8 * sequence_len
@@ -66,6 +70,9 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
     if raw.get("autoscaling") is not None:
         raw = {**raw, "autoscaling": autoscaling_from_yaml(raw["autoscaling"], where)}
+    for key, check in (("resources", _resource), ("label_selector", _label)):
+        if key in raw:
+            raw = {**raw, key: _mapping(raw[key], f"{where}: {key}", check)}
     p = replace(base, **raw)
     for key in ("num_cpus", "num_gpus"):
         value = getattr(p, key)
@@ -75,6 +82,12 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
         raise ValueError(f"{where}: device={p.device!r}; allowed: cpu, cuda")
     if p.device.startswith("cuda") and p.num_gpus <= 0:
         raise ValueError(f"{where}: device {p.device} needs num_gpus > 0 so Ray assigns a GPU")
+    if p.accelerator_type is not None and (not isinstance(p.accelerator_type, str) or not p.accelerator_type
+                                           or ":" in p.accelerator_type):
+        raise ValueError(f"{where}: accelerator_type={p.accelerator_type!r}; allowed: null or Ray's accelerator "
+                         "name (H100, A100, L4, A10G, ...)")
+    if p.accelerator_type is not None and p.num_gpus <= 0:
+        raise ValueError(f"{where}: accelerator_type {p.accelerator_type} needs num_gpus > 0")
     if p.dtype not in (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
         raise ValueError(f"{where}: dtype={p.dtype!r}; allowed: null, float32, bfloat16, float16")
     for key in ("kv_cache_tokens", "num_threads"):
@@ -96,6 +109,33 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
         raise ValueError(f"{where}: replicas={p.replicas} is outside autoscaling's "
                          f"[min_replicas, max_replicas] = [{scaling.min_replicas}, {scaling.max_replicas}]")
     return p
+
+
+def _mapping(raw, where: str, check) -> tuple:
+    """A YAML mapping as sorted (key, value) pairs, each checked by `check(where, key, value)`."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping {{name: value}}, got {type(raw).__name__}")
+    for key, value in raw.items():
+        check(where, key, value)
+    return tuple(sorted(raw.items()))
+
+
+def _resource(where: str, name, amount) -> None:
+    if not isinstance(name, str) or not name or name in RAY_BUILTIN_RESOURCES:
+        raise ValueError(f"{where}: resource name {name!r}; allowed: a custom resource name (for CPUs and GPUs "
+                         "use num_cpus and num_gpus, for the accelerator accelerator_type)")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < math.inf:
+        raise ValueError(f"{where}: {name}={amount!r} must be a number > 0")
+
+
+def _label(where: str, key, value) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{where}: label key {key!r} must be a non-empty string")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {key}={value!r} must be a non-empty string: a value, or Ray's "
+                         "'in(a,b)', '!value', '!in(a,b)'")
 
 
 def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:

@@ -199,3 +199,29 @@ class ScaleStageResponse(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, replicas: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerLocation(_message.Message):
+    __slots__ = ("stage", "replica", "node_id", "node_ip", "device", "pid")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_IP_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    replica: int
+    node_id: str
+    node_ip: str
+    device: str
+    pid: int
+    def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., node_id: _Optional[str] = ..., node_ip: _Optional[str] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerLocation]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerLocation, _Mapping]]] = ...) -> None: ...

@@ -245,6 +245,11 @@ class PoEAdminStub:
                 request_serializer=protos_dot_poe__serving__pb2.ScaleStageRequest.SerializeToString,
                 response_deserializer=protos_dot_poe__serving__pb2.ScaleStageResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/poe.v1.PoEAdmin/ListWorkers',
+                request_serializer=protos_dot_poe__serving__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=protos_dot_poe__serving__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class PoEAdminServicer:
@@ -259,6 +264,13 @@ class PoEAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """Where every stage worker runs now: its Ray node, address, device and process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoEAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -266,6 +278,11 @@ def add_PoEAdminServicer_to_server(servicer, server):
                     servicer.ScaleStage,
                     request_deserializer=protos_dot_poe__serving__pb2.ScaleStageRequest.FromString,
                     response_serializer=protos_dot_poe__serving__pb2.ScaleStageResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=protos_dot_poe__serving__pb2.ListWorkersRequest.FromString,
+                    response_serializer=protos_dot_poe__serving__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -296,6 +313,33 @@ class PoEAdmin:
             '/poe.v1.PoEAdmin/ScaleStage',
             protos_dot_poe__serving__pb2.ScaleStageRequest.SerializeToString,
             protos_dot_poe__serving__pb2.ScaleStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poe.v1.PoEAdmin/ListWorkers',
+            protos_dot_poe__serving__pb2.ListWorkersRequest.SerializeToString,
+            protos_dot_poe__serving__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -221,6 +221,8 @@ class ShmChannel:
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 raise ChannelTimeout(f"channel {self.name}: {what} before the deadline")
+            if interrupt is not None and interrupt.pending():  # it may have come without a wake-up
+                raise Interrupted(f"channel {self.name}: interrupted while waiting ({what})")
             ready = select.select(watch, [], [], wait)[0]
             if interrupt is not None and interrupt.fileno() in ready and fd not in ready:
                 raise Interrupted(f"channel {self.name}: interrupted while waiting ({what})")
@@ -289,6 +291,10 @@ class ShmChannel:
         finally:
             os.close(fd)
             path.unlink(missing_ok=True)
+
+    def failure(self) -> None:
+        """Shared memory does not break: a peer's death is found by the coordinator's liveness check."""
+        return None
 
     def close(self) -> None:
         self._view.release()

@@ -8,8 +8,14 @@ sends: a header {step, epoch, rows, bytes} and the marshalled plain part over gl
 tensors' bytes as one buffer: over NCCL from GPU memory when the worker's device is a GPU, over
 gloo otherwise. The reader receives on a thread of its own (a gloo receive cannot be polled)
 and signals arrivals on a pipe, so `recv` waits on a file descriptor like `ShmChannel` and can
-be interrupted the same way. This module knows the channel wire format, nothing of what the
-messages mean.
+be interrupted the same way.
+
+The writer connects on its first send, after it announces itself in the store; the reader's
+thread joins the connection only once that announcement is there, waiting in short rounds, so a
+channel that never carries a message (the result channel of a stage that never decides) holds
+no thread inside gloo's connection setup, and `close()` ends the thread in every state. A peer
+that goes away makes `recv` (and `send`) raise `ConnectionError`. This module knows the channel
+wire format, nothing of what the messages mean.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from .messages import decode
 
 HEADER_FIELDS = 5  # step, epoch, rows, marshalled bytes, tensor bytes
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+ANNOUNCE_POLL_S = 0.05  # how often the reader's thread looks for its writer's announcement
+JOIN_TIMEOUT_S = 5.0  # close() waits this long for the reader's thread to end
 
 
 def _gloo(store, name: str, rank: int, host: str):
@@ -50,13 +58,18 @@ class DistChannel:
         self._notify_r, self._notify_w = os.pipe()  # wake-ups (not counts) for a reader waiting in select
         os.set_blocking(self._notify_r, False)
         self._closed = False
+        self._closing = threading.Event()  # wakes the reader's thread while it waits for its writer
         self._error: Exception | None = None
+        self._thread = None
         if is_reader:
-            threading.Thread(target=self._receive_forever, name=f"recv-{name}", daemon=True).start()
+            self._thread = threading.Thread(target=self._receive_forever, name=f"recv-{name}", daemon=True)
+            self._thread.start()
 
     def _connect(self):
         if self._groups is None:
             rank = 1 if self.is_reader else 0
+            if not self.is_reader:
+                self._store.set(f"{self.name}/writer", self._host)  # the reader's thread joins once this is there
             control = _gloo(self._store, self.name, rank, self._host)
             data = control
             if self.device.type == "cuda":
@@ -73,6 +86,12 @@ class DistChannel:
         """Header and marshalled part over gloo; the tensors' bytes as one buffer (NCCL from a GPU).
         (Every message wakes the reader's thread: `wake` is a shared-memory saving.)"""
         assert not self.is_reader, f"channel {self.name}: the reader cannot send"
+        try:
+            self._send(packed)
+        except RuntimeError as exc:  # gloo's word for a reset or closed connection
+            raise ConnectionError(f"channel {self.name}: the peer went away ({exc})") from None
+
+    def _send(self, packed: Packed) -> None:
         control, data = self._connect()
         stream_len = aligned(len(packed.stream))
         on_device = any(t.is_cuda for t in packed.tensors)
@@ -89,7 +108,12 @@ class DistChannel:
     # ---- the reader --------------------------------------------------------------------------
     def _receive_forever(self) -> None:
         try:
+            while not self._store.check([f"{self.name}/writer"]):  # not announced yet: look again unless closed
+                if self._closing.wait(ANNOUNCE_POLL_S):
+                    return
             control, data = self._connect()
+            if self._closed:  # closed while connecting: close() may not have seen the groups
+                self._abort()
             while not self._closed:
                 header = torch.empty(HEADER_FIELDS, dtype=torch.int64)
                 control.recv([header], 0, 0).wait()
@@ -111,7 +135,7 @@ class DistChannel:
         except Exception as exc:  # the channel was closed (its group aborted) or the peer went away
             if not self._closed:
                 self._error = exc
-                os.write(self._notify_w, b"!")
+                os.write(self._notify_w, b"!")  # the descriptors stay open until this thread has ended
 
     def fileno(self) -> int:
         return self._notify_r
@@ -127,6 +151,10 @@ class DistChannel:
         wait_for_message(self, deadline, interrupt, also, check=self._check_peer)
         return self._arrived.popleft()
 
+    def failure(self) -> Exception | None:
+        """Why the connection broke (the peer went away), or None."""
+        return self._error
+
     def _check_peer(self) -> None:
         if self._error is not None:
             raise ConnectionError(f"channel {self.name}: the peer went away ({self._error})")
@@ -137,13 +165,20 @@ class DistChannel:
     def marked(self) -> int:
         return -1
 
+    def _abort(self) -> None:
+        for group in set(self._groups or ()):
+            try:
+                group.abort()
+            except RuntimeError:
+                pass
+
     def close(self) -> None:
+        """Abort the connection and end the reader's thread (an interpreter must not exit with a
+        thread inside gloo: it aborts)."""
         self._closed = True
-        if self._groups is not None:
-            for group in set(self._groups):
-                try:
-                    group.abort()
-                except RuntimeError:
-                    pass
+        self._closing.set()
+        self._abort()
+        if self._thread is not None:
+            self._thread.join(JOIN_TIMEOUT_S)
         for fd in (self._notify_r, self._notify_w):
             os.close(fd)

@@ -74,12 +74,15 @@ def layout(stream: bytes, tensors: list[torch.Tensor]) -> tuple[int, list[int]]:
 def wait_for_message(channel, deadline: float | None, interrupt, also=(), check=None) -> None:
     """Until `channel.pending()`: sleep on its wake-up descriptor (`fileno()`) and on `also`
     (other channels whose messages may come first; here they only wake the wait), unless a message
-    is already there. `interrupt` readable while nothing arrived raises Interrupted; `check()`
-    runs before each sleep (to raise what the channel learnt meanwhile)."""
+    is already there. A message waiting on `interrupt` while nothing arrived raises Interrupted,
+    whether or not it came with a wake-up (one read earlier may have drained it); `check()` runs
+    before each sleep (to raise what the channel learnt meanwhile)."""
     watch = [channel.fileno(), *also] + ([] if interrupt is None else [interrupt.fileno()])
     while not channel.pending():
         if check is not None:
             check()
+        if interrupt is not None and interrupt.pending():
+            raise Interrupted(f"channel {channel.name}: interrupted while waiting (nothing arrived)")
         wait = None if deadline is None else deadline - time.monotonic()
         if wait is not None and wait <= 0:
             raise ChannelTimeout(f"channel {channel.name}: nothing arrived before the deadline")

@@ -42,6 +42,15 @@ class WorkerLost(RuntimeError):
         self.worker_id = worker_id  # which of the stage's workers (None: unknown, so all of them)
 
 
+class PeerLost(ConnectionError):
+    """A channel to a neighbouring worker broke (the peer's process or node went away): the worker
+    reports it, naming the peer, and the coordinator recovers that peer as a lost worker."""
+
+    def __init__(self, worker_id: int, detail: str):
+        super().__init__(f"the channel to worker {worker_id} broke: {detail}")
+        self.worker_id = worker_id
+
+
 class ContractError(RuntimeError):
     """A message broke the data plane's contract (a bug upstream, or a stale peer): the step fails
     on every worker and is undone; the worker goes on serving."""
@@ -156,6 +165,16 @@ class WorkerInfo:
     busy_s: float = 0.0  # seconds spent computing and deciding since the process started (stage utilization)
 
 
+@dataclass(frozen=True)
+class WorkerLocation:
+    """Where a stage worker runs."""
+
+    node_id: str  # Ray's node id (hex); "in-process" for a worker in the coordinator's process
+    node_ip: str
+    device: str
+    pid: int
+
+
 # ---- the step: coordinator -> every worker --------------------------------------------------
 # The step's records are NamedTuples: they cross processes as plain tuples (`encode` below), about
 # ten times cheaper than pickled dataclasses, so a plan of hundreds of sequences costs microseconds.
@@ -215,7 +234,7 @@ class StepPlan(NamedTuple):
     rollbacks: tuple[tuple[int, int], ...] = ()  # (seq_id, length): forget positions >= length
     new: tuple[SeqSpec, ...] = ()
     micro_batches: tuple[tuple[SeqStep, ...], ...] = ()
-    aborted: int = -1  # a step every worker undoes first (it failed somewhere); -1: none
+    aborted: tuple[int, ...] = ()  # steps every worker undoes first (they failed somewhere)
 
 
 class Edge(NamedTuple):
@@ -285,6 +304,7 @@ class StepResult(NamedTuple):
     # rule "logits" only (forward, forward_stage, calibration; never a decode step): (seq_id, stage, (n, V))
     logits: tuple[tuple[int, int, torch.Tensor], ...] = ()
     error: str | None = None  # the step failed here: every worker undoes it
+    lost_peer: int | None = None  # the failure was a broken channel to this worker (PeerLost)
 
 
 # ---- the wire format of the step's messages ----------------------------------------------------
@@ -309,7 +329,7 @@ def encode(message) -> tuple[tuple, list[torch.Tensor]]:
     if kind is StepResult:
         logits = tuple((seq_id, stage) for seq_id, stage, _ in message.logits)
         return (_RESULT, message.step, message.epoch, message.worker_id, tuple(map(tuple, message.decisions)),
-                logits, message.error), [t for _, _, t in message.logits]
+                logits, message.error, message.lost_peer), [t for _, _, t in message.logits]
     if kind is Rewire:
         return (_REWIRE, message.epoch, tuple(map(tuple, message.inbound)), tuple(map(tuple, message.outbound))), []
     raise TypeError(f"{kind.__name__} is not a step message")
@@ -332,9 +352,9 @@ def decode(plain: tuple, tensors: list[torch.Tensor]):
         return StepPlan(step, epoch, frees, rollbacks, specs,
                         tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted)
     if kind == _RESULT:
-        _, step, epoch, worker_id, decisions, logits, error = plain
+        _, step, epoch, worker_id, decisions, logits, error, lost_peer = plain
         return StepResult(step, epoch, worker_id, tuple(Decision(*d) for d in decisions),
-                          tuple((seq_id, stage, t) for (seq_id, stage), t in zip(logits, tensors)), error)
+                          tuple((seq_id, stage, t) for (seq_id, stage), t in zip(logits, tensors)), error, lost_peer)
     if kind == _REWIRE:
         _, epoch, inbound, outbound = plain
         return Rewire(epoch, tuple(Edge(*e) for e in inbound), tuple(Edge(*e) for e in outbound))

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from .framing import Interrupted
-from .messages import Boundary, StepPlan, require
+from .messages import Boundary, PeerLost, StepPlan, require
 
 RECV_TIMEOUT_S = 600.0  # a neighbour that sends nothing this long is stuck; the coordinator also watches
 
@@ -39,7 +39,7 @@ class Neighbours:
         for src in sources:
             channel = self.inbound[src]
             while True:
-                envelope = self.unless_aborted(lambda: channel.recv(deadline, interrupt=self.control), step)
+                envelope = self.unless_aborted(lambda: channel.recv(deadline, interrupt=self.control), step, src)
                 message = envelope.message
                 if (envelope.step, message.micro_batch) == (step, index):
                     break
@@ -55,17 +55,22 @@ class Neighbours:
         for dst, message in messages.items():
             channel = self.outbound[dst]
             self.unless_aborted(lambda: channel.send(message, plan.step, plan.epoch, rows=message.token_ids.shape[0],
-                                                     deadline=deadline, interrupt=self.control), plan.step)
+                                                     deadline=deadline, interrupt=self.control), plan.step, dst)
 
-    def unless_aborted(self, wait, step: int):
+    def unless_aborted(self, wait, step: int, peer: int | None = None):
         """Run `wait` (a receive or send that the coordinator's channel interrupts), keeping the plans
-        that arrive meanwhile for later; a plan that aborts `step` ends it: Interrupted."""
+        that arrive meanwhile for later; a plan that aborts `step` ends it: Interrupted. A broken
+        channel to worker `peer` is PeerLost."""
         while True:
             try:
                 return wait()
+            except ConnectionError as exc:
+                if peer is None:
+                    raise
+                raise PeerLost(peer, str(exc)) from None
             except Interrupted:
                 while self.control.pending():
                     message = self.control.recv().message
                     self.backlog.append(message)
-                    if isinstance(message, StepPlan) and message.aborted == step:
+                    if isinstance(message, StepPlan) and step in message.aborted:
                         raise

@@ -33,7 +33,7 @@ import torch
 from . import decisions as rules
 from .framing import Interrupted
 from .logop import log_probs
-from .messages import Decision, ExtendBatch, Rewire, Segment, SeqSpec, SeqStep, StepPlan, StepResult, require
+from .messages import Decision, ExtendBatch, PeerLost, Rewire, Segment, SeqSpec, SeqStep, StepPlan, StepResult, require
 from .neighbours import Neighbours
 from .rows import Block, Rows, boundary_of, concat_rows, rows_by_sequence
 from .stage_decisions import Onward, StageDecider
@@ -67,8 +67,8 @@ class StageRunner:
         """What the plan changes before its micro-batches: undo an aborted step, forget and roll
         back sequences, learn new ones."""
         state = self.state
-        if plan.aborted >= 0:
-            state.undo(plan.aborted)
+        for step in plan.aborted:
+            state.undo(step)
         for seq_id in plan.frees:
             state.forget(seq_id)
         for seq_id, length in plan.rollbacks:
@@ -224,9 +224,10 @@ def serve_forever(runner: StageRunner, control, results, connect) -> None:
         except Interrupted:
             runner.state.undo(message.step)
             continue
-        except Exception:  # reported to the coordinator, which aborts the step everywhere
+        except Exception as exc:  # reported to the coordinator, which aborts the step everywhere
             runner.state.undo(message.step)
-            result = StepResult(message.step, message.epoch, runner.worker_id, error=traceback.format_exc())
+            result = StepResult(message.step, message.epoch, runner.worker_id, error=traceback.format_exc(),
+                                lost_peer=exc.worker_id if isinstance(exc, PeerLost) else None)
         if result is not None:
             try:
                 neighbours.unless_aborted(

@@ -55,10 +55,11 @@ def messages():
         Boundary(9, 0, (), torch.empty(0, dtype=torch.long), None, None),
         Boundary(2, 0, (Handoff(1, 0, 2, 0, False),), torch.arange(2),
                  TrunkState(torch.randn(2, 4).half(), torch.randn(2, 4).half(), None), None),
-        StepPlan(12, 3, (1, 2), ((3, 9),), specs, steps, 11),
+        StepPlan(12, 3, (1, 2), ((3, 9),), specs, steps, (10, 11)),
         StepResult(12, 3, 4, (Decision(3, 1, 17), Decision(5, 0, logprobs=(-0.5, math.nan), top=(((1, -0.1),),))),
                    ((5, 0, torch.randn(3, 11)),)),
         StepResult(12, 3, 4, error="Traceback: boom"),
+        StepResult(12, 3, 4, error="Traceback: PeerLost", lost_peer=2),
         Rewire(3, (Edge("a", 0, 1),), (Edge("b", 1, 2, 4096, 1),)),
     ]
 
@@ -223,3 +224,39 @@ def test_a_torch_distributed_channel_carries_every_message_between_processes():
         out.close()
         replies.close()
     assert process.exitcode == 0
+
+
+def test_a_message_waiting_on_the_interrupt_channel_without_a_wake_up_still_interrupts():
+    """A plan may come without a wake-up (its worker is woken by upstream data), and a read of an
+    earlier message may drain the wake-up of a later one: waiting for data must still see it."""
+    data, control = ShmChannel.create(name()), ShmChannel.create(name())
+    data_writer, control_writer = ShmChannel.attach(data.name), ShmChannel.attach(control.name)
+    try:
+        control_writer.send(StepPlan(1, 0), 1, 0, wake=False)
+        with pytest.raises(Interrupted):
+            data.recv(time.monotonic() + 5, interrupt=control)
+        with pytest.raises(Interrupted):  # a sender waiting for a free slot too
+            for step in range(data.num_slots + 1):
+                data_writer.send(StepPlan(step, 0), step, 0, deadline=time.monotonic() + 5, interrupt=control)
+    finally:
+        for channel in (data_writer, control_writer, data, control):
+            channel.close()
+
+
+def test_a_torch_distributed_channel_that_never_carries_a_message_ends_its_thread_on_close():
+    """The reader's thread waits for its writer in short rounds, outside gloo's connection setup,
+    so close() ends it (an interpreter exiting with a thread inside gloo aborts)."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from stage_workers.dist_channel import DistChannel
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    reader = DistChannel(name(), f"127.0.0.1:{store.port}", is_reader=True, host="127.0.0.1")
+    time.sleep(0.3)
+    assert reader.failure() is None
+    reader.close()
+    assert not [t for t in threading.enumerate() if t.name == f"recv-{reader.name}"]

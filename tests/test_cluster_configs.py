@@ -575,6 +575,16 @@ BAD_PLACEMENTS = {  # id: (file text, what the error must say after the file nam
                                      "stages[0]: replicas=3 is outside autoscaling's [min_replicas, max_replicas] = [1, 2]"),
     "cluster-autoscaling-not-bool": ("cluster_autoscaling: sometimes\n",
                                      "cluster_autoscaling='sometimes' must be true or false"),
+    "resources-not-a-mapping": ("defaults:\n  resources: [big_memory]\n",
+                                "defaults: resources: expected a mapping {name: value}, got list"),
+    "resource-builtin": ("stages:\n  - {resources: {GPU: 1}}\n", "stages[0]: resources: resource name 'GPU'; allowed:"),
+    "resource-zero": ("defaults:\n  resources: {big_memory: 0}\n", "defaults: resources: big_memory=0 must be a number > 0"),
+    "label-not-string": ("defaults:\n  label_selector: {pool: 3}\n",
+                         "defaults: label_selector: pool=3 must be a non-empty string"),
+    "accelerator-without-gpu": ("defaults:\n  accelerator_type: H100\n",
+                                "defaults: accelerator_type H100 needs num_gpus > 0"),
+    "accelerator-prefixed": ("defaults:\n  num_gpus: 1\n  accelerator_type: 'accelerator_type:H100'\n",
+                             "defaults: accelerator_type='accelerator_type:H100'; allowed:"),
     "not-a-mapping": ("- PACK\n", "expected a YAML mapping"),
     "not-yaml": ("defaults: [\n", "not valid YAML"),
 }
@@ -587,6 +597,21 @@ def test_bad_placement_config_error_names_the_file_and_field(tmp_path, text, mes
     with pytest.raises(ValueError) as info:
         load_serving_config(path)
     assert str(path) in str(info.value) and message in str(info.value), str(info.value)
+
+
+def test_per_stage_resources_labels_and_accelerator_become_the_workers_bundles(tmp_path):
+    from coordinator.ray_cluster.cluster import ACCELERATOR_SHARE, _bundle
+
+    path = tmp_path / "mixed.yaml"
+    path.write_text("defaults:\n  num_cpus: 1\n  resources: {spot: 1}\n  label_selector: {pool: spot}\n"
+                    "stages:\n  - {resources: {big_memory: 2}, label_selector: {pool: 'in(highmem,big)'}}\n"
+                    "  - {num_gpus: 1, accelerator_type: H100}\n  - {}\n  - {}\n")
+    config = load_serving_config(path)
+    assert _bundle(config.placement(0)) == {"CPU": 1, "big_memory": 2}  # a stage's entry replaces the default's
+    assert dict(config.placement(0).label_selector) == {"pool": "in(highmem,big)"}
+    assert _bundle(config.placement(1)) == {"CPU": 1, "GPU": 1, "spot": 1, "accelerator_type:H100": ACCELERATOR_SHARE}
+    assert _bundle(config.placement(3)) == {"CPU": 1, "spot": 1} and dict(config.placement(3).label_selector) == {
+        "pool": "spot"}
 
 
 def test_wrong_stage_count_is_an_error_naming_the_file(tmp_path):

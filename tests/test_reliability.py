@@ -284,7 +284,7 @@ PARTS = ("input", "max_new_tokens", "mode", "sampling", "stop_token_ids")
 def generate_requests(draw):
     """A GenerateRequest over every field, its mode, and the fields that make it invalid: half the
     requests are valid, the others have one or two parts broken."""
-    broken = draw(st.one_of(st.just(frozenset()), st.frozensets(st.sampled_from(PARTS), min_size=1, max_size=2)))
+    broken = draw(st.frozensets(st.sampled_from(PARTS), min_size=1, max_size=2)) if draw(st.booleans()) else frozenset()
     msg, bad = pb.GenerateRequest(), set()
     _draw_input(draw, msg, bad, "input" in broken)
     if "max_new_tokens" in broken:
@@ -360,7 +360,8 @@ def test_random_requests_never_crash_the_server_or_corrupt_a_concurrent_request(
     one of their bad fields; a canary streaming alongside always gets its reference tokens."""
     seen = Counter()
 
-    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,  # the same 60 requests every run
+              suppress_health_check=list(HealthCheck))
     @given(generate_requests())
     def check(case):
         msg, mode, bad = case

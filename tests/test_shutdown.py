@@ -28,6 +28,7 @@ from tools.client import PoEClient
 ROOT = Path(__file__).resolve().parents[1]
 MARGIN_S = 3.0  # interpreter exit, and the signal's delivery, on a loaded 2-core machine
 STARTUP_S = 180
+OWN_RAY = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a subprocess starts a local Ray of its own
 
 
 def wait_until_gone(session_id: int, limit: float = 30.0) -> list[int]:
@@ -56,12 +57,11 @@ class ServeProcess:
     """`poe-serve serve` in a session of its own; its output is collected as it comes. As a
     context manager it kills whatever of the session is left, so a failed test leaves no server."""
 
-    def __init__(self, checkpoint: Path, shutdown_timeout: float):
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # start a local Ray of its own
+    def __init__(self, checkpoint: Path, shutdown_timeout: float, config: Path | None = None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tools.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-             "--shutdown-timeout", str(shutdown_timeout)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             "--shutdown-timeout", str(shutdown_timeout)] + (["--config", str(config)] if config else []),
+            cwd=ROOT, env=OWN_RAY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self.address: str | None = None
         self._serving = threading.Event()
@@ -140,6 +140,38 @@ def test_sigterm_to_the_server_drains_the_request_in_flight_then_releases_ray(ti
         assert serve.proc.returncode == 0 and "poe-serve: stopped" in serve.output, serve.output
         assert "longer than --shutdown-timeout" not in serve.output, "Ray was released before the deadline"
         assert wait_until_gone(serve.proc.pid) == [], "Ray's processes were released"
+
+
+def test_sigterm_to_a_server_on_torch_distributed_channels_exits_0(tiny_dir, tmp_path):
+    config = tmp_path / "dist.yaml"
+    config.write_text("transport: dist\n")
+    with ServeProcess(tiny_dir, 30.0, config) as serve:
+        with PoEClient(serve.address, timeout=60) as client:
+            assert len(client.generate(token_ids=[4, 5, 6], max_new_tokens=4).token_ids) == 4
+        serve.proc.send_signal(signal.SIGTERM)
+        serve.exit_time(time.monotonic(), 30.0)
+        assert serve.proc.returncode == 0 and "poe-serve: stopped" in serve.output, serve.output
+
+
+EXIT_SCRIPT = """
+import sys
+from coordinator import PoEModel
+from coordinator.serving_config import config_from_yaml_dict
+
+model = PoEModel.on_ray(sys.argv[1], config=config_from_yaml_dict({"transport": sys.argv[2]}, "exit test"))
+print(model.generate([[4, 5, 6]], 8)[0, 3:].tolist(), flush=True)
+model.shutdown()
+"""
+
+
+@pytest.mark.parametrize("transport", ["shm", "dist"])  # auto is shm on one node
+def test_a_script_exits_with_status_0_after_shutdown(tiny_dir, tiny_model, transport):
+    """Full-greedy traffic leaves the result channels of stages 0-2 unused: shutdown() must end
+    the threads waiting on them, or the interpreter aborts at exit."""
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tiny_dir), transport], cwd=ROOT, env=OWN_RAY,
+                          capture_output=True, text=True, timeout=STARTUP_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.strip() == str(tiny_model.generate([[4, 5, 6]], 8)[0, 3:].tolist())
 
 
 WATCHDOG_SCRIPT = """

@@ -48,7 +48,7 @@ def test_the_next_plan_arriving_mid_step_is_kept_and_the_step_goes_on(runner):
 def test_a_plan_that_aborts_the_running_step_ends_its_wait(runner):
     r, coordinator, data_in, _ = runner
     coordinator.send(StepPlan(8, 0), 8, 0)
-    coordinator.send(StepPlan(9, 1, aborted=7), 9, 1)
+    coordinator.send(StepPlan(9, 1, aborted=(7,)), 9, 1)
     started = time.monotonic()
     with pytest.raises(Interrupted):
         r.unless_aborted(lambda: data_in.recv(time.monotonic() + 5, interrupt=r.control), step=7)

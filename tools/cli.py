@@ -1,7 +1,7 @@
 """`poe-serve`: the command line. Each subcommand parses its flags and calls one module.
 
-Subcommands: init-checkpoint, generate, score, info, health, calibrate, serve, scale, demo, bench,
-train. A flag means the same with and without `--server`. The CLI holds no model logic; errors
+Subcommands: init-checkpoint, generate, score, info, health, calibrate, serve, scale, workers, demo,
+bench, train. A flag means the same with and without `--server`. The CLI holds no model logic; errors
 from bad flags or inputs are printed as one line and exit with status 2.
 """
 
@@ -329,6 +329,14 @@ def cmd_scale(args) -> None:
     print(f"replicas per stage: {replicas}")
 
 
+def cmd_workers(args) -> None:
+    with connect(args) as client:
+        workers = call(args, client.list_workers)
+    print(f"{'stage':>5} {'replica':>7}  {'node id':<16} {'node ip':<15} {'device':<8} {'pid':>7}")
+    for w in workers:
+        print(f"{w.stage:>5} {w.replica:>7}  {w.node_id[:16]:<16} {w.node_ip:<15} {w.device:<8} {w.pid:>7}")
+
+
 def cmd_demo(args) -> None:
     from tools.demo import run_demo
 
@@ -439,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=_count, required=True, help="workers to serve it from now on")
     add_security_flags(p, server=False)
     p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("workers", help="where each stage worker of a running server runs (node, address, device, pid)")
+    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
+    add_security_flags(p, server=False)
+    p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("demo", help="local Ray cluster + gRPC server + one call per mode, as a table")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")

@@ -78,6 +78,11 @@ class PoEClient:
         request = pb.ScaleStageRequest(stage=stage, replicas=replicas)
         return list(self.admin.ScaleStage(request, timeout=self.timeout, metadata=self.metadata).replicas)
 
+    def list_workers(self) -> list[pb.WorkerLocation]:
+        """Where every stage worker runs (stage, replica, node id and address, device, pid)."""
+        request = pb.ListWorkersRequest()
+        return list(self.admin.ListWorkers(request, timeout=self.timeout, metadata=self.metadata).workers)
+
     def health(self) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
         status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout, metadata=self.metadata)

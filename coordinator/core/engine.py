@@ -95,7 +95,8 @@ class Engine:
 
     # ---- the step --------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Sequences to run, or changes (frees, rollbacks, an undo) for the workers to hear."""
+        return bool(self.waiting or self.running or self.pipeline.has_changes)
 
     def schedule(self) -> list[tuple[Sequence, SeqPlan]]:
         """Invariant: no prefill or decode phase. Per sequence and per stage there are positions
@@ -128,15 +129,17 @@ class Engine:
                        targets=plan.targets[:size])
 
     def step(self) -> list[Sequence]:
-        """One pass. If it fails, the sequences in it end with `error` set; others are untouched."""
-        work = self.schedule()
-        if not work:
-            self.pipeline.flush()
-            return []
+        """One pass. If it fails, the sequences in it end with `error` set; others are untouched. A
+        lost worker, found here or while its changes are sent, is recovered: never raised."""
+        work, done = self.schedule(), []
         try:
-            return self.update(work, self.pipeline.run(work, self.engine_config.pipeline_micro_batches))
+            if work:
+                done = self.update(work, self.pipeline.run(work, self.engine_config.pipeline_micro_batches))
+            if not self.running:
+                self.pipeline.flush()  # no plan would carry the frees and rollbacks now
+            return done
         except WorkerLost as exc:
-            return self._recover(exc)
+            return done + self._recover(exc)
         except Exception as exc:
             for seq, _ in work:
                 if not seq.finished:
@@ -153,11 +156,23 @@ class Engine:
                 self.pipeline.rollback(seq, rollback_to)
             if seq.finished:
                 self._release(seq)
-        if not self.running:
-            self.pipeline.flush()
         return [seq for seq, _ in work]
 
     def _recover(self, exc: WorkerLost) -> list[Sequence]:
+        """Recover from a lost worker, and from any other found lost meanwhile; returns the
+        sequences that failed."""
+        failed, lost = [], [exc]
+        while lost:
+            exc = lost.pop()
+            failed += self._forget_lost(exc)
+            try:
+                self._rewire(exc)
+                self.pipeline.flush()  # the others undo the failed step now, not at the next step
+            except WorkerLost as again:
+                lost.append(again)
+        return failed
+
+    def _forget_lost(self, exc: WorkerLost) -> list[Sequence]:
         """A worker lost its KV: rebuild the sequences it held from their committed tokens.
 
         The failed step was undone on every other worker, so sequences elsewhere go on as if it
@@ -172,7 +187,6 @@ class Engine:
                 if seq.reach >= exc.stage and (exc.worker_id is None or stage.home_id(seq.seq_id) == exc.worker_id)]
         failed = []
         if exc.restarted:
-            self.pipeline.reconnect()
             if exc.worker_id is not None:
                 too_big = set(stage.refresh_capacity(exc.worker_id))
                 failed = [seq for seq in held if seq.seq_id in too_big]
@@ -192,11 +206,16 @@ class Engine:
         for seq in failed:
             seq.error = seq.error or exc
             self.abort(seq, f"error: {seq.error}")
-        if not exc.restarted and exc.stage not in self.stages_down:
-            self.pipeline.remove_replica(exc.stage, stage.worker_ids.index(exc.worker_id))  # nothing left on it
         self.rebuild([seq for seq in held if not seq.finished])
-        self.pipeline.flush()  # the others undo the failed step now, not at the next step
         return failed
+
+    def _rewire(self, exc: WorkerLost) -> None:
+        """The channels after a loss: to the restarted worker, or without the replica gone for good."""
+        stage = self.stages[exc.stage]
+        if exc.restarted:
+            self.pipeline.reconnect()
+        elif exc.stage not in self.stages_down:
+            self.pipeline.remove_replica(exc.stage, stage.worker_ids.index(exc.worker_id))  # nothing left on it
 
     def rebuild(self, seqs: list[Sequence]) -> None:
         """Drop these sequences' KV on every stage; they recompute it from their committed tokens
@@ -228,9 +247,7 @@ class Engine:
         if seq in self.waiting:
             self.waiting.remove(seq)
         elif seq in self.running:
-            self._release(seq)
-            if not self.running:
-                self.pipeline.flush()
+            self._release(seq)  # the workers hear of it with the next plan, or the next step's flush
         if not seq.finished:
             seq.finish_reason = reason
 

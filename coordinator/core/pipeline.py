@@ -67,9 +67,10 @@ class Pipeline:
         self.epoch = 0
         self.transport.connect(self.topology, self.epoch)
         self.specs: dict[int, SeqSpec] = {}  # sequences the workers know
+        self._unsure: set[int] = set()  # sequences whose spec went with a plan that may not have reached every worker
         self._frees: list[int] = []
         self._rollbacks: list[tuple[int, int]] = []
-        self._aborted = -1
+        self._aborted: list[int] = []  # steps that failed: every worker undoes them
 
     def _new_worker(self, stage: int, worker) -> int:
         worker_id = next(self._ids)
@@ -90,19 +91,23 @@ class Pipeline:
             if seq.seq_id not in self.specs:
                 self.specs[seq.seq_id] = seq.decoder.spec(seq, self.homes(seq))
                 new.append(self.specs[seq.seq_id])
+            elif seq.seq_id in self._unsure:
+                new.append(self.specs[seq.seq_id])
             steps[seq.seq_id] = self._seq_step(seq, plan)
         batches = tuple(tuple(steps[seq.seq_id] for seq, _ in batch) for batch in _split(work, num_micro_batches))
         plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), tuple(new), batches,
-                        self._aborted)
-        self._frees, self._rollbacks, self._aborted = [], [], -1
+                        tuple(self._aborted))
+        self._frees, self._rollbacks, self._aborted = [], [], []
+        self._unsure.clear()
         try:
             results = self.transport.run(plan, self._expected_items(work), self._participants(batches))
         except BaseException:
-            self._aborted = plan.step  # every worker undoes the step before the next one
+            self._requeue(plan)
+            self._aborted.append(plan.step)  # every worker undoes the step before the next one
             raise
         failed = [r for r in results if r.error]
         if failed:
-            self._aborted = plan.step
+            self._aborted.append(plan.step)
             raise StepFailed(f"stage worker {failed[0].worker_id} failed in step {plan.step}: {failed[0].error}")
         return self._apply(work, results)
 
@@ -161,14 +166,32 @@ class Pipeline:
         """Forget the sequence on every worker (its KV and anything parked for it)."""
         if self.specs.pop(seq.seq_id, None) is not None:
             self._frees.append(seq.seq_id)
+            self._unsure.discard(seq.seq_id)
 
     def flush(self) -> None:
         """Send queued frees and rollbacks now (the engine is idle, so no plan would carry them)."""
-        if self._frees or self._rollbacks or self._aborted >= 0:
+        if self.has_changes:
             self.step += 1
-            plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), (), (), self._aborted)
-            self._frees, self._rollbacks, self._aborted = [], [], -1
-            self.transport.run(plan, 0, set())
+            plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), (), (),
+                            tuple(self._aborted))
+            self._frees, self._rollbacks, self._aborted = [], [], []
+            try:
+                self.transport.run(plan, 0, set())
+            except BaseException:
+                self._requeue(plan)
+                raise
+
+    def _requeue(self, plan: StepPlan) -> None:
+        """The changes and new sequences of a plan that may not have reached every worker go with
+        the next one too (undoing, freeing, rolling back and learning a spec again change nothing
+        on a worker that had them)."""
+        self._frees[:0], self._rollbacks[:0], self._aborted[:0] = plan.frees, plan.rollbacks, plan.aborted
+        self._unsure.update(spec.seq_id for spec in plan.new if spec.seq_id in self.specs)
+
+    @property
+    def has_changes(self) -> bool:
+        """Frees, rollbacks or an undo are waiting for a plan to carry them."""
+        return bool(self._frees or self._rollbacks or self._aborted)
 
     # ---- topology ----------------------------------------------------------------------------
     def add_replica(self, stage: int, worker) -> None:

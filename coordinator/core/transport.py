@@ -17,12 +17,13 @@ import time
 import uuid
 
 from stage_workers.channels import LocalChannel, ShmChannel, open_channel
-from stage_workers.framing import ChannelTimeout, serialize
+from stage_workers.framing import ChannelTimeout, Packed, serialize
 from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
 from stage_workers.step_runner import StageRunner
 
 START_TIMEOUT_S = 120.0  # a worker's loop (after loading its slice) must open its control channel within this
 LIVENESS_TICK_S = 0.2  # how often a waiting coordinator checks that its workers are alive
+PEER_LOSS_CONFIRM_S = 10.0  # a worker behind a broken channel that Ray still calls alive after this is killed
 CONTROL_SLOT_BYTES = 1 << 20  # plans and reports; larger ones (stage logits) spill to a file of their own
 TRANSPORTS = ("auto", "shm", "dist")
 
@@ -80,7 +81,10 @@ class ChannelTransport:
     plan written to every control channel, then the participants' reports read back: nothing
     else passes through the coordinator. `processes` starts a worker's loop and tells which
     have died (cluster.py does it with Ray); a worker found dead raises `WorkerLost`, and one
-    that reports nothing within `step_timeout_s` is killed, so a step never waits forever.
+    that reports nothing within `step_timeout_s` is killed, so a step never waits forever. A
+    channel that breaks (torch.distributed reports a closed or reset peer, on the coordinator's
+    side or in a worker's report) loses the worker behind it in the same way, as soon as Ray
+    confirms that it died.
     Channels are named after both ends' incarnations: when a worker restarts or replicas come
     and go, only the channels touching them are rebuilt, and the next plan's `aborted` tells
     the others to undo what the failed step did.
@@ -136,7 +140,7 @@ class ChannelTransport:
             rewire = Rewire(epoch, tuple(self._edge(a, worker_id) for a in upstream if a not in self.lost),
                             tuple(self._edge(worker_id, b) for b in downstream if b not in self.lost))
             if worker_id not in self.wiring or self.wiring[worker_id][1:] != rewire[1:]:
-                self.control[worker_id].send(rewire, -1, epoch, deadline=time.monotonic() + self.step_timeout_s)
+                self._send(worker_id, rewire, -1, epoch)
                 self.wiring[worker_id] = rewire
 
     def _edge(self, src: int, dst: int) -> Edge:
@@ -193,9 +197,7 @@ class ChannelTransport:
         # written first, before any worker that could send it data is woken.
         quiet = {w for w in participants if self.stage_of[w] > 0}
         for worker_id in sorted(self.control, key=lambda w: w not in quiet):
-            channel, wake = self.control[worker_id], worker_id not in quiet
-            self._wait(lambda: channel.send_packed(packed, deadline=time.monotonic() + LIVENESS_TICK_S, wake=wake),
-                       deadline, {worker_id})
+            self._send(worker_id, packed, wake=worker_id not in quiet, deadline=deadline)
         readers = list(self.results.values())
         reports, items = [], 0
         while items < expected_items:
@@ -204,6 +206,7 @@ class ChannelTransport:
                 ready = select.select(readers, [], [], LIVENESS_TICK_S)[0]
                 for channel in ready:
                     channel.drain_wakeups()
+                    self._check_channel(channel)
                 if not ready:
                     self._check(deadline, {w for w in participants if w in self.control and
                                            self.control[w].marked() < plan.step})
@@ -214,38 +217,72 @@ class ChannelTransport:
                     continue  # a report of an aborted step
                 reports.append(report)
                 items += len(report.decisions) + len(report.logits)
+                if report.lost_peer in self.control:
+                    self._lose(report.lost_peer, f"worker {report.worker_id}'s channel to it broke")
                 if report.error:
                     return reports
         return reports
 
-    def _wait(self, fn, deadline: float, waiting_on: set[int]) -> None:
-        """Retry `fn` (which times out after a tick) until it succeeds, checking the workers meanwhile."""
+    def _send(self, worker_id: int, message, step: int = -1, epoch: int = -1, wake: bool = True,
+              deadline: float | None = None) -> None:
+        """A plan (packed) or a rewiring to a worker's control channel, retried a tick at a time while
+        the worker is alive: a dead or stuck one raises `WorkerLost`, as does a broken channel."""
+        channel, deadline = self.control[worker_id], deadline or time.monotonic() + self.step_timeout_s
         while True:
             try:
-                return fn()
+                if isinstance(message, Packed):
+                    return channel.send_packed(message, deadline=time.monotonic() + LIVENESS_TICK_S, wake=wake)
+                return channel.send(message, step, epoch, deadline=time.monotonic() + LIVENESS_TICK_S)
             except ChannelTimeout:
-                self._check(deadline, waiting_on)
+                self._check(deadline, {worker_id})
+            except ConnectionError as exc:
+                self._lose(worker_id, f"its control channel broke ({exc})")
+
+    def _check_channel(self, channel) -> None:
+        """A result channel that broke loses its worker."""
+        failure = channel.failure()
+        if failure is not None:
+            self._lose(next(w for w, c in self.results.items() if c is channel), f"its result channel broke ({failure})")
+
+    def _lose(self, worker_id: int, why: str) -> None:
+        """Raise `WorkerLost` for a worker behind a broken channel once Ray reports it dead (a lost
+        node takes Ray a moment to notice); one Ray still calls alive after PEER_LOSS_CONFIRM_S is
+        killed, as a stuck one is."""
+        confirm_by = time.monotonic() + PEER_LOSS_CONFIRM_S
+        while not self.processes.dead([worker_id]):
+            if time.monotonic() > confirm_by:
+                self.processes.kill(worker_id)
+                why += f"; Ray still reported it alive after {PEER_LOSS_CONFIRM_S:g}s, so it was killed"
+                break
+            time.sleep(LIVENESS_TICK_S / 4)
+        self._lost(worker_id, why)
 
     def _check(self, deadline: float, waiting_on: set[int]) -> None:
         """Raise `WorkerLost` for a dead worker; past the deadline, kill the first (by stage) of
         `waiting_on`, the workers that have not finished the step (alive but stuck), and raise it
         as lost."""
+        for channel in self.results.values():
+            self._check_channel(channel)
         dead, why = self.processes.dead(list(self.control)), "its process died"
         if not dead and waiting_on and time.monotonic() > deadline:
             dead = [min(waiting_on, key=lambda w: self.stage_of[w])]
             why = f"it reported nothing within the step timeout of {self.step_timeout_s:.0f}s and was killed"
             self.processes.kill(dead[0])
-        for worker_id in dead:
-            self._drop(worker_id)
-            for name in [n for n, reader in self.names.items() if reader == worker_id]:
-                ShmChannel.unlink(name)  # what the dead process created and can no longer remove
-                del self.names[name]
-            restarted = self.processes.wait_restarted(worker_id)
-            self.incarnation[worker_id] += 1
-            if not restarted:
-                self.lost.add(worker_id)
-            raise WorkerLost(self.stage_of[worker_id], f"{why}; " + ("Ray restarted it" if restarted else
-                             "no restarts left"), restarted=restarted, worker_id=worker_id)
+        if dead:
+            self._lost(dead[0], why)
+
+    def _lost(self, worker_id: int, why: str) -> None:
+        """Forget a dead worker's channels, wait for Ray to restart it, and raise `WorkerLost`."""
+        self._drop(worker_id)
+        for name in [n for n, reader in self.names.items() if reader == worker_id]:
+            ShmChannel.unlink(name)  # what the dead process created and can no longer remove
+            del self.names[name]
+        restarted = self.processes.wait_restarted(worker_id)
+        self.incarnation[worker_id] += 1
+        if not restarted:
+            self.lost.add(worker_id)
+        raise WorkerLost(self.stage_of[worker_id], f"{why}; " + ("Ray restarted it" if restarted else
+                         "no restarts left"), restarted=restarted, worker_id=worker_id)
 
     def close(self) -> None:
         for worker_id in list(self.control) + list(self.results):

@@ -1,4 +1,5 @@
-"""The `PoEAdmin` gRPC service: operator calls on a running server, today scaling a stage.
+"""The `PoEAdmin` gRPC service: operator calls on a running server: scaling a stage, and where
+each stage worker runs.
 
 Only a model whose stage workers run on Ray (`PoEModel.on_ray`) can scale; over an in-process
 model the call is FAILED_PRECONDITION. In-flight requests keep running while a stage scales
@@ -30,3 +31,12 @@ class AdminServicer(pb_grpc.PoEAdminServicer):
         except RuntimeError as exc:  # Ray could not place or start a new worker
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return pb.ScaleStageResponse(replicas=[len(stage.workers) for stage in self.model.engine.stages])
+
+    def ListWorkers(self, request, context):
+        try:
+            located = self.model.worker_locations()
+        except Exception as exc:  # a worker Ray is restarting does not answer within the signals timeout
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"a stage worker did not say where it runs: {exc}; retry")
+        return pb.ListWorkersResponse(workers=[
+            pb.WorkerLocation(stage=k, replica=r, node_id=w.node_id, node_ip=w.node_ip, device=w.device, pid=w.pid)
+            for k, r, w in located])

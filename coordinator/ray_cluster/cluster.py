@@ -31,7 +31,7 @@ from coordinator.serving_config import ServingConfig, StagePlacement, load_servi
 from stage_workers.channels import open_channel
 from stage_workers.compute_thread import compute_here, off_main_thread
 from stage_workers.config import load_config
-from stage_workers.messages import Edge, Rewire, WorkerInfo
+from stage_workers.messages import Edge, Rewire, WorkerInfo, WorkerLocation
 from stage_workers.step_runner import StageRunner, serve_forever
 from stage_workers.worker import StageWorker, WorkerSpec
 
@@ -39,6 +39,7 @@ PLACEMENT_TIMEOUT_S = 120
 NODE_START_TIMEOUT_S = 600  # with cluster_autoscaling: how long a new replica may wait for Ray to add a node
 RESTART_TIMEOUT_S = 120  # a lost worker must be back (slice reloaded) within this
 CONNECT_TIMEOUT_S = 5.0  # a Ray address that accepts no connection within this is refused at once
+ACCELERATOR_SHARE = 0.001  # of the accelerator_type:<name> resource a worker takes (as Ray's own accelerator_type= does)
 SIGNALS_TIMEOUT_S = 5.0  # load signals (busy time) not read within this are skipped this round
 ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on the others
 # OpenMP threads spin only briefly (about 30k spins) after a parallel region before they sleep:
@@ -95,6 +96,10 @@ class StageActor:
 
     def info(self) -> WorkerInfo:
         return self.worker.info()
+
+    def location(self) -> WorkerLocation:
+        node_ip, device = self.placement()
+        return WorkerLocation(ray.get_runtime_context().get_node_id(), node_ip, device, os.getpid())
 
     def pid(self) -> int:
         return os.getpid()
@@ -186,20 +191,28 @@ class RayProcesses:
 
 
 def _bundle(p: StagePlacement) -> dict[str, float]:
-    bundle = {"CPU": p.num_cpus, "GPU": p.num_gpus}
+    """A worker's resources: CPUs, GPUs, custom ones, and its accelerator type as Ray spells it."""
+    bundle = {"CPU": p.num_cpus, "GPU": p.num_gpus, **dict(p.resources)}
+    if p.accelerator_type:
+        bundle[f"accelerator_type:{p.accelerator_type}"] = ACCELERATOR_SHARE
     return {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.01}
 
 
-def _reserve(bundles: list[dict[str, float]], strategy: str, timeout: float = PLACEMENT_TIMEOUT_S):
-    """A ready placement group, or a RuntimeError saying what did not fit."""
-    group = placement_group(bundles, strategy=strategy)
+def _reserve(placements: list[StagePlacement], strategy: str, timeout: float = PLACEMENT_TIMEOUT_S):
+    """A ready placement group, one bundle per placement (with its node labels), or a RuntimeError
+    saying what did not fit."""
+    bundles = [_bundle(p) for p in placements]
+    selectors = [dict(p.label_selector) for p in placements]
+    group = placement_group(bundles, strategy=strategy,
+                            bundle_label_selector=selectors if any(selectors) else None)
     try:
         ray.get(group.ready(), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
+        labels = f" on nodes labelled {selectors}" if any(selectors) else ""
         raise RuntimeError(
             f"Ray could not place the stage workers within {timeout:g}s: bundles "
-            f"{bundles} do not fit the cluster's resources {ray.cluster_resources()}"
+            f"{bundles}{labels} do not fit the cluster's resources {ray.cluster_resources()}"
         ) from None
     return group
 
@@ -277,7 +290,7 @@ class RayCluster:
             group, index, own = self.placement_group, spare[1], False
         else:
             timeout = NODE_START_TIMEOUT_S if self.serving_config.cluster_autoscaling else PLACEMENT_TIMEOUT_S
-            group, index, own = _reserve([_bundle(self.serving_config.placement(stage))], "PACK", timeout), 0, True
+            group, index, own = _reserve([self.serving_config.placement(stage)], "PACK", timeout), 0, True
         replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.num_stages, self.dtype, stage,
                                        group, index), group, index, own)
         try:
@@ -299,6 +312,9 @@ class RayCluster:
         restarting would otherwise hold up a metrics scrape or the autoscaler until it is back."""
         infos = ray.get([w.actor.info.remote() for w in workers], timeout=SIGNALS_TIMEOUT_S)
         return [info.busy_s for info in infos]
+
+    def locations(self, workers: list) -> list[WorkerLocation]:
+        return ray.get([w.actor.location.remote() for w in workers], timeout=SIGNALS_TIMEOUT_S)
 
     def worker_rss(self) -> list[int]:
         """Resident bytes of each worker's process, stage by stage."""
@@ -332,7 +348,7 @@ def launch(model_class, checkpoint: str | Path, config: str | Path | ServingConf
     group, replicas, transport = None, [[] for _ in range(model_config.num_stages)], None
     try:
         bundle_stages = [k for k in range(model_config.num_stages) for _ in range(serving.placement(k).replicas)]
-        group = _reserve([_bundle(serving.placement(k)) for k in bundle_stages], serving.placement_strategy)
+        group = _reserve([serving.placement(k) for k in bundle_stages], serving.placement_strategy)
         dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
         for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
             replicas[k].append(Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, k, group, i),
