@@ -69,6 +69,8 @@ class Neighbours:
                     raise
                 raise PeerLost(peer, str(exc)) from None
             except Interrupted:
+                # its wake-ups first: left readable, they would end every later wait at once (a spin)
+                self.control.drain_wakeups()
                 while self.control.pending():
                     message = self.control.recv().message
                     self.backlog.append(message)

@@ -12,8 +12,8 @@ from tools.bench import SECTIONS, BenchConfig, run_bench
 
 
 def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_path):
-    cfg = BenchConfig(checkpoint=str(tiny_dir), trained=str(tiny_dir), prompt_len=20, new_tokens=4,
-                      concurrency=(1, 3), transport_tokens=5)
+    cfg = BenchConfig(checkpoint=str(tiny_dir), trained=str(tiny_dir), prompt_len=20, new_tokens=4, decode_tokens=6,
+                      rounds=2, concurrency=(1, 3), transport_tokens=5)
     report = run_bench(cfg, json_out=str(tmp_path / "bench.json"), plot_out=str(tmp_path / "bench.png"))
     assert json.loads((tmp_path / "bench.json").read_text()).keys() == report.keys()
     assert {"floor", "single_stream", "transport", "concurrency", "modes", "speculative", "wand"} <= report.keys()
@@ -24,6 +24,22 @@ def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_pat
     assert all(w["rss_mib"] > 0 and w["parameters"] > 0 for w in report["modes"]["workers"])
     assert set(report["transport"]["us_per_token"]) == {"channels", "plain", "plain_no_logits", "chained", "compiled"}
     assert report["transport"]["per_hop_us"] > 0
+    single = report["single_stream"]  # interleaved rounds: every figure once per round, the ratio their median
+    assert single["rounds"] == 2 and all(len(v) == 2 for side in ("poe_model_ms_per_token", "poe_cluster_ms_per_token")
+                                         for v in single[side].values())
+    low, high = single["cluster_over_model_full_spread"]
+    assert low <= single["cluster_over_model_full"] <= high
+    assert all(len(v) == 2 for v in report["transport"]["us_per_token_spread"].values())
+
+
+def test_bench_rounds_and_decode_tokens_are_validated():
+    for bad in (dict(rounds=0), dict(decode_tokens=1)):
+        try:
+            BenchConfig(checkpoint="x", trained="x", **bad)
+        except ValueError as exc:
+            assert "allowed: rounds >= 1, decode_tokens >= 2" in str(exc)
+        else:
+            raise AssertionError(f"{bad} must be refused")
 
 
 def test_bench_sections_are_validated():

@@ -23,7 +23,8 @@ ALLOWED = {
     "tools": {TOP, "coordinator.core", "coordinator.serving", "coordinator.grpc_api", "coordinator.http_api",
               "coordinator.ray_cluster", "stage_workers", "protos", "checkpoints", "trainer"},
 }
-RAY_ALLOWED = {"coordinator/ray_cluster/cluster.py", "coordinator/ray_cluster/serve_app.py", "tools/transport_bench.py"}
+RAY_ALLOWED = {"coordinator/ray_cluster/cluster.py", "coordinator/ray_cluster/serve_app.py", "tools/transport_bench.py",
+               "tools/soak.py"}
 
 
 def package_of(module: str) -> str | None:
@@ -66,7 +67,7 @@ def test_every_import_follows_the_architecture():
     assert not wrong, "imports against the architecture (docs/architecture.md):\n" + "\n".join(wrong)
 
 
-def test_ray_is_imported_only_by_the_ray_lifecycle_and_the_transport_bench():
+def test_ray_is_imported_only_by_the_ray_lifecycle_the_transport_bench_and_the_soak():
     found = {str(path.relative_to(ROOT)) for path in sources()
              for module, _ in imports(path, module_of(path)) if module == "ray" or module.startswith("ray.")}
     assert found == RAY_ALLOWED

@@ -37,12 +37,15 @@ def runner():
 def test_the_next_plan_arriving_mid_step_is_kept_and_the_step_goes_on(runner):
     r, coordinator, data_in, upstream = runner
     coordinator.send(StepPlan(8, 0), 8, 0)  # the next step's plan, while step 7 waits for its data
-    later = threading.Timer(0.2, lambda: upstream.send(StepPlan(0, 0), 7, 0))
+    later = threading.Timer(0.5, lambda: upstream.send(StepPlan(0, 0), 7, 0))
     later.start()
+    cpu = time.thread_time()
     envelope = r.unless_aborted(lambda: data_in.recv(time.monotonic() + 5, interrupt=r.control), step=7)
+    cpu = time.thread_time() - cpu
     later.join()
     assert envelope.step == 7, "the data of the running step arrived"
     assert [m.step for m in r.backlog] == [8], "the plan is kept for after the step"
+    assert cpu < 0.25, f"the wait slept after keeping the plan, not spun on its wake-up ({cpu:.2f}s of CPU in 0.5s)"
 
 
 def test_a_plan_that_aborts_the_running_step_ends_its_wait(runner):

@@ -3,12 +3,13 @@
 Sections, in order (each a dict in the JSON report):
 - `floor`: memory bandwidth measured here and the single-stream ceiling it implies (every
   weight byte is read once per decode step: tok/s <= bandwidth / weight bytes).
-- `single_stream`: decode tok/s of `PoEModel` (full, prefix(1), speculative) and of
-  `PoEModel.on_ray` (full, speculative) on one prompt, their ratio, and the per-token pipeline
-  overhead in ms (cluster ms/token - in-process ms/token).
+- `single_stream`: decode ms/token (prefill left out, `decode_tokens` new tokens) of `PoEModel`
+  and of `PoEModel.on_ray`, full and speculative, on one prompt, in `rounds` rounds that
+  interleave the two; per-round figures, tok/s from the medians, the ratio's median and spread,
+  and the per-token pipeline overhead in ms (cluster - in process).
 - `transport`: microseconds per token through four worker processes with no model work: the
   data plane (`channels`, and per hop) and, in the same run, the Ray-call designs it replaced
-  (`tools.transport_bench`).
+  (`tools.transport_bench`); medians and spreads over `rounds`.
 - `concurrency`: at each level, that many concurrent streaming gRPC requests (from a client
   process of their own) against a server over `PoEModel.on_ray`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
   workers' peak resident memory.
@@ -55,7 +56,9 @@ class BenchConfig:
     trained: str  # the model of the speculative and WAND figures
     config: str | None = None  # cluster config for the model on Ray
     prompt_len: int = 48
-    new_tokens: int = 32
+    new_tokens: int = 32  # per request in concurrency and the trained-model figures
+    decode_tokens: int = 128  # single stream: new tokens per timed generation (decode only, prefill left out)
+    rounds: int = 3  # single stream and transport: rounds, the in-process model and Ray interleaved; medians reported
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     transport_tokens: int = 200
     dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
@@ -68,6 +71,9 @@ class BenchConfig:
             raise ValueError(f"bench section {unknown[0]!r} is unknown; allowed: {', '.join(SECTIONS)}")
         if "concurrency" in self.sections and not self.concurrency:
             raise ValueError("concurrency: give at least one level")
+        if self.rounds < 1 or self.decode_tokens < 2:
+            raise ValueError(f"rounds={self.rounds}, decode_tokens={self.decode_tokens}; allowed: rounds >= 1, "
+                             "decode_tokens >= 2")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,20 +102,64 @@ def prompt_rows(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=g)
 
 
-def tokens_per_second(fn, new_tokens: int) -> float:
-    fn()  # warm-up (first-call allocations)
-    t0 = time.perf_counter()
-    fn()
-    return new_tokens / (time.perf_counter() - t0)
+SINGLE_STREAM_MODES = {"full": {}, "speculative": {"draft_stage": 0, "k_draft": 3}}
 
 
-def single_stream(model, ids: torch.Tensor, n: int, modes: tuple[str, ...]) -> dict[str, float]:
-    calls = {
-        "full": lambda: model.generate(ids, n),
-        "prefix1": lambda: model.generate_prefix(ids, 1, n),
-        "speculative": lambda: model.generate_speculative(ids, 0, 3, n),
+def decode_ms_per_token(model, ids: torch.Tensor, n: int, mode: str) -> float:
+    """Milliseconds per new token after the first event: the prompt's prefill (and the tokens that
+    came with it) left out."""
+    request = rq.build_requests(model.config, ids, n, MODES[mode].mode(model.config, SINGLE_STREAM_MODES[mode]))[0]
+    handle = model.loop.submit(request, limit_queue=False)
+    first_at, first, total = None, 0, 0
+    while True:
+        event = handle.next_event(timeout=600)
+        if event.error is not None:
+            raise event.error
+        total += len(event.tokens)
+        if first_at is None and event.tokens:
+            first_at, first = time.perf_counter(), len(event.tokens)
+        if event.done:
+            break
+    return 1000 * (time.perf_counter() - first_at) / max(total - first, 1)
+
+
+def single_stream_rounds(model, cluster, ids: torch.Tensor, n: int, rounds: int, progress: Progress) -> dict:
+    """Decode ms/token of the in-process model and the model on Ray, interleaved round by round
+    (model, cluster, model, ...) so that a noisy neighbour hits both; medians and spreads."""
+    for m in (model, cluster):  # warm-up: first-call allocations
+        decode_ms_per_token(m, ids, 4, "full")
+    ms = {side: {mode: [] for mode in SINGLE_STREAM_MODES} for side in ("model", "cluster")}
+    for r in range(rounds):
+        for mode in SINGLE_STREAM_MODES:
+            for side, m in (("model", model), ("cluster", cluster)):
+                ms[side][mode].append(decode_ms_per_token(m, ids, n, mode))
+        progress.update(0, note=f"single stream round {r + 1}/{rounds}")
+    ratios = {mode: [a / b for a, b in zip(ms["model"][mode], ms["cluster"][mode])] for mode in SINGLE_STREAM_MODES}
+    return {
+        "rounds": rounds, "decode_tokens": n,
+        "poe_model_ms_per_token": ms["model"], "poe_cluster_ms_per_token": ms["cluster"],
+        "poe_model_tok_s": {mode: 1000 / statistics.median(v) for mode, v in ms["model"].items()},
+        "poe_cluster_tok_s": {mode: 1000 / statistics.median(v) for mode, v in ms["cluster"].items()},
+        "cluster_over_model_full": statistics.median(ratios["full"]),
+        "cluster_over_model_full_spread": [min(ratios["full"]), max(ratios["full"])],
+        "cluster_over_model_speculative": statistics.median(ratios["speculative"]),
+        "cluster_over_model_speculative_spread": [min(ratios["speculative"]), max(ratios["speculative"])],
+        "pipeline_overhead_ms_per_token": statistics.median(
+            [c - m for m, c in zip(ms["model"]["full"], ms["cluster"]["full"])]),
     }
-    return {m: tokens_per_second(calls[m], n) for m in modes}
+
+
+def transport_rounds(n_embd: int, vocab: int, tokens: int, rounds: int) -> dict:
+    """The transport measurements `rounds` times; medians (the existing keys) and spreads."""
+    from tools.transport_bench import measure, relay_per_hop
+
+    runs = [(measure(n_embd, vocab, tokens=tokens), relay_per_hop(n_embd, vocab, tokens * 5)) for _ in range(rounds)]
+    kinds = runs[0][0].keys()
+    return {"n_embd": n_embd, "vocab_size": vocab, "rounds": rounds,
+            "us_per_token": {k: statistics.median(u[k] for u, _ in runs) for k in kinds},
+            "us_per_token_spread": {k: [min(u[k] for u, _ in runs), max(u[k] for u, _ in runs)] for k in kinds},
+            "per_hop_us": statistics.median(hop for _, hop in runs),
+            "per_hop_us_spread": [min(hop for _, hop in runs), max(hop for _, hop in runs)]}
 
 
 def stream_clients(address: str, level: int, prompts: list[list[int]], n: int) -> dict:
@@ -232,7 +282,6 @@ def every_mode(cluster, ids: torch.Tensor, n: int) -> dict:
 def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | None = None) -> dict:
     from coordinator import PoEModel
     from coordinator.tokenizer import load_tokenizer
-    from tools.transport_bench import measure, relay_per_hop
 
     wanted = set(cfg.sections)
     progress = Progress(len(wanted) + (len(cfg.concurrency) - 1 if "concurrency" in wanted else 0), "bench",
@@ -243,7 +292,7 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
     config = load_config(cfg.checkpoint)
     ids = prompt_rows(config.vocab_size, 1, cfg.prompt_len, seed=0)
 
-    local = None
+    model = None
     if wanted & {"floor", "single_stream"}:
         model = PoEModel.from_pretrained(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device)
         if "floor" in wanted:
@@ -252,34 +301,25 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
             report["floor"] = {"memory_bandwidth_gbs": bw, "weight_bytes": weights,
                                "single_stream_ceiling_tok_s": bw * 1e9 / weights}
             progress.update(1, note="floor")
-        if "single_stream" in wanted:
-            local = single_stream(model, ids, cfg.new_tokens, ("full", "prefix1", "speculative"))
-        model.loop.stop()
-        del model
     if wanted & {"single_stream", "transport", "concurrency", "modes"}:
         with PoEModel.on_ray(cfg.checkpoint, config=cfg.config, dtype=cfg.dtype) as cluster:
             if "single_stream" in wanted:
-                remote = single_stream(cluster, ids, cfg.new_tokens, ("full", "speculative"))
-                report["single_stream"] = {
-                    "checkpoint": cfg.checkpoint, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-                    "poe_model_tok_s": local, "poe_cluster_tok_s": remote,
-                    "cluster_over_model_full": remote["full"] / local["full"],
-                    "cluster_over_model_speculative": remote["speculative"] / local["speculative"],
-                    "pipeline_overhead_ms_per_token": 1000 / remote["full"] - 1000 / local["full"],
-                }
+                report["single_stream"] = {"checkpoint": cfg.checkpoint, "prompt_len": cfg.prompt_len,
+                                           **single_stream_rounds(model, cluster, ids, cfg.decode_tokens, cfg.rounds,
+                                                                  progress)}
                 progress.update(1, note="single stream")
             if "modes" in wanted:
                 report["modes"] = every_mode(cluster, ids, cfg.new_tokens)
                 progress.update(1, note="every mode")
             if "transport" in wanted:
-                us_per_token = measure(config.n_embd, config.vocab_size, tokens=cfg.transport_tokens)
-                report["transport"] = {"n_embd": config.n_embd, "vocab_size": config.vocab_size,
-                                       "us_per_token": us_per_token,
-                                       "per_hop_us": relay_per_hop(config.n_embd, config.vocab_size,
-                                                                   cfg.transport_tokens * 5)}
+                report["transport"] = transport_rounds(config.n_embd, config.vocab_size, cfg.transport_tokens,
+                                                       cfg.rounds)
                 progress.update(1, note="transport")
             if "concurrency" in wanted:
                 report["concurrency"] = concurrency_levels(cfg, cluster, config.vocab_size, progress)
+    if model is not None:
+        model.loop.stop()
+        del model
 
     if "trained" in wanted:
         tok = load_tokenizer(cfg.trained)
@@ -325,11 +365,15 @@ def render(r: dict) -> str:
                      f"-> single-stream ceiling {f['single_stream_ceiling_tok_s']:.0f} tok/s")
     if "single_stream" in r:
         s = r["single_stream"]
+        spread = lambda key: "{:.2f}-{:.2f}".format(*s[f"{key}_spread"])  # noqa: E731
         lines += [
-            "single stream (tok/s):  " + "  ".join(f"PoEModel {k} {v:.1f}" for k, v in s["poe_model_tok_s"].items()),
-            "                        " + "  ".join(f"on Ray {k} {v:.1f}" for k, v in s["poe_cluster_tok_s"].items()),
-            f"on Ray / in process: full {s['cluster_over_model_full']:.2f}x, speculative "
-            f"{s['cluster_over_model_speculative']:.2f}x; pipeline overhead {s['pipeline_overhead_ms_per_token']:.1f} ms/token",
+            f"single stream, decode only ({s['decode_tokens']} new tokens, median of {s['rounds']} interleaved rounds), "
+            "tok/s:",
+            "  PoEModel " + "  ".join(f"{k} {v:.1f}" for k, v in s["poe_model_tok_s"].items())
+            + "   on Ray " + "  ".join(f"{k} {v:.1f}" for k, v in s["poe_cluster_tok_s"].items()),
+            f"  on Ray / in process: full {s['cluster_over_model_full']:.2f}x ({spread('cluster_over_model_full')}), "
+            f"speculative {s['cluster_over_model_speculative']:.2f}x ({spread('cluster_over_model_speculative')}); "
+            f"pipeline overhead {s['pipeline_overhead_ms_per_token']:.2f} ms/token",
         ]
     if "modes" in r:
         m = r["modes"]
@@ -337,9 +381,12 @@ def render(r: dict) -> str:
         lines += [f"  stage {w['stage']} layers {w['layers'][0]}-{w['layers'][1]} {w['dtype']}: {w['parameters'] / 1e6:.1f}M params, "
                   f"weights+KV {w['weights_and_kv_mib']:.0f} MiB, process RSS {w['rss_mib']:.0f} MiB" for w in m["workers"]]
     if "transport" in r:
-        lines.append("transport through 4 actors (us/token): " + "  ".join(
-            f"{k} {v:.0f}" for k, v in r["transport"]["us_per_token"].items())
-            + f"; one hop of the transport: {r['transport']['per_hop_us']:.0f} us")
+        t = r["transport"]
+        lines.append(f"transport through 4 actors (us/token, median of {t['rounds']}): " + "  ".join(
+            f"{k} {v:.0f} ({t['us_per_token_spread'][k][0]:.0f}-{t['us_per_token_spread'][k][1]:.0f})"
+            for k, v in t["us_per_token"].items())
+            + f"; one hop of the transport: {t['per_hop_us']:.0f} us "
+            f"({t['per_hop_us_spread'][0]:.0f}-{t['per_hop_us_spread'][1]:.0f})")
     if "concurrency" in r:
         lines += ["", f"{'concurrent':>10} {'tok/s':>8} {'x single':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} "
                       f"{'ttft99':>7} {'errors':>6} {'RSS MiB':>8}"]

@@ -355,7 +355,8 @@ def cmd_bench(args) -> None:
         if not (checkpoint / "config.json").is_file():
             init_checkpoint(checkpoint, "small", seed=0)
     cfg = BenchConfig(checkpoint=str(checkpoint), trained=str(args.trained or default_checkpoint()), config=args.config,
-                      prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                      prompt_len=args.prompt_len, new_tokens=args.new_tokens, decode_tokens=args.decode_tokens,
+                      rounds=args.rounds,
                       concurrency=tuple(int(c) for c in args.concurrency.split(",")), dtype=args.dtype,
                       device=args.device,
                       sections=tuple(args.sections.split(",")) if args.sections else SECTIONS)
@@ -464,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained", help="model of the speculative/WAND figures (default: the embedded trained model)")
     p.add_argument("--config", help="cluster config YAML (default: cluster_configs/local-cpu.yaml)")
     p.add_argument("--prompt-len", type=_count, default=48, help="prompt tokens (default: 48)")
-    p.add_argument("--new-tokens", type=_count, default=32, help="new tokens per request (default: 32)")
+    p.add_argument("--new-tokens", type=_count, default=32,
+                   help="new tokens per request of the concurrency and trained sections (default: 32)")
+    p.add_argument("--decode-tokens", type=_count, default=128,
+                   help="single stream: new tokens per timed decode, prefill left out (default: 128)")
+    p.add_argument("--rounds", type=_count, default=3,
+                   help="single stream and transport: interleaved rounds; medians and spreads reported (default: 3)")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels (default: 1,4,16,64)")
     add_dtype_flag(p)
     p.add_argument("--device", default="cpu", help="the in-process model's device and the bandwidth floor's (cpu, cuda)")

@@ -12,6 +12,7 @@ sequences, modes or Ray.
 from __future__ import annotations
 
 import datetime
+import logging
 import select
 import time
 import uuid
@@ -21,6 +22,7 @@ from stage_workers.framing import ChannelTimeout, Packed, serialize
 from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
 from stage_workers.step_runner import StageRunner
 
+log = logging.getLogger("poe_serve.transport")
 START_TIMEOUT_S = 120.0  # a worker's loop (after loading its slice) must open its control channel within this
 LIVENESS_TICK_S = 0.2  # how often a waiting coordinator checks that its workers are alive
 PEER_LOSS_CONFIRM_S = 10.0  # a worker behind a broken channel that Ray still calls alive after this is killed
@@ -128,7 +130,7 @@ class ChannelTransport:
     # ---- wiring ----------------------------------------------------------------------------
     def connect(self, topology: list[list[int]], epoch: int) -> None:
         """Start the loop of every worker that has none (new, or restarted), then send each worker
-        whose data channels changed its new set."""
+        whose data channels changed its new set; the log says which kind each data channel is."""
         for worker_id in (w for stage in topology for w in stage):
             if worker_id not in self.control and worker_id not in self.lost:
                 self._start(worker_id)
@@ -142,6 +144,8 @@ class ChannelTransport:
             if worker_id not in self.wiring or self.wiring[worker_id][1:] != rewire[1:]:
                 self._send(worker_id, rewire, -1, epoch)
                 self.wiring[worker_id] = rewire
+        kinds = [f"{e.src}->{e.dst} {e.kind}" for w in self.wiring.values() for e in w.outbound]
+        log.info("data channels (epoch %d, worker id -> worker id): %s", epoch, ", ".join(kinds) or "none")
 
     def _edge(self, src: int, dst: int) -> Edge:
         name = f"{self.tag}-{src}.{self.incarnation[src]}-{dst}.{self.incarnation[dst]}"
