@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -145,7 +146,7 @@ class SimulatedNodes:
 
 
 def run_soak(checkpoint: Path, duration: float, concurrency: int, fault_every: float, nodes: int,
-             transport: str, config: str | None, seed: int) -> dict:
+             transport: str, config: str | None, seed: int, max_worker_restarts: int = 100) -> dict:
     simulated = None
     if nodes:
         simulated = SimulatedNodes(nodes + 1)  # one spare for a restarted worker
@@ -154,6 +155,7 @@ def run_soak(checkpoint: Path, duration: float, concurrency: int, fault_every: f
                                          "defaults": {"num_cpus": 1}}, f"soak on {nodes} nodes")
     else:
         serving = load_serving_config(config)
+    serving = replace(serving, max_worker_restarts=max_worker_restarts)  # the faults, not the restart budget, are tested
     tokenizer = load_tokenizer(checkpoint)
     reference = PoEModel.from_pretrained(checkpoint)
     model = PoEModel.on_ray(checkpoint, config=serving)
@@ -165,10 +167,10 @@ def run_soak(checkpoint: Path, duration: float, concurrency: int, fault_every: f
     print(f"soak: {duration:g}s, {concurrency} clients, a fault every {fault_every:g}s"
           + (f", {nodes} simulated nodes over {transport}" if nodes else ""), flush=True)
     threads = [threading.Thread(target=soak.client_loop, args=(until,)) for _ in range(concurrency)]
-    threads.append(threading.Thread(target=faults.run, args=(until,)))
     try:
         for t in threads:
             t.start()
+        faults.run(until)  # on this thread: Ray's node removal installs signal handlers
         for t in threads:
             t.join()
     finally:
@@ -181,6 +183,7 @@ def run_soak(checkpoint: Path, duration: float, concurrency: int, fault_every: f
     latencies = sorted(soak.latencies)
     return {
         "duration_s": duration, "concurrency": concurrency, "nodes": nodes, "transport": transport if nodes else None,
+        "max_worker_restarts": max_worker_restarts,
         "requests": soak.counts["served"] + soak.counts["failed"], "served": soak.counts["served"],
         "served_grpc": soak.counts["served_grpc"], "served_http": soak.counts["served_http"],
         "wrong": soak.counts["wrong"], "failed": soak.counts["failed"], "failure_reasons": dict(soak.failures),
@@ -202,11 +205,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="simulate this many nodes (plus a spare) and remove nodes too (default: 0, the local Ray)")
     p.add_argument("--transport", choices=("auto", "shm", "dist"), default="dist", help="with --nodes (default: dist)")
     p.add_argument("--config", help="serving YAML without --nodes (default: cluster_configs/local-cpu.yaml)")
+    p.add_argument("--max-worker-restarts", type=int, default=100,
+                   help="Ray restarts per worker (default: 100; with the serving default of 3, a stage killed a "
+                        "fourth time stays down and its requests fail with UNAVAILABLE, as in production)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     report = run_soak(args.checkpoint, args.duration, args.concurrency, args.fault_every, args.nodes, args.transport,
-                      args.config, args.seed)
+                      args.config, args.seed, args.max_worker_restarts)
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
