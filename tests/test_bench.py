@@ -29,6 +29,7 @@ def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_pat
                                          for v in single[side].values())
     low, high = single["cluster_over_model_full_spread"]
     assert low <= single["cluster_over_model_full"] <= high
+    assert all(len(v) == 2 and min(v) > 0 for v in single["compute_ms_per_token"].values())
     assert all(len(v) == 2 for v in report["transport"]["us_per_token_spread"].values())
 
 

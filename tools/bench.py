@@ -105,12 +105,14 @@ def prompt_rows(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
 SINGLE_STREAM_MODES = {"full": {}, "speculative": {"draft_stage": 0, "k_draft": 3}}
 
 
-def decode_ms_per_token(model, ids: torch.Tensor, n: int, mode: str) -> float:
-    """Milliseconds per new token after the first event: the prompt's prefill (and the tokens that
-    came with it) left out."""
+def decode_ms_per_token(model, ids: torch.Tensor, n: int, mode: str) -> tuple[float, float]:
+    """(wall, compute) milliseconds per new token after the first event: the prompt's prefill (and
+    the tokens that came with it) left out. Compute is the stage workers' own time computing and
+    deciding (their `busy_s`), summed over the stages: the rest of the wall time is host work,
+    hand-offs and waiting."""
     request = rq.build_requests(model.config, ids, n, MODES[mode].mode(model.config, SINGLE_STREAM_MODES[mode]))[0]
     handle = model.loop.submit(request, limit_queue=False)
-    first_at, first, total = None, 0, 0
+    first_at, first, total, busy = None, 0, 0, 0.0
     while True:
         event = handle.next_event(timeout=600)
         if event.error is not None:
@@ -118,9 +120,11 @@ def decode_ms_per_token(model, ids: torch.Tensor, n: int, mode: str) -> float:
         total += len(event.tokens)
         if first_at is None and event.tokens:
             first_at, first = time.perf_counter(), len(event.tokens)
+            busy = sum(model.backend.busy_seconds(model.workers))
         if event.done:
             break
-    return 1000 * (time.perf_counter() - first_at) / max(total - first, 1)
+    wall, tokens = time.perf_counter() - first_at, max(total - first, 1)
+    return 1000 * wall / tokens, 1000 * (sum(model.backend.busy_seconds(model.workers)) - busy) / tokens
 
 
 def single_stream_rounds(model, cluster, ids: torch.Tensor, n: int, rounds: int, progress: Progress) -> dict:
@@ -129,10 +133,14 @@ def single_stream_rounds(model, cluster, ids: torch.Tensor, n: int, rounds: int,
     for m in (model, cluster):  # warm-up: first-call allocations
         decode_ms_per_token(m, ids, 4, "full")
     ms = {side: {mode: [] for mode in SINGLE_STREAM_MODES} for side in ("model", "cluster")}
+    compute = {side: [] for side in ("model", "cluster")}  # full decode only
     for r in range(rounds):
         for mode in SINGLE_STREAM_MODES:
             for side, m in (("model", model), ("cluster", cluster)):
-                ms[side][mode].append(decode_ms_per_token(m, ids, n, mode))
+                wall, busy = decode_ms_per_token(m, ids, n, mode)
+                ms[side][mode].append(wall)
+                if mode == "full":
+                    compute[side].append(busy)
         progress.update(0, note=f"single stream round {r + 1}/{rounds}")
     ratios = {mode: [a / b for a, b in zip(ms["model"][mode], ms["cluster"][mode])] for mode in SINGLE_STREAM_MODES}
     return {
@@ -146,6 +154,9 @@ def single_stream_rounds(model, cluster, ids: torch.Tensor, n: int, rounds: int,
         "cluster_over_model_speculative_spread": [min(ratios["speculative"]), max(ratios["speculative"])],
         "pipeline_overhead_ms_per_token": statistics.median(
             [c - m for m, c in zip(ms["model"]["full"], ms["cluster"]["full"])]),
+        # the same stage compute (full decode), in the workers' processes against in one process
+        "compute_ms_per_token": compute,
+        "compute_cluster_over_model": statistics.median([c / m for m, c in zip(compute["model"], compute["cluster"])]),
     }
 
 
@@ -374,6 +385,9 @@ def render(r: dict) -> str:
             f"  on Ray / in process: full {s['cluster_over_model_full']:.2f}x ({spread('cluster_over_model_full')}), "
             f"speculative {s['cluster_over_model_speculative']:.2f}x ({spread('cluster_over_model_speculative')}); "
             f"pipeline overhead {s['pipeline_overhead_ms_per_token']:.2f} ms/token",
+            f"  stage compute, full: {statistics.median(s['compute_ms_per_token']['model']):.2f} ms/token in process, "
+            f"{statistics.median(s['compute_ms_per_token']['cluster']):.2f} in the workers "
+            f"({s['compute_cluster_over_model']:.2f}x)",
         ]
     if "modes" in r:
         m = r["modes"]
