@@ -125,6 +125,10 @@ class Tokenizer:
         ids = [i for i in ids if i in self.known_ids and not (skip_special_tokens and i in self.special_ids)]
         return self.encoding.decode(ids, errors="replace")
 
+    def token_texts(self, ids) -> list[str]:
+        """Each token's own text, special tokens included (U+FFFD where a token is part of a character)."""
+        return [self.decode([i], skip_special_tokens=False) for i in ids]
+
     def num_bytes(self, token_id: int) -> int:
         """UTF-8 bytes of a token's text: 0 for special and unknown ids (bits per byte count none)."""
         if token_id in self.special_ids or token_id not in self.known_ids:

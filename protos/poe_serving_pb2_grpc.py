@@ -54,6 +54,16 @@ class PoEServingStub:
                 request_serializer=protos_dot_poe__serving__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_poe__serving__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/poe.v1.PoEServing/Tokenize',
+                request_serializer=protos_dot_poe__serving__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=protos_dot_poe__serving__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/poe.v1.PoEServing/Detokenize',
+                request_serializer=protos_dot_poe__serving__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=protos_dot_poe__serving__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class PoEServingServicer:
@@ -87,6 +97,19 @@ class PoEServingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Text to token ids and back, with the served tokenizer (vLLM's /tokenize and /detokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoEServingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +132,16 @@ def add_PoEServingServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_poe__serving__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_poe__serving__pb2.ModelInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=protos_dot_poe__serving__pb2.TokenizeRequest.FromString,
+                    response_serializer=protos_dot_poe__serving__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=protos_dot_poe__serving__pb2.DetokenizeRequest.FromString,
+                    response_serializer=protos_dot_poe__serving__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +252,60 @@ class PoEServing:
             '/poe.v1.PoEServing/GetModelInfo',
             protos_dot_poe__serving__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_poe__serving__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poe.v1.PoEServing/Tokenize',
+            protos_dot_poe__serving__pb2.TokenizeRequest.SerializeToString,
+            protos_dot_poe__serving__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/poe.v1.PoEServing/Detokenize',
+            protos_dot_poe__serving__pb2.DetokenizeRequest.SerializeToString,
+            protos_dot_poe__serving__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
+import grpc
 import openai
 import pytest
 import torch
@@ -165,6 +166,31 @@ def test_models_health_and_readiness(served, client):
     finally:
         served.model.engine.stages_down.discard(2)
     assert call(served.url, "/ready")[0] == 200
+
+
+def test_tokenize_and_detokenize_over_http_and_grpc(served, tokenizer):
+    text = "def add(a, b):\n    return a + b  # é"
+    ids = tokenizer.encode(text)
+    status, reply = call(served.url, "/tokenize", {"model": MODEL, "prompt": text, "return_token_strs": True})
+    assert status == 200 and reply["tokens"] == ids and reply["count"] == len(ids)
+    assert reply["max_model_len"] == served.model.config.sequence_len
+    assert reply["token_strs"][0] == "<|bos|>" and "".join(reply["token_strs"][1:]).replace("\ufffd", "") in text
+    assert call(served.url, "/tokenize", {"prompt": text, "add_special_tokens": False})[1] == {
+        "count": len(ids) - 1, "max_model_len": served.model.config.sequence_len, "tokens": ids[1:]}
+    assert call(served.url, "/detokenize", {"model": MODEL, "tokens": ids}) == (200, {"prompt": "<|bos|>" + text})
+    grpc_ids = served.grpc.tokenize(text, return_token_strs=True)
+    assert list(grpc_ids.token_ids) == ids and list(grpc_ids.token_strs) == reply["token_strs"]
+    assert list(served.grpc.tokenize(text, add_special_tokens=False).token_ids) == ids[1:]
+    assert served.grpc.detokenize(ids[1:]) == text and served.grpc.detokenize([]) == ""
+    vocab = served.model.config.vocab_size
+    status, reply = call(served.url, "/detokenize", {"tokens": [1, vocab]})
+    assert status == 400 and reply["error"]["param"] == "tokens" and f"allowed: token ids 0..{vocab - 1}" in reply[
+        "error"]["message"]
+    assert call(served.url, "/tokenize", {"model": "other", "prompt": "x"})[0] == 404
+    assert call(served.url, "/tokenize", {"prompt": 3})[0] == 400
+    with pytest.raises(grpc.RpcError) as err:
+        served.grpc.detokenize([vocab + 5])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_ids" in err.value.details()
 
 
 def test_health_fails_only_when_the_engine_loop_is_down(tiny_dir, tokenizer):

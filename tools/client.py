@@ -70,6 +70,16 @@ class PoEClient:
         request = pb.ScoreRequest(token_ids=pb.TokenIds(ids=token_ids)) if token_ids is not None else pb.ScoreRequest(prompt=prompt)
         return self.stub.Score(request, timeout=self.timeout, metadata=self.metadata)
 
+    def tokenize(self, text: str, add_special_tokens: bool = True, return_token_strs: bool = False
+                 ) -> pb.TokenizeResponse:
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens,
+                                     return_token_strs=return_token_strs)
+        return self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        request = pb.DetokenizeRequest(token_ids=token_ids)
+        return self.stub.Detokenize(request, timeout=self.timeout, metadata=self.metadata).text
+
     def model_info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 

@@ -162,12 +162,18 @@ def check_sampling(do_sample: bool, temperature, top_k, top_p, seed, switch: str
     return SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p), seed)
 
 
-def check_stop_ids(config: ModelConfig, stop_ids, name: str = "eos_token_id") -> frozenset[int]:
-    ids = [] if stop_ids is None else [stop_ids] if _is_int(stop_ids) else list(stop_ids)
+def check_token_ids(config: ModelConfig, ids, name: str) -> list[int]:
+    """Token ids of the model's vocabulary (any number of them), as a list."""
+    ids = list(ids)
     for t in ids:
         if not _is_int(t) or not 0 <= t < config.vocab_size:
             raise ValueError(f"{name}={t!r} is invalid; allowed: token ids 0..{config.vocab_size - 1}")
-    return frozenset(ids)
+    return ids
+
+
+def check_stop_ids(config: ModelConfig, stop_ids, name: str = "eos_token_id") -> frozenset[int]:
+    return frozenset(check_token_ids(config, [] if stop_ids is None else [stop_ids] if _is_int(stop_ids)
+                                     else stop_ids, name))
 
 
 # ---- modes ---------------------------------------------------------------------------------

@@ -154,6 +154,16 @@ class PoEServicer(pb_grpc.PoEServingServicer):
         return wire.score_response(ids, handle.seq.decoder.logprobs, self.tokenizer,
                                    count_bytes=request.WhichOneof("input") == "prompt")
 
+    def Tokenize(self, request, context):
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        ids = self.tokenizer.encode(request.text, add_special_tokens=add_special)
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=self.config.sequence_len,
+                                   token_strs=self.tokenizer.token_texts(ids) if request.return_token_strs else [])
+
+    def Detokenize(self, request, context):
+        ids = self._parse(rq.check_token_ids, context, self.config, request.token_ids, "token_ids")
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, skip_special_tokens=False))
+
     def GetModelInfo(self, request, context):
         c = self.config
         workers = [

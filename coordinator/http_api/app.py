@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP front: a thin FastAPI app over the `EngineLoop`, served by uvicorn.
 
 Routes: `POST /v1/completions` (whole, or streamed as server-sent events by sse-starlette),
-`GET /v1/models`, `/health` (liveness: the engine loop has not died), `/ready` (readiness: not
+`GET /v1/models`, `POST /tokenize` and `/detokenize` (vLLM's), `/health` (liveness: the engine loop has not died), `/ready` (readiness: not
 draining, the engine loop runs and no stage is down) and `/metrics` (Prometheus,
 coordinator/serving/metrics.py). The probes answer without the bearer token, as vLLM's /health does: a
 Kubernetes probe cannot read a Secret. A completion counts as in flight in the server's `Drain`
@@ -40,11 +40,23 @@ from coordinator.core import requests as rq
 from coordinator.core.engine_loop import EngineLoop, Event, QueueFull, RequestHandle
 from coordinator.core.modes import MODES
 from coordinator.grpc_api import wire
-from coordinator.http_api.schema import Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage
+from coordinator.http_api.schema import (
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
 from coordinator.http_api.wire import (
     BadRequest,
     ChoiceText,
     CompletionPlan,
+    checked,
     completion_plan,
     from_validation_errors,
     logprobs_of,
@@ -235,11 +247,27 @@ class Front:
         card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.config.sequence_len)
         return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
 
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"model={model!r} is not served; allowed: {self.model_name!r}",
+                           "not_found_error", "model", "model_not_found")
+
+    async def tokenize(self, body: TokenizeRequest) -> JSONResponse:
+        self._check_model(body.model)
+        ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        reply = TokenizeResponse(count=len(ids), max_model_len=self.config.sequence_len, tokens=ids,
+                                 token_strs=self.tokenizer.token_texts(ids) if body.return_token_strs else None)
+        return JSONResponse(reply.model_dump(mode="json"))
+
+    async def detokenize(self, body: DetokenizeRequest) -> JSONResponse:
+        self._check_model(body.model)
+        ids = checked("tokens", rq.check_token_ids, self.config, body.tokens, "tokens")
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
+
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_ready()
-        if body.model != self.model_name:
-            raise ApiError(404, f"model={body.model!r} is not served; allowed: {self.model_name!r}",
-                           "not_found_error", "model", "model_not_found")
+        self._check_model(body.model)
         plan = completion_plan(body, self.tokenizer, self.config, max_choices=self.loop.max_queue)
         choices = [_Choice(i, handle, ChoiceText(self.tokenizer, plan.stop), ended=handle is None,
                            finish_reason=None if handle else "length")
@@ -442,6 +470,8 @@ def build_app(front: Front, metrics: Metrics, token: str | None, api: bool = Tru
         app.get("/ready")(front.ready)
         app.get("/v1/models")(front.models)
         app.post("/v1/completions", response_model=None)(front.completions)
+        app.post("/tokenize", response_model=None)(front.tokenize)
+        app.post("/detokenize", response_model=None)(front.detokenize)
     app.add_middleware(Admission, drain=front.drain)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     if token:  # added last, so it runs first: no answer, not even 503, without the token

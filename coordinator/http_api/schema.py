@@ -124,3 +124,32 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize` body (its completions form)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = Field(None, description="the served model's id (GET /v1/models), or unset")
+    prompt: str = Field(description="the text to tokenize")
+    add_special_tokens: bool = Field(True, description="true or false: <|bos|> first, as a text prompt gets it")
+    return_token_strs: bool = Field(False, description="true or false: each token's text too")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = _extra("each token's text (with return_token_strs)")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `POST /detokenize` body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = Field(None, description="the served model's id (GET /v1/models), or unset")
+    tokens: list[int] = Field(description="a list of token ids")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
