@@ -23,6 +23,7 @@ from coordinator import PoEModel
 from coordinator.core import requests as rq
 from coordinator.core.modes import MODES
 from coordinator.serving_config import config_from_yaml_dict
+from tools.soak import SimulatedNodes
 
 pytestmark = pytest.mark.before_session_ray
 NUM_NODES = 5  # one per stage and a spare for a restarted worker
@@ -40,33 +41,9 @@ JOBS = [  # (mode, its arguments, the reference call)
 ]
 
 
-class Nodes:
-    """The simulated cluster; each node has a custom resource `slot<i>: 1` and a label `slot: <i>`."""
-
-    def __init__(self):
-        from ray.cluster_utils import Cluster
-
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-        self.slots: dict[str, int] = {}  # node id -> its slot (never reused)
-        self.added = 0
-        for _ in range(NUM_NODES):
-            self.add()
-
-    def add(self) -> None:
-        slot, self.added = self.added, self.added + 1
-        node = self.cluster.add_node(num_cpus=1, resources={f"slot{slot}": 1}, labels={"slot": str(slot)})
-        self.slots[node.node_id] = slot
-
-    def remove(self, node_id: str) -> None:
-        """Remove a node (its raylet and every process on it), then add a fresh spare."""
-        self.cluster.remove_node(next(n for n in self.cluster.list_all_nodes() if n.node_id == node_id))
-        del self.slots[node_id]
-        self.add()
-
-
 @pytest.fixture(scope="module")
 def nodes():
-    simulated = Nodes()
+    simulated = SimulatedNodes(NUM_NODES)
     ray.init(address=simulated.cluster.address, log_to_driver=False, logging_level="WARNING")
     yield simulated
     ray.shutdown()

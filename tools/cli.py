@@ -116,6 +116,15 @@ def auth_token(args) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def client_command(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    """A subcommand that calls a running server over gRPC: --server and the client's security flags."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
+    add_security_flags(p, server=False)
+    p.set_defaults(func=func)
+    return p
+
+
 def add_security_flags(p: argparse.ArgumentParser, server: bool) -> None:
     p.add_argument("--auth-token-file", help=f"file holding the bearer token (default: ${TOKEN_ENV} if set)")
     if server:
@@ -391,23 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_flags(p, server=False)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("score", help="a server's full-PoE log-prob of each token of a text, and bits per byte")
-    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
+    p = client_command(sub, "score", cmd_score,
+                       "a server's full-PoE log-prob of each token of a text, and bits per byte")
     p.add_argument("--text", required=True, help="the text to score; <|bos|> is prepended")
-    add_security_flags(p, server=False)
-    p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("info", help="a server's model: stage layout, boundaries, vocabulary, context, workers")
-    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
-    add_security_flags(p, server=False)
-    p.set_defaults(func=cmd_info)
+    client_command(sub, "info", cmd_info, "a server's model: stage layout, boundaries, vocabulary, context, workers")
 
-    p = sub.add_parser("health", help="a server's gRPC health (SERVING or NOT_SERVING); exit 0 only when SERVING")
-    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
+    p = client_command(sub, "health", cmd_health,
+                       "a server's gRPC health (SERVING or NOT_SERVING); exit 0 only when SERVING")
     p.add_argument("--wait", type=_seconds, metavar="SECONDS",
                    help="wait up to this long for SERVING (a server still starting refuses connections)")
-    add_security_flags(p, server=False)
-    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("calibrate", help="calibrate WAND bounds on a text file")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")
@@ -442,17 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_flags(p, server=True)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("scale", help="serve a stage with N replicas on a running server (in-flight requests continue)")
-    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
+    p = client_command(sub, "scale", cmd_scale,
+                       "serve a stage with N replicas on a running server (in-flight requests continue)")
     p.add_argument("--stage", type=int, required=True, help="the stage index")
     p.add_argument("--replicas", type=_count, required=True, help="workers to serve it from now on")
-    add_security_flags(p, server=False)
-    p.set_defaults(func=cmd_scale)
 
-    p = sub.add_parser("workers", help="where each stage worker of a running server runs (node, address, device, pid)")
-    p.add_argument("--server", required=True, help="HOST:PORT of a poe-serve gRPC server")
-    add_security_flags(p, server=False)
-    p.set_defaults(func=cmd_workers)
+    client_command(sub, "workers", cmd_workers,
+                   "where each stage worker of a running server runs (node, address, device, pid)")
 
     p = sub.add_parser("demo", help="local Ray cluster + gRPC server + one call per mode, as a table")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the embedded trained model)")

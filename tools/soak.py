@@ -131,18 +131,28 @@ class Faults:
 
 
 class SimulatedNodes:
-    """`ray.cluster_utils.Cluster`: a head without CPUs and `count` 1-CPU nodes."""
+    """`ray.cluster_utils.Cluster`: a head without CPUs and `count` 1-CPU nodes; each node has a
+    custom resource `slot<i>: 1` and a label `slot: <i>` (i never reused), to place stages by."""
 
     def __init__(self, count: int):
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        self.slots: dict[str, int] = {}  # node id -> its slot
+        self.added = 0
         for _ in range(count):
-            self.cluster.add_node(num_cpus=1)
+            self.add()
+
+    def add(self) -> None:
+        slot, self.added = self.added, self.added + 1
+        node = self.cluster.add_node(num_cpus=1, resources={f"slot{slot}": 1}, labels={"slot": str(slot)})
+        self.slots[node.node_id] = slot
 
     def remove(self, node_id: str) -> None:
+        """Remove a node (its raylet and every process on it), then add a fresh spare."""
         self.cluster.remove_node(next(n for n in self.cluster.list_all_nodes() if n.node_id == node_id))
-        self.cluster.add_node(num_cpus=1)
+        del self.slots[node_id]
+        self.add()
 
 
 def run_soak(checkpoint: Path, duration: float, concurrency: int, fault_every: float, nodes: int,

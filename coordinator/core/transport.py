@@ -210,7 +210,6 @@ class ChannelTransport:
                 ready = select.select(readers, [], [], LIVENESS_TICK_S)[0]
                 for channel in ready:
                     channel.drain_wakeups()
-                    self._check_channel(channel)
                 if not ready:
                     self._check(deadline, {w for w in participants if w in self.control and
                                            self.control[w].marked() < plan.step})
@@ -242,12 +241,6 @@ class ChannelTransport:
             except ConnectionError as exc:
                 self._lose(worker_id, f"its control channel broke ({exc})")
 
-    def _check_channel(self, channel) -> None:
-        """A result channel that broke loses its worker."""
-        failure = channel.failure()
-        if failure is not None:
-            self._lose(next(w for w, c in self.results.items() if c is channel), f"its result channel broke ({failure})")
-
     def _lose(self, worker_id: int, why: str) -> None:
         """Raise `WorkerLost` for a worker behind a broken channel once Ray reports it dead (a lost
         node takes Ray a moment to notice); one Ray still calls alive after PEER_LOSS_CONFIRM_S is
@@ -265,8 +258,9 @@ class ChannelTransport:
         """Raise `WorkerLost` for a dead worker; past the deadline, kill the first (by stage) of
         `waiting_on`, the workers that have not finished the step (alive but stuck), and raise it
         as lost."""
-        for channel in self.results.values():
-            self._check_channel(channel)
+        for worker_id, channel in list(self.results.items()):  # a result channel that broke loses its worker
+            if channel.failure() is not None:
+                self._lose(worker_id, f"its result channel broke ({channel.failure()})")
         dead, why = self.processes.dead(list(self.control)), "its process died"
         if not dead and waiting_on and time.monotonic() > deadline:
             dead = [min(waiting_on, key=lambda w: self.stage_of[w])]
