@@ -155,11 +155,19 @@ class PoEModel:
                 self.loop.abort(h)
             raise
 
-    def run_mode(self, input_ids, max_new_tokens, mode: rq.Mode, sampling=None, eos_token_id=None) -> list[Sequence]:
+    def run_mode(self, input_ids, max_new_tokens, mode: rq.Mode, sampling=None, eos_token_id=None,
+                 controls: dict | None = None) -> list[Sequence]:
         """Generate with a validated mode (coordinator/core/modes.py MODES builds one from its
-        arguments by name); one finished sequence per prompt row."""
-        stop = rq.check_stop_ids(self.config, eos_token_id)
-        return self.run(rq.build_requests(self.config, input_ids, max_new_tokens, mode, sampling, stop))
+        arguments by name); one finished sequence per prompt row. `controls`: decoding controls
+        by name (rq.CONTROL_NAMES), each generate method's keyword arguments."""
+        controls = dict(controls or {})
+        unknown = sorted(set(controls) - set(rq.CONTROL_NAMES))
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not an argument; allowed decoding controls: {', '.join(rq.CONTROL_NAMES)}")
+        stop_ids = controls.pop("stop_token_ids", None)
+        stop = rq.check_stop_ids(self.config, eos_token_id) | rq.check_stop_ids(self.config, stop_ids, "stop_token_ids")
+        checked = rq.check_controls(self.config, max_new_tokens, **controls)
+        return self.run(rq.build_requests(self.config, input_ids, max_new_tokens, mode, sampling, stop, checked))
 
     @staticmethod
     def _pack(seqs: list[Sequence], pad: int | None) -> torch.Tensor:
@@ -169,29 +177,31 @@ class PoEModel:
         return torch.tensor([r + [pad if pad is not None else 0] * (width - len(r)) for r in rows], dtype=torch.long)
 
     # ---- the card's methods ----------------------------------------------------------------
+    # Every generate method also takes the decoding controls by keyword (docs/modes.md, "Decoding controls"):
+    # repetition_penalty, presence_penalty, frequency_penalty, logit_bias, min_tokens, stop_token_ids.
     def generate(self, input_ids, max_new_tokens, do_sample=False, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, eos_token_id=None) -> torch.Tensor:
-        sampling = rq.check_sampling(do_sample, temperature, top_k, top_p, seed)
-        seqs = self.run_mode(input_ids, max_new_tokens, rq.full_mode(self.config), sampling, eos_token_id)
+                 seed=None, eos_token_id=None, min_p=None, **controls) -> torch.Tensor:
+        sampling = rq.check_sampling(do_sample, temperature, top_k, top_p, seed, min_p=min_p)
+        seqs = self.run_mode(input_ids, max_new_tokens, rq.full_mode(self.config), sampling, eos_token_id, controls)
         return self._pack(seqs, eos_token_id)
 
-    def generate_prefix(self, input_ids, max_stages, max_new_tokens, eos_token_id=None) -> torch.Tensor:
-        seqs = self.run_mode(input_ids, max_new_tokens, rq.prefix_mode(self.config, max_stages), None, eos_token_id)
-        return self._pack(seqs, eos_token_id)
+    def generate_prefix(self, input_ids, max_stages, max_new_tokens, eos_token_id=None, **controls) -> torch.Tensor:
+        mode = rq.prefix_mode(self.config, max_stages)
+        return self._pack(self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id, controls), eos_token_id)
 
-    def generate_stage(self, input_ids, stage, max_new_tokens, eos_token_id=None) -> torch.Tensor:
-        seqs = self.run_mode(input_ids, max_new_tokens, rq.stage_mode(self.config, stage), None, eos_token_id)
-        return self._pack(seqs, eos_token_id)
+    def generate_stage(self, input_ids, stage, max_new_tokens, eos_token_id=None, **controls) -> torch.Tensor:
+        mode = rq.stage_mode(self.config, stage)
+        return self._pack(self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id, controls), eos_token_id)
 
     def generate_parallel_composition(self, input_ids, stages, stage_weights=None, max_new_tokens=32,
-                                      eos_token_id=None) -> torch.Tensor:
+                                      eos_token_id=None, **controls) -> torch.Tensor:
         mode = rq.composition_mode(self.config, stages, stage_weights)
-        return self._pack(self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id), eos_token_id)
+        return self._pack(self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id, controls), eos_token_id)
 
     def generate_wand(self, input_ids, max_new_tokens, safety=1.0, p99_bounds=None, return_stages_used=False,
-                      eos_token_id=None):
+                      eos_token_id=None, **controls):
         mode = rq.wand_mode(self.config, safety, p99_bounds)
-        seqs = self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id)
+        seqs = self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id, controls)
         out = self._pack(seqs, eos_token_id)
         if not return_stages_used:
             return out
@@ -200,9 +210,13 @@ class PoEModel:
         return out, torch.tensor(used, dtype=torch.long)
 
     def generate_speculative(self, input_ids, draft_stage=0, k_draft=3, max_new_tokens=32,
-                             return_acceptance=False, eos_token_id=None):
+                             return_acceptance=False, eos_token_id=None, do_sample=False, temperature=1.0,
+                             top_k=None, top_p=None, seed=None, min_p=None, **controls):
+        """Greedy: identical to `generate`. With do_sample=True: speculative sampling, distributed
+        exactly as `generate`'s sampling with the same filters (docs/modes.md)."""
         mode = rq.speculative_mode(self.config, draft_stage, k_draft)
-        seqs = self.run_mode(input_ids, max_new_tokens, mode, None, eos_token_id)
+        sampling = rq.check_sampling(do_sample, temperature, top_k, top_p, seed, min_p=min_p)
+        seqs = self.run_mode(input_ids, max_new_tokens, mode, sampling, eos_token_id, controls)
         out = self._pack(seqs, eos_token_id)
         if not return_acceptance:
             return out

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/poe_serving.proto\x12\x06poe.v1\"r\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x03 \x01(\x08\x42\x15\n\x13_add_special_tokens\"P\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\ntoken_strs\x18\x03 \x03(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\n\n\x08\x46ullMode\" \n\nPrefixMode\x12\x12\n\nmax_stages\x18\x01 \x01(\r\")\n\tStageMode\x12\x12\n\x05stage\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_stage\">\n\x08WandMode\x12\x13\n\x06safety\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\np99_bounds\x18\x02 \x03(\x01\x42\t\n\x07_safety\"7\n\x0fSpeculativeMode\x12\x13\n\x0b\x64raft_stage\x18\x01 \x01(\r\x12\x0f\n\x07k_draft\x18\x02 \x01(\r\"8\n\x0f\x43ompositionMode\x12\x0e\n\x06stages\x18\x01 \x03(\r\x12\x15\n\rstage_weights\x18\x02 \x03(\x01\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x9d\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12 \n\x04\x66ull\x18\x04 \x01(\x0b\x32\x10.poe.v1.FullModeH\x01\x12$\n\x06prefix\x18\x05 \x01(\x0b\x32\x12.poe.v1.PrefixModeH\x01\x12\"\n\x05stage\x18\x06 \x01(\x0b\x32\x11.poe.v1.StageModeH\x01\x12 \n\x04wand\x18\x07 \x01(\x0b\x32\x10.poe.v1.WandModeH\x01\x12.\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x17.poe.v1.SpeculativeModeH\x01\x12.\n\x0b\x63omposition\x18\t \x01(\x0b\x32\x17.poe.v1.CompositionModeH\x01\x12\"\n\x08sampling\x18\n \x01(\x0b\x32\x10.poe.v1.Sampling\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\rB\x07\n\x05inputB\x06\n\x04mode\"\xc4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x01\"u\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\"P\n\x0cScoreRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x42\x07\n\x05input\">\n\rScoreResponse\x12\x16\n\x0etoken_logprobs\x18\x01 \x03(\x01\x12\x15\n\rbits_per_byte\x18\x02 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xbe\x01\n\x0fWorkerPlacement\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\"\xd5\x01\n\tModelInfo\x12\x14\n\x0cstage_layout\x18\x01 \x03(\r\x12\x17\n\x0f\x62oundary_layers\x18\x02 \x03(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.poe.v1.WorkerPlacement\x12\x11\n\tpoe_alpha\x18\x07 \x01(\x01\x12\x17\n\x0fwand_p99_bounds\x18\x08 \x03(\x01\"4\n\x11ScaleStageRequest\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\"&\n\x12ScaleStageResponse\x12\x10\n\x08replicas\x18\x01 \x03(\r\"\x14\n\x12ListWorkersRequest\"o\n\x0eWorkerLocation\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.poe.v1.WorkerLocation2\x89\x03\n\nPoEServing\x12=\n\x08Generate\x12\x17.poe.v1.GenerateRequest\x1a\x18.poe.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.poe.v1.GenerateRequest\x1a\x15.poe.v1.GenerateChunk0\x01\x12\x34\n\x05Score\x12\x14.poe.v1.ScoreRequest\x1a\x15.poe.v1.ScoreResponse\x12>\n\x0cGetModelInfo\x12\x1b.poe.v1.GetModelInfoRequest\x1a\x11.poe.v1.ModelInfo\x12=\n\x08Tokenize\x12\x17.poe.v1.TokenizeRequest\x1a\x18.poe.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.poe.v1.DetokenizeRequest\x1a\x1a.poe.v1.DetokenizeResponse2\x97\x01\n\x08PoEAdmin\x12\x43\n\nScaleStage\x12\x19.poe.v1.ScaleStageRequest\x1a\x1a.poe.v1.ScaleStageResponse\x12\x46\n\x0bListWorkers\x12\x1a.poe.v1.ListWorkersRequest\x1a\x1b.poe.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/poe_serving.proto\x12\x06poe.v1\"r\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x03 \x01(\x08\x42\x15\n\x13_add_special_tokens\"P\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\ntoken_strs\x18\x03 \x03(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\n\n\x08\x46ullMode\" \n\nPrefixMode\x12\x12\n\nmax_stages\x18\x01 \x01(\r\")\n\tStageMode\x12\x12\n\x05stage\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_stage\">\n\x08WandMode\x12\x13\n\x06safety\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\np99_bounds\x18\x02 \x03(\x01\x42\t\n\x07_safety\"7\n\x0fSpeculativeMode\x12\x13\n\x0b\x64raft_stage\x18\x01 \x01(\r\x12\x0f\n\x07k_draft\x18\x02 \x01(\r\"8\n\x0f\x43ompositionMode\x12\x0e\n\x06stages\x18\x01 \x03(\r\x12\x15\n\rstage_weights\x18\x02 \x03(\x01\"h\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x01\x42\x07\n\x05_seed\"\x82\x02\n\x10\x44\x65\x63odingControls\x12\x1f\n\x12repetition_penalty\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x02 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x03 \x01(\x01\x12;\n\nlogit_bias\x18\x04 \x03(\x0b\x32\'.poe.v1.DecodingControls.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x05 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x15\n\x13_repetition_penalty\"\xc9\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12 \n\x04\x66ull\x18\x04 \x01(\x0b\x32\x10.poe.v1.FullModeH\x01\x12$\n\x06prefix\x18\x05 \x01(\x0b\x32\x12.poe.v1.PrefixModeH\x01\x12\"\n\x05stage\x18\x06 \x01(\x0b\x32\x11.poe.v1.StageModeH\x01\x12 \n\x04wand\x18\x07 \x01(\x0b\x32\x10.poe.v1.WandModeH\x01\x12.\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x17.poe.v1.SpeculativeModeH\x01\x12.\n\x0b\x63omposition\x18\t \x01(\x0b\x32\x17.poe.v1.CompositionModeH\x01\x12\"\n\x08sampling\x18\n \x01(\x0b\x32\x10.poe.v1.Sampling\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12*\n\x08\x63ontrols\x18\x0c \x01(\x0b\x32\x18.poe.v1.DecodingControlsB\x07\n\x05inputB\x06\n\x04mode\"\xc4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x08 \x01(\x01\"u\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bstages_used\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\"P\n\x0cScoreRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.poe.v1.TokenIdsH\x00\x42\x07\n\x05input\">\n\rScoreResponse\x12\x16\n\x0etoken_logprobs\x18\x01 \x03(\x01\x12\x15\n\rbits_per_byte\x18\x02 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xbe\x01\n\x0fWorkerPlacement\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\"\xd5\x01\n\tModelInfo\x12\x14\n\x0cstage_layout\x18\x01 \x03(\r\x12\x17\n\x0f\x62oundary_layers\x18\x02 \x03(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12(\n\x07workers\x18\x06 \x03(\x0b\x32\x17.poe.v1.WorkerPlacement\x12\x11\n\tpoe_alpha\x18\x07 \x01(\x01\x12\x17\n\x0fwand_p99_bounds\x18\x08 \x03(\x01\"4\n\x11ScaleStageRequest\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x10\n\x08replicas\x18\x02 \x01(\r\"&\n\x12ScaleStageResponse\x12\x10\n\x08replicas\x18\x01 \x03(\r\"\x14\n\x12ListWorkersRequest\"o\n\x0eWorkerLocation\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07node_ip\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.poe.v1.WorkerLocation2\x89\x03\n\nPoEServing\x12=\n\x08Generate\x12\x17.poe.v1.GenerateRequest\x1a\x18.poe.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.poe.v1.GenerateRequest\x1a\x15.poe.v1.GenerateChunk0\x01\x12\x34\n\x05Score\x12\x14.poe.v1.ScoreRequest\x1a\x15.poe.v1.ScoreResponse\x12>\n\x0cGetModelInfo\x12\x1b.poe.v1.GetModelInfoRequest\x1a\x11.poe.v1.ModelInfo\x12=\n\x08Tokenize\x12\x17.poe.v1.TokenizeRequest\x1a\x18.poe.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.poe.v1.DetokenizeRequest\x1a\x1a.poe.v1.DetokenizeResponse2\x97\x01\n\x08PoEAdmin\x12\x43\n\nScaleStage\x12\x19.poe.v1.ScaleStageRequest\x1a\x1a.poe.v1.ScaleStageResponse\x12\x46\n\x0bListWorkers\x12\x1a.poe.v1.ListWorkersRequest\x1a\x1b.poe.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.poe_serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DECODINGCONTROLS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_DECODINGCONTROLS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIZEREQUEST']._serialized_start=36
   _globals['_TOKENIZEREQUEST']._serialized_end=150
   _globals['_TOKENIZERESPONSE']._serialized_start=152
@@ -54,35 +56,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPOSITIONMODE']._serialized_start=545
   _globals['_COMPOSITIONMODE']._serialized_end=601
   _globals['_SAMPLING']._serialized_start=603
-  _globals['_SAMPLING']._serialized_end=692
-  _globals['_GENERATEREQUEST']._serialized_start=695
-  _globals['_GENERATEREQUEST']._serialized_end=1108
-  _globals['_GENERATERESPONSE']._serialized_start=1111
-  _globals['_GENERATERESPONSE']._serialized_end=1307
-  _globals['_GENERATECHUNK']._serialized_start=1309
-  _globals['_GENERATECHUNK']._serialized_end=1426
-  _globals['_SCOREREQUEST']._serialized_start=1428
-  _globals['_SCOREREQUEST']._serialized_end=1508
-  _globals['_SCORERESPONSE']._serialized_start=1510
-  _globals['_SCORERESPONSE']._serialized_end=1572
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1574
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1595
-  _globals['_WORKERPLACEMENT']._serialized_start=1598
-  _globals['_WORKERPLACEMENT']._serialized_end=1788
-  _globals['_MODELINFO']._serialized_start=1791
-  _globals['_MODELINFO']._serialized_end=2004
-  _globals['_SCALESTAGEREQUEST']._serialized_start=2006
-  _globals['_SCALESTAGEREQUEST']._serialized_end=2058
-  _globals['_SCALESTAGERESPONSE']._serialized_start=2060
-  _globals['_SCALESTAGERESPONSE']._serialized_end=2098
-  _globals['_LISTWORKERSREQUEST']._serialized_start=2100
-  _globals['_LISTWORKERSREQUEST']._serialized_end=2120
-  _globals['_WORKERLOCATION']._serialized_start=2122
-  _globals['_WORKERLOCATION']._serialized_end=2233
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=2235
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=2297
-  _globals['_POESERVING']._serialized_start=2300
-  _globals['_POESERVING']._serialized_end=2693
-  _globals['_POEADMIN']._serialized_start=2696
-  _globals['_POEADMIN']._serialized_end=2847
+  _globals['_SAMPLING']._serialized_end=707
+  _globals['_DECODINGCONTROLS']._serialized_start=710
+  _globals['_DECODINGCONTROLS']._serialized_end=968
+  _globals['_DECODINGCONTROLS_LOGITBIASENTRY']._serialized_start=897
+  _globals['_DECODINGCONTROLS_LOGITBIASENTRY']._serialized_end=945
+  _globals['_GENERATEREQUEST']._serialized_start=971
+  _globals['_GENERATEREQUEST']._serialized_end=1428
+  _globals['_GENERATERESPONSE']._serialized_start=1431
+  _globals['_GENERATERESPONSE']._serialized_end=1627
+  _globals['_GENERATECHUNK']._serialized_start=1629
+  _globals['_GENERATECHUNK']._serialized_end=1746
+  _globals['_SCOREREQUEST']._serialized_start=1748
+  _globals['_SCOREREQUEST']._serialized_end=1828
+  _globals['_SCORERESPONSE']._serialized_start=1830
+  _globals['_SCORERESPONSE']._serialized_end=1892
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1894
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1915
+  _globals['_WORKERPLACEMENT']._serialized_start=1918
+  _globals['_WORKERPLACEMENT']._serialized_end=2108
+  _globals['_MODELINFO']._serialized_start=2111
+  _globals['_MODELINFO']._serialized_end=2324
+  _globals['_SCALESTAGEREQUEST']._serialized_start=2326
+  _globals['_SCALESTAGEREQUEST']._serialized_end=2378
+  _globals['_SCALESTAGERESPONSE']._serialized_start=2380
+  _globals['_SCALESTAGERESPONSE']._serialized_end=2418
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2420
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2440
+  _globals['_WORKERLOCATION']._serialized_start=2442
+  _globals['_WORKERLOCATION']._serialized_end=2553
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2555
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2617
+  _globals['_POESERVING']._serialized_start=2620
+  _globals['_POESERVING']._serialized_end=3013
+  _globals['_POEADMIN']._serialized_start=3016
+  _globals['_POEADMIN']._serialized_end=3167
 # @@protoc_insertion_point(module_scope)

@@ -85,19 +85,42 @@ class CompositionMode(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[int]] = ..., stage_weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    __slots__ = ("temperature", "top_k", "top_p", "seed", "min_p")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    min_p: float
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., min_p: _Optional[float] = ...) -> None: ...
+
+class DecodingControls(_message.Message):
+    __slots__ = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: _containers.ScalarMap[int, float]
+    min_tokens: int
+    def __init__(self, repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "token_ids", "max_new_tokens", "full", "prefix", "stage", "wand", "speculative", "composition", "sampling", "stop_token_ids")
+    __slots__ = ("prompt", "token_ids", "max_new_tokens", "full", "prefix", "stage", "wand", "speculative", "composition", "sampling", "stop_token_ids", "controls")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +132,7 @@ class GenerateRequest(_message.Message):
     COMPOSITION_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     token_ids: TokenIds
     max_new_tokens: int
@@ -120,7 +144,8 @@ class GenerateRequest(_message.Message):
     composition: CompositionMode
     sampling: Sampling
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., full: _Optional[_Union[FullMode, _Mapping]] = ..., prefix: _Optional[_Union[PrefixMode, _Mapping]] = ..., stage: _Optional[_Union[StageMode, _Mapping]] = ..., wand: _Optional[_Union[WandMode, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeMode, _Mapping]] = ..., composition: _Optional[_Union[CompositionMode, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    controls: DecodingControls
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., full: _Optional[_Union[FullMode, _Mapping]] = ..., prefix: _Optional[_Union[PrefixMode, _Mapping]] = ..., stage: _Optional[_Union[StageMode, _Mapping]] = ..., wand: _Optional[_Union[WandMode, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeMode, _Mapping]] = ..., composition: _Optional[_Union[CompositionMode, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., controls: _Optional[_Union[DecodingControls, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "stages_used", "acceptance_rate", "finish_reason", "prompt_tokens", "time_to_first_token_s", "total_time_s")

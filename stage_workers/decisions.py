@@ -1,5 +1,5 @@
 """What the stage that decides a token computes from the running Log-OP sum: the mode rules as
-pure, batched functions.
+pure, batched functions (and speculative sampling's rejection rule).
 
 A Log-OP accumulator row holds `sum_k w_k * log p_k` over the stages a position has passed;
 dividing it by `(sum_k w_k) ** (1 - alpha)` gives the spec's ranking score. From scores the
@@ -15,6 +15,7 @@ import math
 import torch
 
 from .logop import normalize
+from .sampling import draw
 
 
 def divisor(weights: tuple[float, ...], stage: int, alpha: float) -> float:
@@ -49,6 +50,21 @@ def verify_drafts(targets: list[int], drafts: list[int]) -> int:
     while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
         accepted += 1
     return accepted
+
+
+def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list[int], uniforms: tuple[float, ...]) -> tuple[int, int]:
+    """Speculative sampling's rejection rule (Leviathan et al. 2023, Chen et al. 2023), which keeps
+    the target distribution exactly. p: (n+1, V) target probabilities at the last committed
+    position and each drafted one; q: (n, V) the drafter's, from which the n drafts were drawn;
+    uniforms: n + 1 draws. Draft i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the
+    first rejection the token is drawn from normalize(max(p_i - q_i, 0)) with the last uniform,
+    after n acceptances from p_n. Returns (drafts accepted, the token after them)."""
+    n = len(drafts)
+    for i, x in enumerate(drafts):
+        if uniforms[i] * float(q[i, x]) >= float(p[i, x]):  # rejected
+            residual = (p[i] - q[i]).clamp(min=0)  # (V,); p != q where it rejects, barring rounding
+            return i, draw(residual if bool(residual.sum() > 0) else p[i], uniforms[n])
+    return n, draw(p[n], uniforms[n])
 
 
 def token_logprobs(scores: torch.Tensor, targets: list[int], top_n: int

@@ -6,7 +6,8 @@ micro-batch with what enters stage 0 and what to decide. Sequences are described
 (`SeqSpec`, when they first run); after that a plan carries only what changed. Stage k hands
 its boundary states straight to stage k+1's worker as a `Boundary`, with the running Log-OP
 sums of the positions that need a distribution; the stage that decides a token returns only
-`Decision`s (token ids, an exit stage, acceptance, Score log-probs) in a `StepResult`. No
+`Decision`s (token ids, an exit stage, acceptance, Score log-probs) in a `StepResult`; a sampled
+draft's distribution travels with its rows to the verifying stage (`Boundary.drafted`). No
 tensor with a vocabulary or hidden dimension is in a `StepResult` of a generation step.
 Inside a worker, a call into the slice extends some sequences by a run of new positions each
 (`ExtendBatch` -> `ExtendResult`); positions of all sequences in a call are *packed*: row `n`
@@ -28,6 +29,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from .controls import Controls
 from .sampling import SamplingParams
 from .transfer import to_device
 
@@ -201,6 +203,7 @@ class SeqSpec(NamedTuple):
     exit_thresholds: tuple[float, ...] = ()  # "wand": safety * bound per stage (+inf: never exit there)
     draft_stage: int = -1  # "speculative"
     top_n: int = 0  # "score": alternatives returned per position
+    controls: Controls | None = None  # penalties, bias, min_tokens (stage_workers/controls.py); None: none
 
     @property
     def reach(self) -> int:
@@ -220,7 +223,9 @@ class SeqStep(NamedTuple):
     depth: int  # deepest stage that computes this step
     logits_from: int  # positions >= logits_from get a distribution this step
     action: Action = "decide"  # "none": a prompt chunk; "draft": a speculative draft pass
-    uniform: float | None = None  # "sample" with sampling: this token's draw from the request's generator
+    # draws from the request's generator, for a sampled choice: one for a token or a draft; for a
+    # sampled verification, one per draft (its acceptance test) and one for the token after
+    uniforms: tuple[float, ...] = ()
     targets: tuple[int, ...] = ()  # "score": the token after each position with logits (-1: none)
 
 
@@ -266,6 +271,7 @@ class Handoff(NamedTuple):
     length: int
     num_acc: int  # the last num_acc rows carry a Log-OP accumulator
     park: bool  # True: the downstream stage keeps the rows for later (WAND exit, draft); False: compute now
+    num_drafted: int = 0  # sampled drafts' distributions q (rows of `Boundary.drafted`) going to the verifier
 
 
 class Boundary(NamedTuple):
@@ -277,6 +283,7 @@ class Boundary(NamedTuple):
     token_ids: torch.Tensor  # (N,) the token at every row
     trunk: TrunkState | None  # (N, C) boundary states; None when there are no rows
     acc: torch.Tensor | None  # (M, V) fp32 Log-OP sums, M = sum of num_acc, handoff order
+    drafted: torch.Tensor | None = None  # (Q, V) fp32 sampled drafts' q, Q = sum of num_drafted, handoff order
 
 
 # ---- worker -> coordinator -------------------------------------------------------------------
@@ -315,14 +322,14 @@ def encode(message) -> tuple[tuple, list[torch.Tensor]]:
         trunk, tensors = message.trunk, []
         if trunk is not None:
             tensors.append(torch.stack([t for t in (trunk.x, trunk.x0, trunk.x_backout) if t is not None]))
-        if message.acc is not None:
-            tensors.append(message.acc)
-        flags = (trunk is not None, trunk is not None and trunk.x_backout is not None, message.acc is not None)
+        tensors += [t for t in (message.acc, message.drafted) if t is not None]
+        flags = (trunk is not None, trunk is not None and trunk.x_backout is not None, message.acc is not None,
+                 message.drafted is not None)
         return (_BOUNDARY, message.step, message.micro_batch, tuple(map(tuple, message.handoffs)),
                 tuple(message.token_ids.tolist()), flags), tensors
     if kind is StepPlan:
-        new = tuple(spec[:5] + (None if spec.sampling is None else tuple(vars(spec.sampling).values()),) + spec[6:]
-                    for spec in message.new)
+        new = tuple(spec[:5] + (None if spec.sampling is None else tuple(vars(spec.sampling).values()),) + spec[6:9]
+                    + (None if spec.controls is None else tuple(spec.controls),) for spec in message.new)
         batches = tuple(tuple(map(tuple, mb)) for mb in message.micro_batches)
         return (_PLAN, message.step, message.epoch, tuple(message.frees), tuple(message.rollbacks), new, batches,
                 message.aborted), []
@@ -339,16 +346,16 @@ def decode(plain: tuple, tensors: list[torch.Tensor]):
     """The inverse of `encode`."""
     kind = plain[0]
     if kind == _BOUNDARY:
-        _, step, micro_batch, handoffs, token_ids, (has_trunk, has_backout, has_acc) = plain
+        _, step, micro_batch, handoffs, token_ids, (has_trunk, has_backout, has_acc, has_drafted) = plain
         it = iter(tensors)
         states = next(it) if has_trunk else None  # (S, N, C)
         trunk = None if states is None else TrunkState(states[0], states[1], states[2] if has_backout else None)
         return Boundary(step, micro_batch, tuple(Handoff(*h) for h in handoffs), torch.tensor(token_ids, dtype=torch.long),
-                        trunk, next(it) if has_acc else None)
+                        trunk, next(it) if has_acc else None, next(it) if has_drafted else None)
     if kind == _PLAN:
         _, step, epoch, frees, rollbacks, new, batches, aborted = plain
-        specs = tuple(SeqSpec(*spec[:5], None if spec[5] is None else SamplingParams(*spec[5]), *spec[6:])
-                      for spec in new)
+        specs = tuple(SeqSpec(*spec[:5], None if spec[5] is None else SamplingParams(*spec[5]), *spec[6:9],
+                              None if spec[9] is None else Controls(*spec[9])) for spec in new)
         return StepPlan(step, epoch, frees, rollbacks, specs,
                         tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted)
     if kind == _RESULT:

@@ -128,12 +128,27 @@ def rows_by_sequence(message: Boundary) -> dict[int, tuple[Handoff, Rows]]:
     return out
 
 
-def boundary_of(step: int, index: int, items: list[tuple[int, Rows, bool]]) -> Boundary:
-    handoffs = tuple(Handoff(seq_id, rows.start, len(rows), rows.num_acc, park) for seq_id, rows, park in items)
+def drafted_by_sequence(message: Boundary) -> dict[int, torch.Tensor]:
+    """A boundary message's sampled drafts' distributions, per sequence: (n, V) each."""
+    out, row = {}, 0
+    for h in message.handoffs:
+        if h.num_drafted:
+            out[h.seq_id] = message.drafted[row : row + h.num_drafted]
+            row += h.num_drafted
+    return out
+
+
+def boundary_of(step: int, index: int, items: list[tuple[int, Rows, bool]],
+                drafted: dict[int, torch.Tensor] | None = None) -> Boundary:
+    """`drafted`: seq_id -> (n, V) sampled drafts' distributions going along with its rows."""
+    drafted = drafted or {}
+    handoffs = tuple(Handoff(seq_id, rows.start, len(rows), rows.num_acc, park,
+                             drafted[seq_id].shape[0] if seq_id in drafted else 0) for seq_id, rows, park in items)
     if not items:
         return Boundary(step, index, handoffs, torch.empty(0, dtype=torch.long), None, None)
     block = concat_rows([rows for _, rows, _ in items])  # the computed batch itself when everything goes on together
-    return Boundary(step, index, handoffs, block.token_ids, block.trunk, block.acc)
+    q = [drafted[h.seq_id] for h in handoffs if h.num_drafted]
+    return Boundary(step, index, handoffs, block.token_ids, block.trunk, block.acc, torch.cat(q) if q else None)
 
 
 def cat_adjacent(tensors: list[torch.Tensor]) -> torch.Tensor:

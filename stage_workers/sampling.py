@@ -1,7 +1,7 @@
 """Choosing the next token from normalized log-probabilities: greedy, or seeded sampling.
 
-Sampling applies temperature, then top-k, then top-p, and draws by inverse CDF over token ids
-in ascending order with one float64 uniform per token. The uniform comes from the request's own
+Sampling applies temperature, then min-p, then top-k, then top-p (vLLM's order), and draws by
+inverse CDF over token ids in ascending order with one float64 uniform per token. The uniform comes from the request's own
 generator, drawn by the coordinator and sent with the step, so a request's tokens do not depend
 on what else is in the batch nor on which worker samples. Pure functions; nothing here knows
 about stages or workers.
@@ -9,6 +9,7 @@ about stages or workers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,15 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # None: a fresh random seed per request
+    min_p: float | None = None  # drop tokens below min_p times the top token's probability
 
 
 def filtered_logits(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """(V,) normalized log-probs -> (V,) logits with filtered-out tokens at -inf."""
+    """(V,) normalized log-probs (or scores after decoding controls) -> (V,) logits with
+    filtered-out tokens at -inf."""
     logits = logprobs.float() / params.temperature
+    if params.min_p is not None and params.min_p > 0.0:  # p < min_p * p_max  <=>  logit < max + log(min_p)
+        logits = logits.masked_fill(logits < logits.max() + math.log(params.min_p), float("-inf"))
     if params.top_k is not None and params.top_k < logits.numel():
         threshold = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
@@ -37,12 +42,25 @@ def filtered_logits(logprobs: torch.Tensor, params: SamplingParams) -> torch.Ten
     return logits
 
 
-def sample(logprobs: torch.Tensor, params: SamplingParams, uniform: float) -> int:
-    """(V,) normalized log-probs -> one token id, at `uniform` (in [0, 1)) of the filtered CDF."""
-    cdf = torch.softmax(filtered_logits(logprobs, params), dim=-1).double().cpu().cumsum(0)
+def probabilities(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(..., V) normalized log-probs -> (..., V) fp32 probabilities after the filters."""
+    if logprobs.dim() > 1:
+        return torch.stack([probabilities(row, params) for row in logprobs])
+    return torch.softmax(filtered_logits(logprobs, params), dim=-1)
+
+
+def draw(probs: torch.Tensor, uniform: float) -> int:
+    """(V,) probabilities (any non-negative weights) -> the token id at `uniform` (in [0, 1)) of
+    their CDF over ids in ascending order."""
+    cdf = probs.double().cpu().cumsum(0)
     u = torch.tensor([uniform], dtype=torch.float64)
     index = torch.searchsorted(cdf, u * cdf[-1], right=True)
     return int(index.clamp(max=cdf.numel() - 1))
+
+
+def sample(logprobs: torch.Tensor, params: SamplingParams, uniform: float) -> int:
+    """(V,) normalized log-probs -> one token id, at `uniform` (in [0, 1)) of the filtered CDF."""
+    return draw(probabilities(logprobs, params), uniform)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -17,9 +17,12 @@ from enum import Enum
 import torch
 
 from . import decisions as rules
-from .messages import Decision, SeqSpec, SeqStep
+from .controls import apply_controls
+from .logop import normalize
+from .messages import Decision, SeqSpec, SeqStep, require
 from .rows import Rows, cat_adjacent
-from .sampling import sample
+from .sampling import draw, probabilities, sample
+from .stage_state import StageState
 
 
 class Onward(Enum):
@@ -30,9 +33,11 @@ class Onward(Enum):
 
 
 class StageDecider:
-    def __init__(self, stage: int, num_stages: int, held: dict[int, Rows]):
+    def __init__(self, stage: int, num_stages: int, state: StageState):
         self.stage, self.num_stages = stage, num_stages
-        self.held = held  # the stage's store of drafted positions' sums (StageState.held)
+        self.held = state.held  # drafted positions' sums awaiting verification
+        self.history = state.history  # the tokens of sequences whose controls read them
+        self.drafted = state.drafted  # sampled drafts' distributions
 
     def batch_greedy(self, work: list[tuple[SeqStep, SeqSpec]], outs: list[Rows]) -> dict[int, int | None]:
         """The step's plain decisions in one op: a greedy token at the deepest stage, and WAND's
@@ -40,7 +45,7 @@ class StageDecider:
         k, last = self.stage, self.num_stages - 1
         picked, last_rows, divisors, thresholds = [], [], [], []
         for (s, spec), rows in zip(work, outs):
-            if rows.num_acc == 0 or s.action != "decide":
+            if rows.num_acc == 0 or s.action != "decide" or spec.controls is not None:
                 continue
             if spec.rule == "wand" or (spec.rule == "sample" and spec.sampling is None and k == s.depth):
                 picked.append(s.seq_id)
@@ -64,19 +69,27 @@ class StageDecider:
         return {seq_id: token if done or not w else None for seq_id, token, done, w in zip(picked, tokens, exits, wand)}
 
     def decide(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor | None, decisions: list) -> Onward:
-        """Apply the sequence's rule at this stage (WAND and greedy tokens: `batch_greedy`).
-        `own`: this stage's own log-probs at the rows that got logits (M, V)."""
+        """Apply the sequence's rule at this stage (WAND and greedy tokens without controls:
+        `batch_greedy`). `own`: this stage's own log-probs at the rows that got logits (M, V)."""
         k, last = self.stage, self.num_stages - 1
         if s.action == "none" or spec.rule == "logits":  # nothing to decide; the deepest stage says it is done
             if k < s.depth:
                 return Onward.CONTINUE
             decisions.append(Decision(s.seq_id, k))
             return Onward.PARK
+        if spec.rule == "wand" and s.action == "decide":  # with controls: the margin of the controlled scores
+            scores = self._controlled(spec, rows, rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha))  # (1, V)
+            threshold = -math.inf if k == last else spec.exit_thresholds[k]
+            if not rules.wand_exits(scores, torch.tensor([threshold], device=scores.device))[0]:
+                return Onward.CONTINUE
+            decisions.append(Decision(s.seq_id, k, int(scores[0].argmax())))
+            return Onward.FINAL
         if k < s.depth:
             return Onward.CONTINUE
-        if spec.rule == "sample":  # a sampled token
-            score = rows.acc[-1] / rules.divisor(spec.weights, k, spec.alpha)  # (V,)
-            token = sample(score - torch.logsumexp(score, dim=-1), spec.sampling, s.uniform)
+        if spec.rule == "sample":  # a sampled token, or a greedy one under controls
+            score = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
+            score = self._controlled(spec, rows, score)[0] if spec.controls else normalize(score)[0]  # (V,)
+            token = int(score.argmax()) if spec.sampling is None else sample(score, spec.sampling, s.uniforms[0])
             decisions.append(Decision(s.seq_id, k, token))
             return Onward.FINAL
         if spec.rule == "score":
@@ -85,7 +98,7 @@ class StageDecider:
             decisions.append(Decision(s.seq_id, k, logprobs=tuple(logprobs), top=tuple(map(tuple, top))))
             return Onward.FINAL
         if s.action == "draft":  # speculative: this stage's own distribution drafts the next token
-            decisions.append(Decision(s.seq_id, k, int(own[-1].argmax())))
+            decisions.append(Decision(s.seq_id, k, self._draft(s, spec, rows, own[-1:])))
             if k == last:
                 held = self.held.get(s.seq_id)
                 kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
@@ -100,9 +113,37 @@ class StageDecider:
         held = self.held.pop(s.seq_id, None)
         kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
         rows = kept if held is None else held.then(kept)
-        scores = rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha)  # (k+1, V)
-        targets = scores.argmax(dim=-1).tolist()
-        drafts = rows.token_ids[len(rows) - len(targets) + 1 :].tolist()
-        accepted = rules.verify_drafts(targets, drafts)
-        decisions.append(Decision(s.seq_id, self.stage, targets[accepted], accepted))
+        scores = self._controlled(spec, rows, rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha))  # (k+1, V)
+        drafts = rows.token_ids[len(rows) - scores.shape[0] + 1 :].tolist()
+        if spec.sampling is None:
+            targets = scores.argmax(dim=-1).tolist()
+            accepted = rules.verify_drafts(targets, drafts)
+            token = targets[accepted]
+        else:
+            p = probabilities(scores if spec.controls else normalize(scores), spec.sampling)  # (k+1, V)
+            q = self.drafted.pop(s.seq_id, p[:0])  # (k, V); none when the round had no room for a draft
+            require(q.shape[0] == len(drafts), f"sequence {s.seq_id}: {q.shape[0]} draft distributions for "
+                                                f"{len(drafts)} drafts")
+            accepted, token = rules.verify_sampled(p, q.to(p.device), drafts, s.uniforms)
+        decisions.append(Decision(s.seq_id, self.stage, token, accepted))
         return Onward.FINAL
+
+    def _draft(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor) -> int:
+        """own: (1, V) this stage's log-probs at the last position -> the draft: its argmax, or a
+        draw whose distribution q waits for the verifier (StageState.drafted)."""
+        scores = self._controlled(spec, rows, own)
+        if spec.sampling is None:
+            return int(scores[0].argmax())
+        q = probabilities(scores, spec.sampling)  # (1, V)
+        held = self.drafted.get(s.seq_id)
+        self.drafted[s.seq_id] = q if held is None else torch.cat([held, q])
+        return draw(q[0], s.uniforms[0])
+
+    def _controlled(self, spec: SeqSpec, rows: Rows, scores: torch.Tensor) -> torch.Tensor:
+        """scores: (n, V) for the token after each of the last n positions of `rows` -> the
+        normalized log-probs with the sequence's decoding controls applied (as they are, without)."""
+        if spec.controls is None:
+            return scores
+        first = rows.start + len(rows) - scores.shape[0]
+        positions = list(range(first, rows.start + len(rows)))
+        return apply_controls(normalize(scores), spec.controls, self.history.get(spec.seq_id, []), positions)

@@ -35,7 +35,7 @@ from .framing import Interrupted
 from .logop import log_probs
 from .messages import Decision, ExtendBatch, PeerLost, Rewire, Segment, SeqSpec, SeqStep, StepPlan, StepResult, require
 from .neighbours import Neighbours
-from .rows import Block, Rows, boundary_of, concat_rows, rows_by_sequence
+from .rows import Block, Rows, boundary_of, concat_rows, drafted_by_sequence, rows_by_sequence
 from .stage_decisions import Onward, StageDecider
 from .stage_state import StageState
 
@@ -46,7 +46,7 @@ class StageRunner:
         self.stage: int = worker.stage
         self.state = StageState(worker)
         self.neighbours = Neighbours(self.stage)
-        self.decider = StageDecider(self.stage, num_stages, self.state.held)
+        self.decider = StageDecider(self.stage, num_stages, self.state)
 
     # ---- the step ------------------------------------------------------------------------------
     def run_step(self, plan: StepPlan) -> StepResult | None:
@@ -73,7 +73,9 @@ class StageRunner:
             state.forget(seq_id)
         for seq_id, length in plan.rollbacks:
             state.roll_back(seq_id, length)
-        state.specs.update((spec.seq_id, spec) for spec in plan.new if self.worker_id in spec.homes)
+        for spec in plan.new:
+            if self.worker_id in spec.homes:
+                state.learn(spec)
         state.begin(plan.step)
 
     def _micro_batch(self, plan: StepPlan, index: int, steps: list[SeqStep], decisions: list, logits: list) -> None:
@@ -128,6 +130,8 @@ class StageRunner:
         result = self.worker.extend(batch)
         for s, rows in work:
             computed[s.seq_id] = rows.start + len(rows)
+            if s.seq_id in self.state.history:
+                self.state.record(s.seq_id, rows.start, rows.token_ids.tolist())
         logprobs = None if result.logits is None else log_probs(result.logits)  # (M, V)
         outs = self._accumulate(work, logit_counts, logprobs, packed, Block(packed.token_ids, result.trunk, None))
         with_specs = [(s, specs[s.seq_id]) for s, _ in work]
@@ -181,9 +185,11 @@ class StageRunner:
         """What every upstream worker of these sequences hands over in this micro-batch, per sequence."""
         specs = self.state.specs
         sources = sorted({specs[s.seq_id].homes[self.stage - 1] for s in steps})
-        arrived = {}
+        arrived, drafted = {}, self.state.drafted
         for message in self.neighbours.receive(plan.step, index, sources):
             arrived.update(rows_by_sequence(message))
+            for seq_id, q in drafted_by_sequence(message).items():  # a received view: kept as a copy
+                drafted[seq_id] = q.clone() if seq_id not in drafted else torch.cat([drafted[seq_id], q])
         return arrived
 
     def _send(self, plan: StepPlan, index: int, steps: list[SeqStep], onward) -> None:
@@ -196,7 +202,8 @@ class StageRunner:
                 out.setdefault(spec.homes[k + 1], [])
         for s, rows, park in onward:
             out[specs[s.seq_id].homes[k + 1]].append((s.seq_id, rows, park))
-        self.neighbours.send(plan, {dst: boundary_of(plan.step, index, items) for dst, items in out.items()})
+        drafted = {s.seq_id: self.state.drafted.pop(s.seq_id) for s, _, _ in onward if s.seq_id in self.state.drafted}
+        self.neighbours.send(plan, {dst: boundary_of(plan.step, index, items, drafted) for dst, items in out.items()})
 
 
 def takes_part(spec: SeqSpec, s: SeqStep, stage: int, worker_id: int) -> bool:

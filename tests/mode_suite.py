@@ -146,3 +146,69 @@ def test_calibrate_wand_matches_the_oracle(served):
     expected = oracle.calibrate_wand([row.tolist() for row in ids], quantile=0.9)
     assert bounds == pytest.approx(expected, abs=1e-3)
     assert bounds[-1] == 0.0
+
+
+CONTROLS = dict(repetition_penalty=1.4, presence_penalty=0.6, frequency_penalty=0.4, logit_bias={5: 4.0, 9: -100.0})
+
+
+def repetitive_prompts(model, batch: int, seed: int) -> torch.Tensor:
+    """(batch, 32) prompts of 8 distinct tokens repeated, where the penalties bite."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, 8), generator=g).repeat(1, 4)
+
+
+def test_decoding_controls_in_every_mode_match_the_oracle(served):
+    model, oracle = served
+    ids, K = repetitive_prompts(model, 2, seed=12), model.config.num_stages
+    bounds = [0.6] * (K - 1) + [0.0]
+    rows = [ids[b].tolist() for b in range(2)]
+    full = model.generate(ids, 12, **CONTROLS)
+    assert not torch.equal(full, model.generate(ids, 12)), "the controls should change the greedy tokens"
+    for b, row in enumerate(rows):
+        assert full[b, 32:].tolist() == oracle.greedy(row, 12, controls=CONTROLS)
+    cases = [(model.generate_prefix(ids, 2, 10, **CONTROLS), dict(stages=[0, 1])),
+             (model.generate_stage(ids, 1, 10, **CONTROLS), dict(stages=[1])),
+             (model.generate_parallel_composition(ids, [0, K - 1], [0.5, 1.0], 10, **CONTROLS),
+              dict(stages=[0, K - 1], weights=[0.5, 1.0]))]
+    for out, mode in cases:
+        for b, row in enumerate(rows):
+            assert out[b, 32:].tolist() == oracle.greedy(row, 10, controls=CONTROLS, **mode), mode
+    sampled = model.generate(ids, 10, do_sample=True, temperature=0.8, top_p=0.95, min_p=0.02, seed=3, **CONTROLS)
+    wand, used = model.generate_wand(ids, 10, p99_bounds=bounds, return_stages_used=True, **CONTROLS)
+    for b, row in enumerate(rows):
+        assert sampled[b, 32:].tolist() == oracle.sample(row, 10, temperature=0.8, top_p=0.95, seed=3 + b,
+                                                         controls=CONTROLS, min_p=0.02)
+        assert (wand[b, 32:].tolist(), used[b].tolist()) == oracle.wand(row, 10, p99_bounds=bounds, controls=CONTROLS)
+    for draft_stage, k_draft in [(0, 3), (K - 1, 2)]:
+        out, rates = model.generate_speculative(ids, draft_stage, k_draft, 12, return_acceptance=True, **CONTROLS)
+        assert torch.equal(out, full), f"draft_stage={draft_stage}, k_draft={k_draft}"
+        for b, row in enumerate(rows):
+            assert rates[b] == pytest.approx(oracle.speculative(row, 12, draft_stage, k_draft, controls=CONTROLS)[1])
+
+
+def test_min_tokens_holds_back_the_stop_ids(served):
+    model, oracle = served
+    ids = prompts(model, 1, 30, seed=13)
+    free = model.generate(ids, 10)[0, 30:].tolist()
+    eos = free[1]  # the 2nd new token
+    assert model.generate(ids, 10, eos_token_id=eos)[0, 30:].tolist() == free[: free.index(eos) + 1]
+    out = model.generate(ids, 10, eos_token_id=eos, min_tokens=6)[0, 30:].tolist()
+    assert eos not in out[:6] and len(out) > 6
+    expected = oracle.greedy(ids[0].tolist(), 10, eos_token_id=eos, controls=dict(min_tokens=6, stop_token_ids=[eos]))
+    assert out == expected
+    spec = model.generate_speculative(ids, 0, 3, 10, min_tokens=6, stop_token_ids=[eos])[0, 30:].tolist()
+    assert spec == expected
+
+
+def test_speculative_sampling_matches_the_oracle_and_is_seeded(served):
+    model, oracle = served
+    ids, K = prompts(model, 2, 30, seed=14), model.config.num_stages
+    sampling = dict(do_sample=True, temperature=0.8, top_p=0.95, seed=21)
+    for draft_stage, k_draft, controls in [(0, 3, {}), (K - 1, 2, {}), (1, 3, CONTROLS)]:
+        out = model.generate_speculative(ids, draft_stage, k_draft, 10, **sampling, **controls)
+        for b in range(2):
+            expected = oracle.speculative_sample(ids[b].tolist(), 10, draft_stage, k_draft, temperature=0.8,
+                                                 top_p=0.95, seed=21 + b, controls=controls)
+            assert out[b, 30:].tolist() == expected, f"draft_stage={draft_stage}, k_draft={k_draft}, row {b}"
+    assert torch.equal(model.generate_speculative(ids, K - 1, 2, 10, **sampling), 
+                       model.generate_speculative(ids, K - 1, 2, 10, **sampling)), "seeded: reproducible"

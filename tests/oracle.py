@@ -164,10 +164,15 @@ def top2_margin(score_V: torch.Tensor) -> float:
     return (top[0] - top[1]).item()
 
 
-def filtered_logits(lp: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, on (V,) normalized log-probs; dropped tokens -> -inf."""
+def filtered_logits(lp: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                    min_p: float | None = None) -> torch.Tensor:
+    """Temperature, then min-p, then top-k, then top-p, on (V,) normalized log-probs; dropped
+    tokens -> -inf."""
     logits = lp / temperature  # (V,)
     V = logits.size(0)
+    if min_p:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     if top_k is not None and top_k < V:
         threshold = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
@@ -182,13 +187,40 @@ def filtered_logits(lp: torch.Tensor, temperature: float, top_k: int | None, top
     return logits
 
 
+def controlled(lp: torch.Tensor, seq: list[int], prompt_len: int, repetition_penalty=1.0, presence_penalty=0.0,
+               frequency_penalty=0.0, logit_bias=None, min_tokens=0, stop_token_ids=()) -> torch.Tensor:
+    """Decoding controls on (V,) normalized log-probs of the token after `seq`, whose first
+    prompt_len tokens are the prompt: HF's repetition penalty (a score < 0 times the penalty) over
+    every token seen, OpenAI's presence and frequency penalties over the output, the bias (clamped
+    to +-100), and the stop ids impossible while fewer than min_tokens are generated."""
+    out = lp.clone()
+    for t in set(seq):
+        out[t] = out[t] * repetition_penalty if out[t] < 0 else out[t] / repetition_penalty
+    output = seq[prompt_len:]
+    for t in set(output):
+        out[t] -= presence_penalty + frequency_penalty * output.count(t)
+    for t, b in (logit_bias or {}).items():
+        out[int(t)] += max(-100.0, min(100.0, b))
+    if len(output) < min_tokens:
+        for t in stop_token_ids:
+            out[t] = float("-inf")
+    return out
+
+
+def uniform(g: torch.Generator) -> float:
+    return float(torch.rand(1, generator=g, dtype=torch.float64))
+
+
+def draw_at(weights: torch.Tensor, u: float) -> int:
+    """Inverse CDF at u over token ids in ascending order; (V,) weights need not sum to 1."""
+    cdf = torch.cumsum(weights.double(), dim=-1)
+    idx = torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64) * cdf[-1], right=True)
+    return min(int(idx.item()), weights.size(0) - 1)
+
+
 def draw(logits: torch.Tensor, g: torch.Generator) -> int:
     """Inverse-CDF draw over token ids in ascending order, one uniform per token."""
-    probs = torch.softmax(logits, dim=-1).double()  # (V,)
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(1, generator=g, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[-1], right=True)
-    return min(int(idx.item()), logits.size(0) - 1)
+    return draw_at(torch.softmax(logits, dim=-1), uniform(g))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,13 +341,18 @@ class Oracle:
 
     # ---- modes ----
 
-    def greedy_token(self, ids: list[int], stages=None, weights=None) -> int:
-        return int(torch.argmax(self.next_score(ids, stages, weights)).item())
+    def greedy_token(self, ids: list[int], stages=None, weights=None, controls=None, prompt_len=0) -> int:
+        """argmax of the score; with `controls` (oracle.controlled's arguments), of the controlled
+        normalized log-probs."""
+        score = self.next_score(ids, stages, weights)
+        if controls:
+            score = controlled(self.normalized(score), ids, prompt_len, **controls)
+        return int(torch.argmax(score).item())
 
-    def greedy(self, ids, max_new_tokens, stages=None, weights=None, eos_token_id=None) -> list[int]:
+    def greedy(self, ids, max_new_tokens, stages=None, weights=None, eos_token_id=None, controls=None) -> list[int]:
         seq, out = list(ids), []
         while len(out) < max_new_tokens:
-            token = self.greedy_token(seq, stages, weights)
+            token = self.greedy_token(seq, stages, weights, controls, len(ids))
             seq.append(token)
             out.append(token)
             if token == eos_token_id:
@@ -331,12 +368,14 @@ class Oracle:
         return margins
 
     def sample(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0,
-               stages=None, weights=None, eos_token_id=None) -> list[int]:
+               stages=None, weights=None, eos_token_id=None, controls=None, min_p=None) -> list[int]:
         g = torch.Generator().manual_seed(seed)
         seq, out = list(ids), []
         while len(out) < max_new_tokens:
             lp = self.next_distribution(seq, stages, weights)  # (V,)
-            token = draw(filtered_logits(lp, temperature, top_k, top_p), g)
+            if controls:
+                lp = controlled(lp, seq, len(ids), **controls)
+            token = draw(filtered_logits(lp, temperature, top_k, top_p, min_p), g)
             seq.append(token)
             out.append(token)
             if token == eos_token_id:
@@ -350,19 +389,23 @@ class Oracle:
         assert len(bounds) == self.num_stages, f"need one WAND bound per stage, got {len(bounds)}"
         return [float(b) for b in bounds]
 
-    def wand_token(self, lp_KV: torch.Tensor, safety: float, bounds: list[float]) -> tuple[int, int]:
-        """(token, stage j that emitted it) from every stage's (K, V) log-probs at one position."""
+    def wand_token(self, lp_KV: torch.Tensor, safety: float, bounds: list[float], seq=(), prompt_len=0,
+                   controls=None) -> tuple[int, int]:
+        """(token, stage j that emitted it) from every stage's (K, V) log-probs at one position;
+        with `controls`, the margin and argmax are of each prefix's controlled distribution."""
         for j in range(self.num_stages):
             score_j = self.score(lp_KV, range(j + 1))  # (V,)
+            if controls:
+                score_j = controlled(self.normalized(score_j), list(seq), prompt_len, **controls)
             if j == self.num_stages - 1 or top2_margin(score_j) > safety * bounds[j]:
                 return int(torch.argmax(score_j).item()), j
         raise AssertionError("unreachable: the last stage always emits")
 
-    def wand(self, ids, max_new_tokens, safety=1.0, p99_bounds=None, eos_token_id=None):
+    def wand(self, ids, max_new_tokens, safety=1.0, p99_bounds=None, eos_token_id=None, controls=None):
         bounds = self.wand_bounds(p99_bounds)
         seq, out, used = list(ids), [], []
         while len(out) < max_new_tokens:
-            token, j = self.wand_token(self.stage_logprobs(seq)[:, -1], safety, bounds)
+            token, j = self.wand_token(self.stage_logprobs(seq)[:, -1], safety, bounds, seq, len(ids), controls)
             seq.append(token)
             out.append(token)
             used.append(j)
@@ -370,23 +413,26 @@ class Oracle:
                 break
         return out, used
 
-    def draft(self, seq: list[int], num: int, draft_stage: int) -> list[int]:
-        """num tokens, each the argmax of stage draft_stage's own log-probs."""
+    def draft(self, seq: list[int], num: int, draft_stage: int, controls=None, prompt_len=0) -> list[int]:
+        """num tokens, each the argmax of stage draft_stage's own (controlled) log-probs."""
         seq, drafts = list(seq), []
         for _ in range(num):
-            token = int(torch.argmax(self.stage_logprobs(seq)[draft_stage, -1]).item())
+            lp = self.stage_logprobs(seq)[draft_stage, -1]
+            if controls:
+                lp = controlled(lp, seq, prompt_len, **controls)
+            token = int(torch.argmax(lp).item())
             seq.append(token)
             drafts.append(token)
         return drafts
 
-    def speculative(self, ids, max_new_tokens, draft_stage=0, k_draft=3, eos_token_id=None):
+    def speculative(self, ids, max_new_tokens, draft_stage=0, k_draft=3, eos_token_id=None, controls=None):
         """Draft, verify each prefix with the full PoE, keep the agreeing prefix plus one token."""
         out, accepted, proposed = [], 0, 0
         while len(out) < max_new_tokens:
             base = list(ids) + out
             k_eff = min(k_draft, max_new_tokens - len(out) - 1)
-            drafts = self.draft(base, k_eff, draft_stage)
-            full = [self.greedy_token(base + drafts[:i]) for i in range(k_eff + 1)]
+            drafts = self.draft(base, k_eff, draft_stage, controls, len(ids))
+            full = [self.greedy_token(base + drafts[:i], controls=controls, prompt_len=len(ids)) for i in range(k_eff + 1)]
             a = 0
             while a < k_eff and drafts[a] == full[a]:
                 a += 1
@@ -421,3 +467,36 @@ class Oracle:
                 per_stage[j].append(u)
         bounds = [torch.quantile(torch.cat(us).double(), quantile).item() for us in per_stage]
         return bounds + [0.0]
+
+    def speculative_sample(self, ids, max_new_tokens, draft_stage=0, k_draft=3, temperature=1.0, top_k=None,
+                           top_p=None, seed=0, min_p=None, controls=None) -> list[int]:
+        """Speculative sampling (Leviathan et al. 2023): draft i ~ q_i, the draft stage's filtered
+        distribution; accepted when u_i < p_i(x_i) / q_i(x_i), p_i the full PoE's; at the first
+        rejection the token is drawn from max(p_i - q_i, 0), after k acceptances from p_k. A
+        round's uniforms: one per draft, then one per acceptance test and one for the token."""
+        g = torch.Generator().manual_seed(seed)
+
+        def filtered(lp, seq):
+            lp = controlled(lp, seq, len(ids), **controls) if controls else lp
+            return torch.softmax(filtered_logits(lp, temperature, top_k, top_p, min_p), dim=-1)  # (V,)
+
+        out = []
+        while len(out) < max_new_tokens:
+            base = list(ids) + out
+            k_eff = min(k_draft, max_new_tokens - len(out) - 1)
+            drafts, qs = [], []
+            for _ in range(k_eff):
+                seq = base + drafts
+                qs.append(filtered(self.stage_logprobs(seq)[draft_stage, -1], seq))
+                drafts.append(draw_at(qs[-1], uniform(g)))
+            us = [uniform(g) for _ in range(k_eff + 1)]
+            ps = [filtered(self.next_distribution(base + drafts[:i]), base + drafts[:i]) for i in range(k_eff + 1)]
+            a, token = 0, None
+            while a < k_eff and token is None:
+                x = drafts[a]
+                if us[a] < ps[a][x].item() / qs[a][x].item():
+                    a += 1
+                else:
+                    token = draw_at((ps[a] - qs[a]).clamp(min=0), us[k_eff])
+            out += drafts[:a] + [draw_at(ps[k_eff], us[k_eff]) if token is None else token]
+        return out

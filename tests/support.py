@@ -33,23 +33,29 @@ def prompt_ids(seed: int, length: int = 20) -> list[int]:
 BOUNDS = [0.6, 0.6, 0.6, 0.0]
 # name -> (client kwargs, reference call on a (1, T) prompt tensor)
 MODES = {
-    "full": (dict(mode="full"), lambda m, ids, n: m.generate(ids, n)),
-    "prefix": (dict(mode="prefix", max_stages=2), lambda m, ids, n: m.generate_prefix(ids, 2, n)),
-    "stage": (dict(mode="stage", stage=1), lambda m, ids, n: m.generate_stage(ids, 1, n)),
+    "full": (dict(mode="full"), lambda m, ids, n, **c: m.generate(ids, n, **c)),
+    "prefix": (dict(mode="prefix", max_stages=2), lambda m, ids, n, **c: m.generate_prefix(ids, 2, n, **c)),
+    "stage": (dict(mode="stage", stage=1), lambda m, ids, n, **c: m.generate_stage(ids, 1, n, **c)),
     "composition": (dict(mode="composition", stages=[3, 0], stage_weights=[1.0, 0.5]),
-                    lambda m, ids, n: m.generate_parallel_composition(ids, [3, 0], [1.0, 0.5], n)),
+                    lambda m, ids, n, **c: m.generate_parallel_composition(ids, [3, 0], [1.0, 0.5], n, **c)),
     "wand": (dict(mode="wand", safety=1.0, p99_bounds=BOUNDS),
-             lambda m, ids, n: m.generate_wand(ids, n, 1.0, BOUNDS)),
+             lambda m, ids, n, **c: m.generate_wand(ids, n, 1.0, BOUNDS, **c)),
     "speculative": (dict(mode="speculative", draft_stage=0, k_draft=3),
-                    lambda m, ids, n: m.generate_speculative(ids, 0, 3, n)),
+                    lambda m, ids, n, **c: m.generate_speculative(ids, 0, 3, n, **c)),
     "sampled": (dict(mode="full", temperature=0.8, top_k=50, top_p=0.9, seed=7),
-                lambda m, ids, n: m.generate(ids, n, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=7)),
+                lambda m, ids, n, **c: m.generate(ids, n, do_sample=True, temperature=0.8, top_k=50, top_p=0.9,
+                                                  seed=7, **c)),
 }
 
 
-def new_tokens(model, mode: str, ids: list[int], n: int) -> list[int]:
-    """The `n` tokens `model` (the in-process reference) adds to `ids` in `mode`: what a served reply must carry."""
-    return MODES[mode][1](model, torch.tensor([ids]), n)[0, len(ids):].tolist()
+def new_tokens(model, mode: str, ids: list[int], n: int, **controls) -> list[int]:
+    """The `n` tokens `model` (the in-process reference) adds to `ids` in `mode` (with the decoding
+    controls given): what a served reply must carry."""
+    return MODES[mode][1](model, torch.tensor([ids]), n, **controls)[0, len(ids):].tolist()
+
+
+# decoding controls that change the tiny checkpoint's tokens, by their Python names
+CONTROLS = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5, logit_bias={5: 3.0, 7: -100.0})
 
 
 # ---- bad gRPC requests -------------------------------------------------------------------------
@@ -117,8 +123,15 @@ BAD_GENERATE = [
     ("top_p above 1", gen(temperature=0.8, top_p=1.5), "top_p"),
     ("top_p negative", gen(temperature=0.8, top_p=-0.2), "top_p"),
     ("top_p NaN", gen(temperature=0.8, top_p=NAN), "top_p"),
+    ("min_p above 1", gen(temperature=0.8, min_p=1.5), "min_p"),
+    ("repetition_penalty zero", gen(repetition_penalty=0.0), "repetition_penalty"),
+    ("repetition_penalty NaN", gen(repetition_penalty=NAN), "repetition_penalty"),
+    ("presence_penalty above 2", gen(presence_penalty=2.5), "presence_penalty"),
+    ("frequency_penalty NaN", gen(frequency_penalty=NAN), "frequency_penalty"),
+    ("logit_bias token id equal to the vocab size", gen(logit_bias={VOCAB: 1.0}), "logit_bias"),
+    ("logit_bias NaN", gen(logit_bias={3: NAN}), "logit_bias"),
+    ("min_tokens above max_new_tokens", gen(max_new_tokens=2, min_tokens=3), "min_tokens"),
     ("sampling with WAND", gen(mode="wand", temperature=0.8), "sampling"),
-    ("sampling with speculation", gen(mode="speculative", temperature=0.8), "sampling"),
     ("prompt not UTF-8", non_utf8_prompt(gen(token_ids=None, prompt="AB")), "prompt"),
     ("bytes that are not a message", b"\xff\xff\xff\xff", "request"),
 ]

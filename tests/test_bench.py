@@ -20,6 +20,7 @@ def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_pat
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert all(row["errors"] == 0 and row["requests_ok"] == row["concurrency"] for row in report["concurrency"])
     assert report["speculative"]["same_tokens_as_full"]
+    assert 0 <= report["speculative"]["sampled"]["acceptance"] <= 1 and report["speculative"]["sampled"]["speedup"] > 0
     assert [w["stage"] for w in report["modes"]["workers"]] == [0, 1, 2, 3]
     assert all(w["rss_mib"] > 0 and w["parameters"] > 0 for w in report["modes"]["workers"])
     assert set(report["transport"]["us_per_token"]) == {"channels", "plain", "plain_no_logits", "chained", "compiled"}

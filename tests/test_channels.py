@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stage_workers.channels import SHM_DIR, LocalChannel, ShmChannel
+from stage_workers.controls import Controls
 from stage_workers.framing import ChannelTimeout, Interrupted
 from stage_workers.messages import (
     Boundary,
@@ -45,7 +46,8 @@ def pair():
 
 def messages():
     trunk = TrunkState(torch.randn(5, 8).bfloat16(), torch.randn(5, 8).bfloat16(), torch.randn(5, 8).bfloat16())
-    specs = (SeqSpec(3, "sample", (0, 4), (1.0, 0.5), 0.25, SamplingParams(0.8, 5, 0.9, 7)),
+    specs = (SeqSpec(3, "sample", (0, 4), (1.0, 0.5), 0.25, SamplingParams(0.8, 5, 0.9, 7, 0.05),
+                     controls=Controls(1.2, 0.5, 0.25, ((4, -2.0), (7, 100.0)), 3, (9,), 12)),
              SeqSpec(4, "wand", (0, 1), (1.0, 1.0), 0.0, exit_thresholds=(0.5, math.inf)),
              SeqSpec(5, "score", (0,), (1.0,), 0.0, top_n=2))
     steps = ((SeqStep(3, 7, (11,), 10, 1, 7, "decide", 0.25),), (SeqStep(5, 0, (1, 2, 3), -1, 0, 0, targets=(2, 3, -1)),))

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import BOUNDS, MODES, new_tokens, prompt_ids, stage_infos
+from support import BOUNDS, CONTROLS, MODES, new_tokens, prompt_ids, stage_infos
 
 from coordinator import PoEModel, load_tokenizer
 from coordinator.grpc_api.server import SERVICE_NAME, Server
@@ -50,6 +50,15 @@ def test_generate_matches_the_in_process_model(client, reference, tokenizer, mod
     if mode == "speculative":
         _, rate = reference.generate_speculative(torch.tensor([ids]), 0, 3, 9, return_acceptance=True)
         assert response.acceptance_rate == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_decoding_controls_give_the_in_process_models_tokens(client, reference, mode):
+    ids = prompt_ids(seed=50, length=8) * 3  # repeats, where the penalties bite
+    response = client.generate(token_ids=ids, max_new_tokens=9, min_tokens=4, **CONTROLS, **MODES[mode][0])
+    assert list(response.token_ids) == new_tokens(reference, mode, ids, 9, min_tokens=4, **CONTROLS)
+    if mode == "full":
+        assert list(response.token_ids) != new_tokens(reference, mode, ids, 9), "the controls changed the tokens"
 
 
 def test_prompt_text_gets_bos_and_stop_tokens_stop(client, reference, tokenizer):

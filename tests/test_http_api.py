@@ -26,6 +26,7 @@ import pytest
 import torch
 from support import (
     BAD_GENERATE,
+    CONTROLS,
     MODES,
     SEQ_LEN,
     TOKEN,
@@ -48,7 +49,7 @@ from stage_workers.messages import WorkerLost
 from tools.client import PoEClient
 
 MODEL = "tiny"
-GREEDY_ONLY = ("wand", "speculative")
+GREEDY_ONLY = ("wand",)
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +320,25 @@ def test_stop_strings_cut_the_text_exactly_and_free_the_sequence(served, client,
     wait_until_kv_free(served.model)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_decoding_controls_give_the_in_process_models_tokens(client, reference, mode, stream):
+    ids = prompt_ids(seed=51, length=8) * 3  # repeats, where the penalties bite
+    fields = mode_fields(mode)
+    openai_names = {k: fields.pop(k) for k in ("temperature", "top_p", "seed") if k in fields}
+    extra = dict(fields, return_token_ids=True, repetition_penalty=CONTROLS["repetition_penalty"], min_tokens=4,
+                 **({"min_p": 0.02} if mode == "sampled" else {}))
+    reply = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=9, stream=stream, presence_penalty=CONTROLS["presence_penalty"],
+        frequency_penalty=CONTROLS["frequency_penalty"], logit_bias={str(k): v for k, v in CONTROLS["logit_bias"].items()},
+        extra_body=extra, **openai_names)
+    tokens = [t for chunk in reply for t in chunk.choices[0].token_ids or []] if stream else reply.choices[0].token_ids
+    controls = dict(CONTROLS, min_tokens=4) | ({"min_p": 0.02} if mode == "sampled" else {})
+    assert tokens == new_tokens(reference, mode, ids, 9, **controls)
+    if mode == "full":
+        assert tokens != new_tokens(reference, mode, ids, 9), "the controls changed the tokens"
+
+
 def test_stop_token_ids_end_the_choice_with_the_token(client, reference):
     ids = prompt_ids(seed=34)
     tokens = new_tokens(reference, "full", ids, 10)
@@ -349,9 +369,13 @@ def http_body(message: pb.GenerateRequest) -> dict:
                       p99_bounds=list(message.wand.p99_bounds) or None)
     elif mode == "speculative":
         fields.update(draft_stage=message.speculative.draft_stage, k_draft=message.speculative.k_draft or None)
+    c = message.controls
+    fields.update(repetition_penalty=c.repetition_penalty if c.HasField("repetition_penalty") else None,
+                  presence_penalty=c.presence_penalty or None, frequency_penalty=c.frequency_penalty or None,
+                  logit_bias={str(k): v for k, v in c.logit_bias.items()} or None, min_tokens=c.min_tokens or None)
     if message.HasField("sampling") and s.temperature:
         fields.update(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None,
-                      seed=s.seed if s.HasField("seed") else None)
+                      seed=s.seed if s.HasField("seed") else None, min_p=s.min_p or None)
     elif mode not in GREEDY_ONLY:
         fields.update(temperature=0)
     poe_mode = {} if mode in (None, "full") else {"poe_mode": mode}
@@ -412,8 +436,9 @@ HTTP_ONLY = [
     ("p99_bounds a number", body(poe_mode="wand", p99_bounds=0.5), "p99_bounds"),
     ("k_draft zero", body(poe_mode="speculative", k_draft=0), "k_draft"),
     ("best_of above one", body(best_of=3), "best_of"),
-    ("frequency_penalty set", body(frequency_penalty=0.5), "frequency_penalty"),
-    ("logit_bias set", body(logit_bias={"5": 10.0}), "logit_bias"),
+    ("logit_bias key not a token id", body(logit_bias={"five": 10.0}), "logit_bias"),
+    ("min_tokens a float", body(min_tokens=1.5), "min_tokens"),
+    ("min_tokens above max_tokens", body(min_tokens=3), "min_tokens"),
     ("suffix set", body(suffix="end"), "suffix"),
 ]
 BAD = FROM_GRPC + HTTP_ONLY

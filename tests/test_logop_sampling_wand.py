@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import oracle
 import pytest
 import torch
 from oracle import top2_margin
 
 from coordinator.core.wand import bounds_from_gaps, exit_gaps
+from stage_workers.controls import Controls, apply_controls
 from stage_workers.decisions import accumulate, divisor, token_logprobs, verify_drafts, wand_exits, wand_threshold
 from stage_workers.logop import combine, log_probs, normalize
 from stage_workers.sampling import SamplingParams, draw_uniform, filtered_logits, make_generator, sample
@@ -112,3 +114,24 @@ def test_exit_gaps_guarantee_the_full_argmax():
 def test_bounds_are_the_quantile_and_the_last_stage_is_zero():
     gaps = [torch.arange(101.0), torch.arange(101.0) * 2, torch.zeros(101)]
     assert bounds_from_gaps(gaps, 0.99) == [pytest.approx(99.0), pytest.approx(198.0), 0.0]
+
+
+def test_controls_follow_the_oracles_rule_in_order():
+    g = torch.Generator().manual_seed(4)
+    lp = torch.log_softmax(torch.randn(3, 16, generator=g), dim=-1)  # (3, V) at positions 4, 5, 6
+    history = [1, 2, 2, 3, 9, 9, 1]  # prompt 1, 2, 2, 3; output 9, 9, 1
+    controls = Controls(1.5, 0.5, 0.25, ((2, 3.0), (9, -1.0)), 3, (9, 11), 4)
+    out = apply_controls(lp, controls, history, [4, 5, 6])
+    for row, q in enumerate([4, 5, 6]):
+        expected = oracle.controlled(lp[row], history[: q + 1], 4, repetition_penalty=1.5, presence_penalty=0.5,
+                                     frequency_penalty=0.25, logit_bias={2: 3.0, 9: -1.0}, min_tokens=3,
+                                     stop_token_ids=[9, 11])
+        assert torch.allclose(out[row], expected, atol=1e-6), row
+    assert torch.isinf(out[0, 11]) and torch.isinf(out[1, 11]) and torch.isfinite(out[2, 11]), "min_tokens: 3 made"
+    assert torch.equal(apply_controls(lp, Controls(), history, [4, 5, 6]), lp)
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_top():
+    lp = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(filtered_logits(lp, SamplingParams(min_p=0.2))).tolist() == [True, True, True, False]
+    assert torch.isfinite(filtered_logits(lp, SamplingParams(min_p=0.5))).tolist() == [True, True, False, False]

@@ -8,6 +8,9 @@ import pytest
 import torch
 from support import free_blocks
 
+from coordinator.core import requests as rq
+from stage_workers.controls import Controls
+
 PROMPT = [1, 2, 3]
 
 BAD_CALLS = [
@@ -33,6 +36,16 @@ BAD_CALLS = [
     ("generate", dict(max_new_tokens=2, do_sample=True, top_p=1.5), r"top_p=1\.5 is invalid"),
     ("generate", dict(max_new_tokens=2, do_sample=True, top_k=0), r"top_k=0 is invalid"),
     ("generate", dict(max_new_tokens=2, eos_token_id=512), r"eos_token_id=512 is invalid; allowed: token ids 0\.\.511"),
+    ("generate", dict(max_new_tokens=2, do_sample=True, min_p=-0.1), r"min_p=-0\.1 is invalid; allowed: None or a number in \[0, 1\]"),
+    ("generate", dict(max_new_tokens=2, min_p=0.1), r"min_p=0\.1 is set but sampling is off"),
+    ("generate", dict(max_new_tokens=2, repetition_penalty=0.0), r"repetition_penalty=0\.0 is invalid; allowed: a finite number > 0"),
+    ("generate_wand", dict(max_new_tokens=2, presence_penalty=math.nan), r"presence_penalty=nan is invalid; allowed: a number from -2 to 2"),
+    ("generate_prefix", dict(max_stages=2, max_new_tokens=2, frequency_penalty=2.5), r"frequency_penalty=2\.5 is invalid"),
+    ("generate_stage", dict(stage=1, max_new_tokens=2, logit_bias={512: 1.0}), r"logit_bias key 512 is invalid; allowed: token ids 0\.\.511"),
+    ("generate_speculative", dict(max_new_tokens=2, logit_bias={3: math.inf}), r"logit_bias\[3\]=inf is invalid"),
+    ("generate", dict(max_new_tokens=2, min_tokens=3), r"min_tokens=3 is invalid; allowed: an integer from 0 to .* \(2\)"),
+    ("generate", dict(max_new_tokens=2, stop_token_ids=[512]), r"stop_token_ids=512 is invalid; allowed: token ids 0\.\.511"),
+    ("generate", dict(max_new_tokens=2, top_n=3), r"top_n is not an argument; allowed decoding controls: repetition_penalty"),
 ]
 
 
@@ -62,3 +75,9 @@ def test_the_model_keeps_working_after_errors(tiny_model):
             getattr(tiny_model, method)(PROMPT, **kwargs)
     assert torch.equal(tiny_model.generate(PROMPT, 5), before)
     assert free_blocks(tiny_model.engine) == tiny_model.engine.capacity
+
+
+def test_logit_bias_is_clamped_to_openais_range_and_json_keys_are_token_ids(tiny_model):
+    controls = rq.check_controls(tiny_model.config, 4, logit_bias={"3": 500.0, 4: -1e9, 5: 0.0})
+    assert controls == Controls(logit_bias=((3, 100.0), (4, -100.0)))
+    assert rq.check_controls(tiny_model.config, 4, repetition_penalty=1.0, logit_bias={}) is None, "neutral: none"

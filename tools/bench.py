@@ -16,7 +16,8 @@ Sections, in order (each a dict in the JSON report):
 - `modes`: every mode once through `PoEModel.on_ray` (seconds per token) and each stage worker's
   parameters, weights + KV bytes and process RSS (the 1.5b memory check uses this alone).
 - `speculative` and `wand` on the trained checkpoint: speedup and acceptance against full
-  greedy (same tokens asserted), WAND's mean evaluated layers per token and token agreement.
+  greedy (same tokens asserted) and, sampled at the card's temperature 0.8 and top-p 0.95,
+  against full sampling; WAND's mean evaluated layers per token and token agreement.
 `--sections` picks a subset (section `trained` makes the last two). Timings are wall-clock on
 this machine; compare ratios within one report only.
 """
@@ -243,8 +244,8 @@ def speculative_and_wand(trained: str, prompts: torch.Tensor, n: int) -> tuple[d
 
     model = PoEModel.from_pretrained(trained)
     config = model.config
-    full_t = spec_t = 0.0
-    spec_rates, agree, total, layers = [], 0, 0, []
+    full_t = spec_t = sampled_t = spec_sampled_t = 0.0
+    spec_rates, sampled_rates, agree, total, layers = [], [], 0, 0, []
     layers_at = [b + 1 for b in config.stage_boundaries]
     same = True
     for row in prompts:
@@ -258,13 +259,22 @@ def speculative_and_wand(trained: str, prompts: torch.Tensor, n: int) -> tuple[d
         spec_t += time.perf_counter() - t0
         same &= torch.equal(spec, full)
         spec_rates.append(rate)
+        t0 = time.perf_counter()
+        model.generate(ids, n, do_sample=True, **CARD_SAMPLING)
+        sampled_t += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, rate = model.generate_speculative(ids, 0, 3, n, return_acceptance=True, do_sample=True, **CARD_SAMPLING)
+        spec_sampled_t += time.perf_counter() - t0
+        sampled_rates.append(rate)
         wand, used = model.generate_wand(ids, n, safety=1.0, return_stages_used=True)
         agree += int((wand[0, -n:] == full[0, -n:]).sum())
         total += n
         layers += [layers_at[s] for s in used[0].tolist()]
     spec = {"checkpoint": trained, "draft_stage": 0, "k_draft": 3, "same_tokens_as_full": same,
             "acceptance": statistics.mean(spec_rates), "speedup": full_t / spec_t,
-            "full_tok_s": total / full_t, "speculative_tok_s": total / spec_t}
+            "full_tok_s": total / full_t, "speculative_tok_s": total / spec_t,
+            "sampled": {**CARD_SAMPLING, "acceptance": statistics.mean(sampled_rates),
+                        "speedup": sampled_t / spec_sampled_t}}
     wand = {"checkpoint": trained, "safety": 1.0, "p99_bounds": list(config.wand_p99_bounds or []),
             "token_agreement_with_full": agree / total, "mean_layers_per_token": statistics.mean(layers),
             "layers_full": config.n_layer}
@@ -415,6 +425,8 @@ def render(r: dict) -> str:
             "",
             f"speculative (stage 0, k=3, trained): {sp['speedup']:.2f}x full greedy, acceptance {sp['acceptance']:.2f}, "
             f"same tokens: {sp['same_tokens_as_full']}",
+            f"speculative sampling (temperature 0.8, top-p 0.95): {sp['sampled']['speedup']:.2f}x full sampling, "
+            f"acceptance {sp['sampled']['acceptance']:.2f}",
             f"WAND (safety 1.0, trained): {w['mean_layers_per_token']:.2f} of {w['layers_full']} layers per token, "
             f"agreement with full {w['token_agreement_with_full']:.1%}",
         ]

@@ -18,6 +18,8 @@ from protos import poe_serving_pb2_grpc as pb_grpc
 def build_request(prompt: str | None = None, token_ids: list[int] | None = None, max_new_tokens: int = 16,
                   mode: str = "full", temperature: float | None = None, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                  min_p: float | None = None, repetition_penalty: float | None = None, presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                   **mode_args) -> pb.GenerateRequest:
     """`mode_args`: the mode's arguments by name (coordinator/core/modes.py MODES: max_stages,
     stage, stages, stage_weights, safety, p99_bounds, draft_stage, k_draft); None is unset."""
@@ -25,6 +27,12 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
         raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
     MODES[mode].check_names(mode_args)
     request = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids or [])
+    controls = pb.DecodingControls(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                   logit_bias=logit_bias or {}, min_tokens=min_tokens)
+    if repetition_penalty is not None:
+        controls.repetition_penalty = repetition_penalty
+    if controls.ListFields():
+        request.controls.CopyFrom(controls)
     if token_ids is not None:
         request.token_ids.ids.extend(token_ids)
     else:
@@ -43,6 +51,7 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
         request.sampling.temperature = temperature
         request.sampling.top_k = top_k or 0
         request.sampling.top_p = top_p or 0.0
+        request.sampling.min_p = min_p or 0.0
         if seed is not None:
             request.sampling.seed = seed
     return request

@@ -28,9 +28,19 @@ from coordinator.core import requests as rq
 from coordinator.core.pipeline import Outcome, SeqPlan
 from coordinator.core.requests import LogitsRequest, ScoreRequest
 from coordinator.core.sequence import Sequence
+from stage_workers.controls import Controls
 from stage_workers.decisions import wand_threshold
 from stage_workers.messages import SeqSpec
 from stage_workers.sampling import draw_uniform, make_generator
+
+
+def _controls(seq: Sequence) -> Controls | None:
+    """The request's decoding controls as its deciding worker applies them: with the prompt's
+    length and the stop ids that `min_tokens` holds back."""
+    controls = seq.request.controls
+    if controls is None:
+        return None
+    return controls._replace(stop_ids=tuple(sorted(seq.request.stop_token_ids)), prompt_len=seq.num_prompt)
 
 
 def _weights(stages: tuple[int, ...], weights: tuple[float, ...], num_stages: int) -> tuple[float, ...]:
@@ -51,12 +61,13 @@ class CompositionDecoder:
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         weights = _weights(self.mode.stages, self.mode.weights, self.num_stages)
-        return SeqSpec(seq.seq_id, "sample", homes, weights, self.alpha, self.sampling)
+        return SeqSpec(seq.seq_id, "sample", homes, weights, self.alpha, self.sampling, controls=_controls(seq))
 
     def plan(self, seq: Sequence) -> SeqPlan:
         if self.sampling is not None and self.uniform is None:
             self.uniform = draw_uniform(self.generator)
-        return SeqPlan(seq.num_unfed, max(self.mode.stages), len(seq.tokens) - 1, uniform=self.uniform)
+        return SeqPlan(seq.num_unfed, max(self.mode.stages), len(seq.tokens) - 1,
+                       uniforms=() if self.uniform is None else (self.uniform,))
 
     def reset(self) -> None:
         """After a rebuild: nothing to forget (the draw stays with the token it is for)."""
@@ -74,7 +85,8 @@ class WandDecoder:
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         thresholds = tuple(wand_threshold(bound, self.mode.safety) for bound in self.mode.bounds)
-        return SeqSpec(seq.seq_id, "wand", homes, (1.0,) * self.num_stages, self.alpha, exit_thresholds=thresholds)
+        return SeqSpec(seq.seq_id, "wand", homes, (1.0,) * self.num_stages, self.alpha, exit_thresholds=thresholds,
+                       controls=_controls(seq))
 
     def plan(self, seq: Sequence) -> SeqPlan:
         return SeqPlan(seq.num_unfed, self.num_stages - 1, len(seq.tokens) - 1)
@@ -94,30 +106,48 @@ class SpeculativeDecoder:
     positions' boundary states and Log-OP sums wait in stage d+1's worker (stage d's own if it
     is the last), so nothing is recomputed. The verify step catches stages d+1.. up over every
     drafted position at once, and the last stage returns how many drafts the full PoE accepts.
+    Sampled, a round takes k + (k + 1) draws from the request's generator, in order: one per
+    draft, then one per draft's acceptance test and one for the token after; a round redone
+    after a rebuild reuses them, so it gives the same tokens.
     """
 
     def __init__(self, request: rq.GenerationRequest, num_stages: int, alpha: float):
         mode = request.mode
         self.d, self.k, self.num_stages, self.alpha = mode.draft_stage, mode.k_draft, num_stages, alpha
+        self.sampling = request.sampling
+        self.generator = make_generator(self.sampling.seed) if self.sampling else None
         self._new_round()
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
-        return SeqSpec(seq.seq_id, "speculative", homes, (1.0,) * self.num_stages, self.alpha, draft_stage=self.d)
+        return SeqSpec(seq.seq_id, "speculative", homes, (1.0,) * self.num_stages, self.alpha, self.sampling,
+                       draft_stage=self.d, controls=_controls(seq))
 
     def reset(self) -> None:
-        self._new_round()
+        """After a rebuild: the round starts again, with the draws it had."""
+        self.k_round, self.drafts = None, []
 
     def _new_round(self) -> None:
         self.k_round: int | None = None  # drafts this round: k, or fewer near max_new_tokens
         self.drafts: list[int] = []
+        self.draws: list[float] = []  # the round's uniforms, drawn as first needed
+
+    def _uniforms(self, n: int) -> tuple[float, ...]:
+        """The next step's n draws (none when greedy): the round's, after those its drafts used."""
+        if self.sampling is None:
+            return ()
+        first = len(self.drafts)
+        while len(self.draws) < first + n:
+            self.draws.append(draw_uniform(self.generator))
+        return tuple(self.draws[first : first + n])
 
     def plan(self, seq: Sequence) -> SeqPlan:
         if self.k_round is None:
             remaining = seq.request.max_new_tokens - (seq.num_committed - seq.num_prompt)
             self.k_round = min(self.k, remaining - 1)
         if len(self.drafts) < self.k_round:
-            return SeqPlan(seq.num_unfed, self.d, len(seq.tokens) - 1, action="draft")
-        return SeqPlan(seq.num_unfed, self.num_stages - 1, seq.num_committed - 1)  # the last committed + drafts
+            return SeqPlan(seq.num_unfed, self.d, len(seq.tokens) - 1, action="draft", uniforms=self._uniforms(1))
+        return SeqPlan(seq.num_unfed, self.num_stages - 1, seq.num_committed - 1,  # the last committed + drafts
+                       uniforms=self._uniforms(self.k_round + 1))
 
     def update(self, seq: Sequence, outcome: Outcome) -> int | None:
         """Returns the length to roll every stage back to after a verification, else None."""
@@ -237,7 +267,7 @@ MODES: dict[str, ModeInfo] = {m.name: m for m in (
     ModeInfo("speculative", "self-speculative: one stage drafts, the full PoE verifies",
              (ModeArg("draft_stage", int, "the drafting stage", 0),
               ModeArg("k_draft", int, f"drafts per round, 1..{rq.MAX_K_DRAFT}", 3)),
-             rq.speculative_mode, SpeculativeDecoder, statistic="acceptance",
+             rq.speculative_mode, SpeculativeDecoder, samples=True, statistic="acceptance",
              example=lambda K: {"draft_stage": 0, "k_draft": 3}),
 )}
 

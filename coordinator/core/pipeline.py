@@ -39,7 +39,7 @@ class SeqPlan:
     depth: int  # deepest stage that runs
     logits_from: int  # positions >= logits_from get a distribution
     action: str = "decide"  # "decide" | "draft" (speculative) | "none" (a prompt chunk: nothing decided)
-    uniform: float | None = None  # a sampled token's draw
+    uniforms: tuple[float, ...] = ()  # a sampled choice's draws (SeqStep.uniforms)
     targets: tuple[int, ...] = ()  # Score: the token after each fed position (-1: none)
 
 
@@ -116,7 +116,7 @@ class Pipeline:
         start = seq.num_computed[0]
         return SeqStep(seq.seq_id, start, tuple(seq.tokens[start : start + plan.num_feed]),
                        seq.tokens[start - 1] if start else -1, plan.depth, plan.logits_from, plan.action,
-                       plan.uniform, plan.targets)
+                       plan.uniforms, plan.targets)
 
     def _participants(self, batches) -> set[int]:
         """Every worker with a part in the step (the ones a stuck step may be waiting for)."""

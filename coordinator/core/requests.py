@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from stage_workers.config import ModelConfig
+from stage_workers.controls import Controls
 from stage_workers.sampling import SamplingParams
 
 MAX_K_DRAFT = 16  # drafts per speculative round; more only wastes verification work
@@ -63,6 +64,7 @@ class GenerationRequest:
     mode: Mode
     sampling: SamplingParams | None = None  # None: greedy
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    controls: Controls | None = None  # penalties, bias, min_tokens (its prompt_len and stop_ids unset); None: none
 
 
 @dataclass(frozen=True)
@@ -137,14 +139,15 @@ def check_max_new_tokens(config: ModelConfig, prompt_len: int, max_new_tokens) -
     return max_new_tokens
 
 
-def check_sampling(do_sample: bool, temperature, top_k, top_p, seed, switch: str = "do_sample=True"
+def check_sampling(do_sample: bool, temperature, top_k, top_p, seed, switch: str = "do_sample=True", min_p=None
                    ) -> SamplingParams | None:
     """Sampling parameters, or None (greedy). With sampling off, a sampling parameter that is set
-    (a temperature other than the card's default 1.0, top_k, top_p or a seed) is an error rather than
-    silently ignored; `switch` names what turns sampling on, for the message."""
+    (a temperature other than the card's default 1.0, top_k, top_p, min_p or a seed) is an error
+    rather than silently ignored; `switch` names what turns sampling on, for the message."""
     if not do_sample:
         given = [(name, value) for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                                                   ("seed", seed)) if value is not None and (name, value) != ("temperature", 1.0)]
+                                                   ("min_p", min_p), ("seed", seed))
+                 if value is not None and (name, value) != ("temperature", 1.0)]
         if given:
             name, value = given[0]
             raise ValueError(f"{name}={value!r} is set but sampling is off; allowed: {switch} to sample, "
@@ -157,9 +160,50 @@ def check_sampling(do_sample: bool, temperature, top_k, top_p, seed, switch: str
         raise ValueError(f"top_k={top_k!r} is invalid; allowed: None or an integer >= 1")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} is invalid; allowed: None or a number in (0, 1]")
+    if min_p is not None and (not _is_number(min_p) or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p={min_p!r} is invalid; allowed: None or a number in [0, 1]")
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed={seed!r} is invalid; allowed: None or an integer")
-    return SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p), seed)
+    return SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p), seed,
+                          None if not min_p else float(min_p))
+
+
+CONTROL_NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
+                 "stop_token_ids")  # the decoding controls every generate method takes by keyword
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range; larger biases are clamped to it
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2..2
+
+
+def check_controls(config: ModelConfig, max_new_tokens: int, repetition_penalty=None, presence_penalty=None,
+                   frequency_penalty=None, logit_bias=None, min_tokens=None) -> Controls | None:
+    """Decoding controls (stage_workers/controls.py), or None when every one is neutral or unset."""
+    repetition_penalty = 1.0 if repetition_penalty is None else repetition_penalty
+    if not _is_number(repetition_penalty) or not MIN_SCALE <= repetition_penalty <= MAX_SCALE:
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} is invalid; allowed: a finite number > 0 "
+                         "(1: none; above 1 discourages repeats)")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if value is not None and (not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a number from -2 to 2")
+    bias = []
+    for token, amount in (logit_bias or {}).items():
+        token = int(token) if isinstance(token, str) and token.lstrip("-").isdigit() else token  # JSON keys are strings
+        if not _is_int(token) or not 0 <= token < config.vocab_size:
+            raise ValueError(f"logit_bias key {token!r} is invalid; allowed: token ids 0..{config.vocab_size - 1}")
+        if not _is_number(amount) or math.isnan(amount):
+            raise ValueError(f"logit_bias[{token}]={amount!r} is invalid; allowed: a number (clamped to -100..100)")
+        if amount:
+            bias.append((token, max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(amount)))))
+    min_tokens = 0 if min_tokens is None else min_tokens
+    if not _is_int(min_tokens) or min_tokens < 0 or _is_int(max_new_tokens) and min_tokens > max_new_tokens:
+        raise ValueError(f"min_tokens={min_tokens!r} is invalid; allowed: an integer from 0 to the request's "
+                         f"maximum of new tokens ({max_new_tokens})")
+    controls = Controls(float(repetition_penalty), float(presence_penalty or 0.0), float(frequency_penalty or 0.0),
+                        tuple(sorted(bias)), min_tokens)
+    return None if controls == Controls() else controls
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_token_ids(config: ModelConfig, ids, name: str) -> list[int]:
@@ -235,7 +279,8 @@ def speculative_mode(config: ModelConfig, draft_stage, k_draft) -> Speculative:
     return Speculative(draft_stage, k_draft)
 
 
-def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, sampling=None, stop_ids=frozenset()):
+def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, sampling=None, stop_ids=frozenset(),
+                   controls: Controls | None = None):
     """One request per prompt row; each row is independent. Row r samples with seed + r."""
     rows = check_prompts(config, input_ids)
     for row in rows:
@@ -245,5 +290,5 @@ def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, s
         row_sampling = sampling
         if sampling is not None and sampling.seed is not None:
             row_sampling = replace(sampling, seed=sampling.seed + r)
-        requests.append(GenerationRequest(tuple(row), max_new_tokens, mode, row_sampling, stop_ids))
+        requests.append(GenerationRequest(tuple(row), max_new_tokens, mode, row_sampling, stop_ids, controls))
     return requests

@@ -124,10 +124,18 @@ def sampling_of(message: pb.GenerateRequest, mode: rq.Mode) -> SamplingParams | 
     if not message.HasField("sampling") or message.sampling.temperature == 0:
         return None
     if not MODES[mode.name].samples:
-        raise ValueError("sampling: WAND and speculative modes are greedy; remove sampling or use another mode")
+        raise ValueError("sampling: WAND is greedy; remove sampling or use another mode")
     s = message.sampling
     top_p = s.top_p if s.top_p != 0 else None  # 0 is proto3's "unset"; 1.5, -0.5 or NaN are errors, not "no top-p"
-    return rq.check_sampling(True, s.temperature, s.top_k or None, top_p, s.seed if s.HasField("seed") else None)
+    return rq.check_sampling(True, s.temperature, s.top_k or None, top_p, s.seed if s.HasField("seed") else None,
+                             min_p=s.min_p or None)
+
+
+def controls_of(message: pb.GenerateRequest, config: ModelConfig, max_new: int):
+    """`controls` (unset: none) checked as the Python and HTTP surfaces check them."""
+    c = message.controls
+    return rq.check_controls(config, max_new, c.repetition_penalty if c.HasField("repetition_penalty") else None,
+                             c.presence_penalty, c.frequency_penalty, dict(c.logit_bias), c.min_tokens)
 
 
 def generation_request(message: pb.GenerateRequest, tokenizer: Tokenizer, config: ModelConfig) -> rq.GenerationRequest:
@@ -136,7 +144,8 @@ def generation_request(message: pb.GenerateRequest, tokenizer: Tokenizer, config
     rq.check_max_new_tokens(config, len(ids), max_new)
     mode = mode_of(message, config)
     stop = rq.check_stop_ids(config, list(message.stop_token_ids), name="stop_token_ids")
-    return rq.GenerationRequest(tuple(ids), max_new, mode, sampling_of(message, mode), stop)
+    return rq.GenerationRequest(tuple(ids), max_new, mode, sampling_of(message, mode), stop,
+                                controls_of(message, config, max_new))
 
 
 def acceptance(seq: Sequence) -> float:

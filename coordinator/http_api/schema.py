@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API's JSON bodies, as pydantic models.
 
 `CompletionRequest` is what `POST /v1/completions` accepts: OpenAI's completions fields, the
-extra fields vLLM takes beside them (`top_k`, `stop_token_ids`, `return_token_ids`,
-`return_tokens_as_token_ids`) and poe-serve's PoE fields (`poe_mode` and its arguments). Types
+extra fields vLLM takes beside them (`top_k`, `min_p`, `min_tokens`, `repetition_penalty`,
+`stop_token_ids`, `return_token_ids`, `return_tokens_as_token_ids`) and poe-serve's PoE fields (`poe_mode` and its arguments). Types
 are strict (a string is not a number, a float not an int) and unknown fields are refused, so a
 typo is an error rather than a silent default; ranges are checked by coordinator/core/requests.py,
 the same checks gRPC runs. The response models are OpenAI's; extras (token ids, WAND stages,
@@ -45,13 +45,20 @@ class _OpenAICompletion(BaseModel):
         description="a string, a list of strings, a list of token ids or a list of token-id lists")
     max_tokens: int | None = Field(None, ge=0, description="an integer >= 0 (default 16)")
     temperature: float | None = Field(None, description="a number >= 0; 0 is greedy (default 1, or greedy for "
-                                                        "poe_mode wand and speculative)")
+                                                        "poe_mode wand)")
     top_p: float | None = Field(None, description="a number in (0, 1]")
     top_k: int | None = Field(None, description="an integer >= 1")
+    min_p: float | None = Field(None, description="a number in [0, 1]: drop tokens below min_p x the top probability")
     seed: int | None = Field(None, description="an integer; choice i samples with seed + i")
     n: int = Field(1, ge=1, description="an integer >= 1: choices per prompt")
     stop: str | list[str] | None = Field(None, description="a non-empty string or a list of them")
     stop_token_ids: list[int] | None = Field(None, description="a list of token ids")
+    min_tokens: int | None = Field(None, description="an integer from 0 to max_tokens: no stop token id before it")
+    repetition_penalty: float | None = Field(None, description="a number > 0 (1: none): seen tokens' log-probs "
+                                                               "times it")
+    frequency_penalty: float | None = Field(None, description="a number from -2 to 2 (default 0)")
+    presence_penalty: float | None = Field(None, description="a number from -2 to 2 (default 0)")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias, clamped to -100..100")
     stream: bool = Field(False, description="true or false")
     stream_options: StreamOptions | None = Field(None, description="{include_usage: bool}, with stream=true")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
@@ -62,9 +69,6 @@ class _OpenAICompletion(BaseModel):
     user: str | None = Field(None, description="a string (ignored)")
     # OpenAI fields with no meaning here: accepted only at their neutral values
     best_of: int | None = Field(None, description="1 (or unset); more is not supported")
-    frequency_penalty: float | None = Field(None, description="0 (or unset); penalties are not supported")
-    presence_penalty: float | None = Field(None, description="0 (or unset); penalties are not supported")
-    logit_bias: dict[str, float] | None = Field(None, description="{} (or unset); logit bias is not supported")
     suffix: str | None = Field(None, description="unset; suffixes are not supported")
     poe_mode: PoEMode = Field("full", description=", ".join(MODES))  # PoE modes: extra body fields, as vLLM's
 

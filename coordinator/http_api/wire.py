@@ -19,8 +19,8 @@ from coordinator.tokenizer import Tokenizer
 from stage_workers.config import ModelConfig
 from stage_workers.sampling import SamplingParams
 
-NEUTRAL = {"best_of": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
-           "logit_bias": (None, {}), "suffix": (None,)}  # OpenAI fields served only at these values
+NEUTRAL = {"best_of": (None, 1), "suffix": (None,)}  # OpenAI fields served only at these values
+CONTROL_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens")
 
 
 class BadRequest(ValueError):
@@ -102,6 +102,8 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
     sampling = sampling_of(body, mode)
     stop_ids = checked("stop_token_ids", rq.check_stop_ids, config, body.stop_token_ids or [], "stop_token_ids")
     max_new = wire.DEFAULT_MAX_NEW_TOKENS if body.max_tokens is None else body.max_tokens
+    controls = checked("logit_bias", rq.check_controls, config, max_new, *(getattr(body, f) for f in CONTROL_FIELDS),
+                       also=CONTROL_FIELDS)
     requests = []
     for prompt in prompts:
         if max_new:
@@ -113,7 +115,8 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
             seeded = sampling  # choice i samples with seed + i, as PoEModel's row i does
             if sampling is not None and sampling.seed is not None:
                 seeded = replace(sampling, seed=sampling.seed + len(requests))
-            requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids) if max_new else None)
+            requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids, controls)
+                            if max_new else None)
     return CompletionPlan(prompts, body.n, tuple(requests), _stop_strings(body.stop))
 
 
@@ -144,7 +147,7 @@ def mode_of(body: CompletionRequest, config: ModelConfig) -> rq.Mode:
 
 
 def sampling_of(body: CompletionRequest, mode: rq.Mode) -> SamplingParams | None:
-    """None (greedy) for temperature 0; unset is OpenAI's 1.0, except in the greedy-only modes."""
+    """None (greedy) for temperature 0; unset is OpenAI's 1.0, except in the greedy-only mode (WAND)."""
     greedy_only = not MODES[mode.name].samples
     if body.temperature == 0 or body.temperature is None and greedy_only:
         return None
@@ -152,7 +155,7 @@ def sampling_of(body: CompletionRequest, mode: rq.Mode) -> SamplingParams | None
         raise BadRequest("temperature", f"poe_mode={body.poe_mode!r} is greedy; allowed: temperature 0 or unset")
     temperature = 1.0 if body.temperature is None else body.temperature
     return checked("temperature", rq.check_sampling, True, temperature, body.top_k, body.top_p, body.seed,
-                   also=("top_k", "top_p", "seed"))
+                   "temperature > 0", body.min_p, also=("top_k", "top_p", "min_p", "seed"))
 
 
 # ---- results -> JSON ---------------------------------------------------------------------------
