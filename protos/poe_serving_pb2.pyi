@@ -120,7 +120,7 @@ class DecodingControls(_message.Message):
     def __init__(self, repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "token_ids", "max_new_tokens", "full", "prefix", "stage", "wand", "speculative", "composition", "sampling", "stop_token_ids", "controls")
+    __slots__ = ("prompt", "token_ids", "max_new_tokens", "full", "prefix", "stage", "wand", "speculative", "composition", "sampling", "stop_token_ids", "controls", "logprobs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     token_ids: TokenIds
     max_new_tokens: int
@@ -145,10 +146,29 @@ class GenerateRequest(_message.Message):
     sampling: Sampling
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     controls: DecodingControls
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., full: _Optional[_Union[FullMode, _Mapping]] = ..., prefix: _Optional[_Union[PrefixMode, _Mapping]] = ..., stage: _Optional[_Union[StageMode, _Mapping]] = ..., wand: _Optional[_Union[WandMode, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeMode, _Mapping]] = ..., composition: _Optional[_Union[CompositionMode, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., controls: _Optional[_Union[DecodingControls, _Mapping]] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., full: _Optional[_Union[FullMode, _Mapping]] = ..., prefix: _Optional[_Union[PrefixMode, _Mapping]] = ..., stage: _Optional[_Union[StageMode, _Mapping]] = ..., wand: _Optional[_Union[WandMode, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeMode, _Mapping]] = ..., composition: _Optional[_Union[CompositionMode, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., controls: _Optional[_Union[DecodingControls, _Mapping]] = ..., logprobs: _Optional[int] = ...) -> None: ...
+
+class TopLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob", "top")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "stages_used", "acceptance_rate", "finish_reason", "prompt_tokens", "time_to_first_token_s", "total_time_s")
+    __slots__ = ("token_ids", "text", "stages_used", "acceptance_rate", "finish_reason", "prompt_tokens", "time_to_first_token_s", "total_time_s", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STAGES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +177,7 @@ class GenerateResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     stages_used: _containers.RepeatedScalarFieldContainer[int]
@@ -165,21 +186,24 @@ class GenerateResponse(_message.Message):
     prompt_tokens: int
     time_to_first_token_s: float
     total_time_s: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., acceptance_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., acceptance_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "stages_used", "finish_reason", "acceptance_rate")
+    __slots__ = ("token_ids", "text", "stages_used", "finish_reason", "acceptance_rate", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STAGES_USED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     stages_used: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     acceptance_rate: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., acceptance_rate: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("prompt", "token_ids")

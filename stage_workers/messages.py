@@ -204,6 +204,7 @@ class SeqSpec(NamedTuple):
     draft_stage: int = -1  # "speculative"
     top_n: int = 0  # "score": alternatives returned per position
     controls: Controls | None = None  # penalties, bias, min_tokens (stage_workers/controls.py); None: none
+    logprobs: int | None = None  # generation: the chosen tokens' log-probs and this many alternatives each
 
     @property
     def reach(self) -> int:
@@ -295,8 +296,10 @@ class Decision(NamedTuple):
     stage: int  # the stage that decided (WAND's exit stage)
     token: int = -1  # the chosen token: the next token, a draft, or the bonus token after verification
     accepted: int = -1  # speculative verification: drafts accepted
-    logprobs: tuple[float, ...] = ()  # "score": log p of each target (NaN: no target)
-    top: tuple[tuple[tuple[int, float], ...], ...] = ()  # "score": top_n (token, log p) per position
+    # "score": log p of each target (NaN: no target); a generation asking for log-probs: of each token
+    # decided (a verification's accepted drafts, then its token)
+    logprobs: tuple[float, ...] = ()
+    top: tuple[tuple[tuple[int, float], ...], ...] = ()  # top_n (token, log p) alternatives per position
 
 
 class StepResult(NamedTuple):
@@ -329,7 +332,7 @@ def encode(message) -> tuple[tuple, list[torch.Tensor]]:
                 tuple(message.token_ids.tolist()), flags), tensors
     if kind is StepPlan:
         new = tuple(spec[:5] + (None if spec.sampling is None else tuple(vars(spec.sampling).values()),) + spec[6:9]
-                    + (None if spec.controls is None else tuple(spec.controls),) for spec in message.new)
+                    + (None if spec.controls is None else tuple(spec.controls), spec.logprobs) for spec in message.new)
         batches = tuple(tuple(map(tuple, mb)) for mb in message.micro_batches)
         return (_PLAN, message.step, message.epoch, tuple(message.frees), tuple(message.rollbacks), new, batches,
                 message.aborted), []
@@ -355,7 +358,7 @@ def decode(plain: tuple, tensors: list[torch.Tensor]):
     if kind == _PLAN:
         _, step, epoch, frees, rollbacks, new, batches, aborted = plain
         specs = tuple(SeqSpec(*spec[:5], None if spec[5] is None else SamplingParams(*spec[5]), *spec[6:9],
-                              None if spec[9] is None else Controls(*spec[9])) for spec in new)
+                              None if spec[9] is None else Controls(*spec[9]), spec[10]) for spec in new)
         return StepPlan(step, epoch, frees, rollbacks, specs,
                         tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted)
     if kind == _RESULT:

@@ -45,7 +45,7 @@ class StageDecider:
         k, last = self.stage, self.num_stages - 1
         picked, last_rows, divisors, thresholds = [], [], [], []
         for (s, spec), rows in zip(work, outs):
-            if rows.num_acc == 0 or s.action != "decide" or spec.controls is not None:
+            if rows.num_acc == 0 or s.action != "decide" or spec.controls is not None or spec.logprobs is not None:
                 continue
             if spec.rule == "wand" or (spec.rule == "sample" and spec.sampling is None and k == s.depth):
                 picked.append(s.seq_id)
@@ -78,19 +78,20 @@ class StageDecider:
             decisions.append(Decision(s.seq_id, k))
             return Onward.PARK
         if spec.rule == "wand" and s.action == "decide":  # with controls: the margin of the controlled scores
-            scores = self._controlled(spec, rows, rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha))  # (1, V)
+            raw = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
+            scores = self._controlled(spec, rows, raw)
             threshold = -math.inf if k == last else spec.exit_thresholds[k]
             if not rules.wand_exits(scores, torch.tensor([threshold], device=scores.device))[0]:
                 return Onward.CONTINUE
-            decisions.append(Decision(s.seq_id, k, int(scores[0].argmax())))
+            decisions.append(self._decision(s, spec, raw, [int(scores[0].argmax())]))
             return Onward.FINAL
         if k < s.depth:
             return Onward.CONTINUE
         if spec.rule == "sample":  # a sampled token, or a greedy one under controls
-            score = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
-            score = self._controlled(spec, rows, score)[0] if spec.controls else normalize(score)[0]  # (V,)
+            raw = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
+            score = self._controlled(spec, rows, raw)[0] if spec.controls else normalize(raw)[0]  # (V,)
             token = int(score.argmax()) if spec.sampling is None else sample(score, spec.sampling, s.uniforms[0])
-            decisions.append(Decision(s.seq_id, k, token))
+            decisions.append(self._decision(s, spec, raw, [token]))
             return Onward.FINAL
         if spec.rule == "score":
             scores = rows.acc / rules.divisor(spec.weights, k, spec.alpha)  # (n, V)
@@ -113,7 +114,8 @@ class StageDecider:
         held = self.held.pop(s.seq_id, None)
         kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
         rows = kept if held is None else held.then(kept)
-        scores = self._controlled(spec, rows, rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha))  # (k+1, V)
+        raw = rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha)  # (k+1, V)
+        scores = self._controlled(spec, rows, raw)
         drafts = rows.token_ids[len(rows) - scores.shape[0] + 1 :].tolist()
         if spec.sampling is None:
             targets = scores.argmax(dim=-1).tolist()
@@ -125,8 +127,17 @@ class StageDecider:
             require(q.shape[0] == len(drafts), f"sequence {s.seq_id}: {q.shape[0]} draft distributions for "
                                                 f"{len(drafts)} drafts")
             accepted, token = rules.verify_sampled(p, q.to(p.device), drafts, s.uniforms)
-        decisions.append(Decision(s.seq_id, self.stage, token, accepted))
+        decisions.append(self._decision(s, spec, raw[: accepted + 1], drafts[:accepted] + [token], accepted))
         return Onward.FINAL
+
+    def _decision(self, s: SeqStep, spec: SeqSpec, raw: torch.Tensor, tokens: list[int], accepted: int = -1
+                  ) -> Decision:
+        """The decision of `tokens` (the last one its token), chosen from raw: (n, V) scores, one row
+        per token; with the chosen tokens' log-probs (before controls and filters) when asked."""
+        if spec.logprobs is None:
+            return Decision(s.seq_id, self.stage, tokens[-1], accepted)
+        logprobs, top = rules.token_logprobs(raw, tokens, spec.logprobs)
+        return Decision(s.seq_id, self.stage, tokens[-1], accepted, tuple(logprobs), tuple(map(tuple, top)))
 
     def _draft(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor) -> int:
         """own: (1, V) this stage's log-probs at the last position -> the draft: its argmax, or a

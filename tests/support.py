@@ -123,6 +123,7 @@ BAD_GENERATE = [
     ("top_p above 1", gen(temperature=0.8, top_p=1.5), "top_p"),
     ("top_p negative", gen(temperature=0.8, top_p=-0.2), "top_p"),
     ("top_p NaN", gen(temperature=0.8, top_p=NAN), "top_p"),
+    ("logprobs above 20", gen(logprobs=21), "logprobs"),
     ("min_p above 1", gen(temperature=0.8, min_p=1.5), "min_p"),
     ("repetition_penalty zero", gen(repetition_penalty=0.0), "repetition_penalty"),
     ("repetition_penalty NaN", gen(repetition_penalty=NAN), "repetition_penalty"),

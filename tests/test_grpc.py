@@ -61,6 +61,22 @@ def test_decoding_controls_give_the_in_process_models_tokens(client, reference, 
         assert list(response.token_ids) != new_tokens(reference, mode, ids, 9), "the controls changed the tokens"
 
 
+@pytest.mark.parametrize("mode", ["full", "wand", "speculative"])
+def test_logprobs_come_with_each_token_whole_and_streamed(client, mode):
+    ids = prompt_ids(seed=54, length=20)
+    whole = client.generate(token_ids=ids, max_new_tokens=8, logprobs=2, **MODES[mode][0])
+    chunks = list(client.stream(token_ids=ids, max_new_tokens=8, logprobs=2, **MODES[mode][0]))
+    streamed = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.token_id for lp in whole.logprobs] == list(whole.token_ids) == [lp.token_id for lp in streamed]
+    assert [lp.logprob for lp in streamed] == pytest.approx([lp.logprob for lp in whole.logprobs], abs=1e-5)
+    assert all(len(lp.top) == 2 and lp.top[0].logprob >= lp.logprob - 1e-5 for lp in whole.logprobs)
+    if mode == "full":  # greedy: each token is its position's most likely, scored as Score scores it
+        scores = list(client.score(token_ids=ids + list(whole.token_ids)).token_logprobs)
+        assert [lp.logprob for lp in whole.logprobs] == pytest.approx(scores[len(ids) - 1 :], abs=1e-5)
+        assert all(lp.top[0].token_id == lp.token_id for lp in whole.logprobs)
+    assert not client.generate(token_ids=ids, max_new_tokens=2, **MODES[mode][0]).logprobs, "only when asked"
+
+
 def test_prompt_text_gets_bos_and_stop_tokens_stop(client, reference, tokenizer):
     tok = tokenizer
     text = "def add(a, b):\n    return a + b\n"

@@ -287,6 +287,47 @@ def test_generated_tokens_logprobs_are_the_scores_of_prompt_plus_completion(serv
     assert echoed.choices[0].text == prompt + choice.text
 
 
+def mode_logprobs(reference, ids: list[int], stages: list[int], start: int) -> list[float]:
+    """The Log-OP of `stages` (equal weights) at each position, normalized: log p of ids[start:]."""
+    logits = reference.stage_logits(torch.tensor([ids]), tuple(stages))[0]
+    lp = torch.log_softmax(sum(torch.log_softmax(logits[k], -1) for k in stages) / len(stages), -1)  # (T, V)
+    return [float(lp[t - 1, ids[t]]) for t in range(start, len(ids))]
+
+
+@pytest.mark.parametrize("mode", ["full", "prefix", "wand", "speculative", "sampled"])
+def test_streamed_logprobs_are_the_whole_completions_and_the_modes_own(served, client, reference, tokenizer, mode):
+    ids = prompt_ids(seed=52, length=20)
+    fields = mode_fields(mode)
+    openai_names = {k: fields.pop(k) for k in ("temperature", "top_p", "seed") if k in fields}
+    kwargs = dict(model=MODEL, prompt=ids, max_tokens=8, logprobs=2, **openai_names,
+                  extra_body=dict(fields, return_token_ids=True))
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs)]
+    streamed = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert [t for lp in streamed for t in lp.tokens] == whole.logprobs.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    assert [v.keys() for lp in streamed for v in lp.top_logprobs] == [v.keys() for v in whole.logprobs.top_logprobs]
+    assert [o for lp in streamed for o in lp.text_offset] == whole.logprobs.text_offset
+    assert [t for c in chunks for t in c.token_ids or []] == whole.token_ids
+    if mode in ("full", "prefix", "speculative"):  # the distribution each token was chosen from
+        stages = [0, 1] if mode == "prefix" else list(range(4))
+        expected = mode_logprobs(reference, ids + whole.token_ids, stages, len(ids))
+        assert whole.logprobs.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) <= 3 for top in whole.logprobs.top_logprobs)
+
+
+def test_echo_with_streamed_logprobs_scores_the_prompt_first(served, client, tokenizer):
+    ids = prompt_ids(seed=53, length=12)
+    kwargs = dict(model=MODEL, prompt=ids, max_tokens=4, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)]
+    assert streamed[0].token_logprobs[0] is None and len(streamed[0].tokens) >= len(ids)
+    flat = [v for lp in streamed if lp for v in lp.token_logprobs]
+    assert flat[0] is None and flat[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-5)
+    assert whole.token_logprobs[1:len(ids)] == pytest.approx(list(served.grpc.score(token_ids=ids).token_logprobs)[
+        : len(ids) - 1], abs=1e-5)
+
+
 def _stop_case(reference, tokenizer, ids: list[int], n: int) -> tuple[list[int], str, str]:
     """The reference tokens and text, and a 3-character stop string that straddles a token boundary
     and first occurs there."""
@@ -356,7 +397,8 @@ def http_body(message: pb.GenerateRequest) -> dict:
     """A gRPC GenerateRequest as the same request over HTTP (proto3's zeros as its defaults)."""
     which, mode, s = message.WhichOneof("input"), message.WhichOneof("mode"), message.sampling
     fields = {"prompt": None if which is None else message.prompt if which == "prompt" else list(message.token_ids.ids),
-              "max_tokens": message.max_new_tokens or None, "stop_token_ids": list(message.stop_token_ids) or None}
+              "max_tokens": message.max_new_tokens or None, "stop_token_ids": list(message.stop_token_ids) or None,
+              "logprobs": message.logprobs if message.HasField("logprobs") else None}
     if mode == "prefix":
         fields.update(max_stages=message.prefix.max_stages)
     elif mode == "stage":
@@ -417,7 +459,6 @@ HTTP_ONLY = [
     ("stream_options unknown key", body(stream=True, stream_options={"usage": True}), "stream_options"),
     ("logprobs above the limit", body(logprobs=MAX_LOGPROBS + 1), "logprobs"),
     ("logprobs true", body(logprobs=True), "logprobs"),
-    ("logprobs with stream", body(logprobs=1, stream=True), "logprobs"),
     ("echo a number", body(echo=1), "echo"),
     ("stop a number", body(stop=5), "stop"),
     ("stop an empty string", body(stop=["ok", ""]), "stop"),
@@ -458,7 +499,7 @@ def test_bad_input_is_400_naming_the_field_and_the_server_keeps_serving(served, 
 def test_bad_input_through_the_openai_client_is_bad_request_error(served, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0.5,
-                                  extra_body={"poe_mode": "speculative"})
+                                  extra_body={"poe_mode": "wand"})
     assert err.value.body["param"] == "temperature" and "greedy" in err.value.body["message"]
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="gpt-3.5-turbo-instruct", prompt="x", max_tokens=2)

@@ -20,7 +20,7 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
                   top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
                   min_p: float | None = None, repetition_penalty: float | None = None, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                  **mode_args) -> pb.GenerateRequest:
+                  logprobs: int | None = None, **mode_args) -> pb.GenerateRequest:
     """`mode_args`: the mode's arguments by name (coordinator/core/modes.py MODES: max_stages,
     stage, stages, stage_weights, safety, p99_bounds, draft_stage, k_draft); None is unset."""
     if mode not in MODES:
@@ -33,6 +33,8 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
         controls.repetition_penalty = repetition_penalty
     if controls.ListFields():
         request.controls.CopyFrom(controls)
+    if logprobs is not None:
+        request.logprobs = logprobs
     if token_ids is not None:
         request.token_ids.ids.extend(token_ids)
     else:

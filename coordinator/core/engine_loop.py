@@ -49,6 +49,8 @@ def _down(failure: EngineLoopDown) -> EngineLoopDown:
 class Event:
     tokens: list[int]  # newly committed tokens (may be empty)
     stages_used: list[int] = field(default_factory=list)  # WAND exit stages of those tokens
+    logprobs: list[float] = field(default_factory=list)  # their log-probs, when the request asks
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # and alternatives
     done: bool = False
     error: BaseException | None = None
 
@@ -283,9 +285,10 @@ class EngineLoop:
         if new and handle.first_token_at is None:
             handle.first_token_at = time.perf_counter()
         if new or seq.finished:
-            used = seq.stages_used[handle._sent : handle._sent + len(new)]
+            sent = slice(handle._sent, handle._sent + len(new))
             handle._sent += len(new)
-            self._end(handle, Event(new, used, done=seq.finished))
+            self._end(handle, Event(new, seq.stages_used[sent], done=seq.finished, logprobs=seq.logprobs[sent],
+                                    top_logprobs=seq.top_logprobs[sent]))
         if seq.finished:
             self._handles.pop(seq.seq_id, None)
 

@@ -61,7 +61,8 @@ class CompositionDecoder:
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         weights = _weights(self.mode.stages, self.mode.weights, self.num_stages)
-        return SeqSpec(seq.seq_id, "sample", homes, weights, self.alpha, self.sampling, controls=_controls(seq))
+        return SeqSpec(seq.seq_id, "sample", homes, weights, self.alpha, self.sampling, controls=_controls(seq),
+                       logprobs=seq.request.logprobs)
 
     def plan(self, seq: Sequence) -> SeqPlan:
         if self.sampling is not None and self.uniform is None:
@@ -73,7 +74,7 @@ class CompositionDecoder:
         """After a rebuild: nothing to forget (the draw stays with the token it is for)."""
 
     def update(self, seq: Sequence, outcome: Outcome) -> None:
-        seq.commit([outcome.decision.token])
+        seq.commit([outcome.decision.token], outcome.decision)
         self.uniform = None
 
 
@@ -86,7 +87,7 @@ class WandDecoder:
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         thresholds = tuple(wand_threshold(bound, self.mode.safety) for bound in self.mode.bounds)
         return SeqSpec(seq.seq_id, "wand", homes, (1.0,) * self.num_stages, self.alpha, exit_thresholds=thresholds,
-                       controls=_controls(seq))
+                       controls=_controls(seq), logprobs=seq.request.logprobs)
 
     def plan(self, seq: Sequence) -> SeqPlan:
         return SeqPlan(seq.num_unfed, self.num_stages - 1, len(seq.tokens) - 1)
@@ -95,7 +96,7 @@ class WandDecoder:
         """After a rebuild: nothing pending."""
 
     def update(self, seq: Sequence, outcome: Outcome) -> None:
-        seq.commit([outcome.decision.token])
+        seq.commit([outcome.decision.token], outcome.decision)
         seq.stages_used.append(outcome.decision.stage)
 
 
@@ -120,7 +121,7 @@ class SpeculativeDecoder:
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         return SeqSpec(seq.seq_id, "speculative", homes, (1.0,) * self.num_stages, self.alpha, self.sampling,
-                       draft_stage=self.d, controls=_controls(seq))
+                       draft_stage=self.d, controls=_controls(seq), logprobs=seq.request.logprobs)
 
     def reset(self) -> None:
         """After a rebuild: the round starts again, with the draws it had."""
@@ -160,7 +161,7 @@ class SpeculativeDecoder:
         seq.num_proposed += self.k_round
         seq.num_accepted += accepted
         keep = seq.num_committed + accepted  # positions 0..keep-1 hold committed tokens
-        seq.commit(self.drafts[:accepted] + [decision.token])
+        seq.commit(self.drafts[:accepted] + [decision.token], decision)
         self._new_round()
         return keep
 
@@ -176,7 +177,8 @@ class ScoreDecoder:
         self.reset()
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
-        weights = _weights(self.request.stages, (1.0,) * len(self.request.stages), self.num_stages)
+        given = getattr(self.request, "weights", None) or (1.0,) * len(self.request.stages)
+        weights = _weights(self.request.stages, given, self.num_stages)
         if isinstance(self.request, LogitsRequest):
             return SeqSpec(seq.seq_id, "logits", homes, weights, self.alpha)
         return SeqSpec(seq.seq_id, "score", homes, weights, self.alpha, top_n=self.request.top_n)

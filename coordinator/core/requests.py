@@ -22,6 +22,7 @@ MAX_K_DRAFT = 16  # drafts per speculative round; more only wastes verification 
 # Log-OP and sampling run in fp32: a stage weight or temperature below MIN_SCALE rounds to 0, a
 # weight above MAX_SCALE overflows to inf, and either turns every score into NaN
 MIN_SCALE, MAX_SCALE = 1e-30, 1e30
+MAX_LOGPROBS = 20  # log-prob alternatives per token (vLLM's default limit; OpenAI's is 5)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class GenerationRequest:
     sampling: SamplingParams | None = None  # None: greedy
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     controls: Controls | None = None  # penalties, bias, min_tokens (its prompt_len and stop_ids unset); None: none
+    logprobs: int | None = None  # each new token's log-prob and this many alternatives; None: none
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class ScoreRequest:
     token_ids: tuple[int, ...]
     stages: tuple[int, ...]
     top_n: int = 0
+    weights: tuple[float, ...] | None = None  # one per stage; None: all 1
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ class Sequence:
     decoder: object = None  # the mode's decoder (coordinator.core.modes), set by the engine
     kv_blocks: list[int] = field(default_factory=list)  # KV blocks promised on each stage
     recoveries: int = 0  # times rebuilt after a lost worker
+    logprobs: list[float] = field(default_factory=list)  # each new token's log-prob, when the request asks
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # and its alternatives
 
     def __post_init__(self):
         self.num_committed = self.num_committed or len(self.tokens)
@@ -54,8 +56,9 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def commit(self, new: list[int]) -> list[int]:
-        """Append accepted tokens up to a stop token or max_new_tokens; returns those kept."""
+    def commit(self, new: list[int], decision=None) -> list[int]:
+        """Append accepted tokens up to a stop token or max_new_tokens; returns those kept. The
+        `decision` that chose them brings their log-probs, when the request asks for them."""
         request = self.request
         kept = []
         for token in new:
@@ -69,4 +72,7 @@ class Sequence:
         del self.tokens[self.num_committed :]
         self.tokens.extend(kept)
         self.num_committed = len(self.tokens)
+        if decision is not None and decision.logprobs:
+            self.logprobs += decision.logprobs[: len(kept)]
+            self.top_logprobs += decision.top[: len(kept)]
         return kept

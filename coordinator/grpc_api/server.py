@@ -135,7 +135,8 @@ class PoEServicer(pb_grpc.PoEServingServicer):
             text = wire.TextStream(self.tokenizer)
             for event in self._events(handle, context, "GenerateStream"):
                 chunk = pb.GenerateChunk(token_ids=event.tokens, text=text.push(event.tokens, event.done),
-                                         stages_used=event.stages_used)
+                                         stages_used=event.stages_used,
+                                         logprobs=wire.token_logprobs(event.tokens, event.logprobs, event.top_logprobs))
                 if event.done:
                     chunk.finish_reason = handle.seq.finish_reason
                     chunk.acceptance_rate = wire.acceptance(handle.seq)

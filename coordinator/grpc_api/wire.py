@@ -144,8 +144,17 @@ def generation_request(message: pb.GenerateRequest, tokenizer: Tokenizer, config
     rq.check_max_new_tokens(config, len(ids), max_new)
     mode = mode_of(message, config)
     stop = rq.check_stop_ids(config, list(message.stop_token_ids), name="stop_token_ids")
+    logprobs = message.logprobs if message.HasField("logprobs") else None
+    if logprobs is not None and logprobs > rq.MAX_LOGPROBS:
+        raise ValueError(f"logprobs={logprobs} is invalid; allowed: 0..{rq.MAX_LOGPROBS} alternatives per token")
     return rq.GenerationRequest(tuple(ids), max_new, mode, sampling_of(message, mode), stop,
-                                controls_of(message, config, max_new))
+                                controls_of(message, config, max_new), logprobs)
+
+
+def token_logprobs(tokens: list[int], logprobs: list[float], top: list) -> list[pb.TokenLogprob]:
+    """Each token's log-prob and alternatives (none when the request did not ask)."""
+    return [pb.TokenLogprob(token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=a, logprob=b) for a, b in alts])
+            for t, lp, alts in zip(tokens, logprobs, top)]
 
 
 def acceptance(seq: Sequence) -> float:
@@ -157,6 +166,7 @@ def generate_response(seq: Sequence, tokenizer: Tokenizer, ttft: float, total: f
     return pb.GenerateResponse(
         token_ids=new, text=tokenizer.decode(new), stages_used=seq.stages_used, acceptance_rate=acceptance(seq),
         finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt, time_to_first_token_s=ttft, total_time_s=total,
+        logprobs=token_logprobs(new, seq.logprobs, seq.top_logprobs),
     )
 
 

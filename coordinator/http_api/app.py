@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
@@ -60,6 +60,7 @@ from coordinator.http_api.wire import (
     completion_plan,
     from_validation_errors,
     logprobs_of,
+    score_stages,
 )
 from coordinator.serving.drain import Drain
 from coordinator.serving.metrics import Metrics
@@ -74,19 +75,19 @@ PROBE_PATHS = ("/health", "/ready")  # answered without the bearer token
 ADMITTED_PATHS = ("/v1/completions",)  # counted in flight by the drain, refused once it started
 
 
-def prompt_logprobs(loop: EngineLoop, ids: list[int], top_n: int
+def prompt_logprobs(loop: EngineLoop, ids: list[int], top_n: int, mode: rq.Mode
                     ) -> tuple[list[float | None], list[dict[int, float] | None]]:
-    """Full-PoE log p of each token of `ids` given those before it, and each position's `top_n`
-    most likely tokens with theirs; position 0 has no context (None). Blocks until scored.
+    """The log p of each token of a prompt given those before it, under the mode's Log-OP
+    (score_stages), and each position's `top_n` most likely tokens with theirs; position 0 has
+    no context (None). Blocks until scored.
 
-    The front's only use of model scores (echo, and generated tokens' logprobs: the prompt plus
-    completion is scored after generation, so every mode reports the full model's log-probs).
-    The deepest stage's worker computes these numbers (a `ScoreRequest`, as gRPC's Score); no
-    vocabulary-sized tensor comes back."""
+    The front's one use of model scores (echo: generated tokens' log-probs come with their
+    decisions). The deepest stage's worker computes these numbers (a `ScoreRequest`, as gRPC's
+    Score); no vocabulary-sized tensor comes back."""
     if len(ids) < 2:
         return [None] * len(ids), [None] * len(ids)
-    stages = tuple(range(loop.engine.config.num_stages))
-    decoder = loop.submit(rq.ScoreRequest(tuple(ids), stages, top_n=top_n)).result().decoder
+    stages, weights = score_stages(mode, loop.engine.config.num_stages)
+    decoder = loop.submit(rq.ScoreRequest(tuple(ids), stages, top_n, weights)).result().decoder
     top = [dict(alternatives) for alternatives in decoder.top[: len(ids) - 1]]
     return [None, *decoder.logprobs[: len(ids) - 1]], [None, *top]
 
@@ -209,6 +210,9 @@ class _Choice:
     ended: bool = False  # no more events will be read (the engine's last one came, or a stop string)
     error: BaseException | None = None
     started: bool = False  # a streamed chunk went out
+    logprobs: list[float] = field(default_factory=list)  # the kept tokens' log-probs (when asked)
+    top: list[dict[int, float]] = field(default_factory=list)  # and their alternatives
+    offset: int = 0  # a stream's text so far, in characters of the tokens' own texts (logprobs.text_offset)
 
 
 class Front:
@@ -303,6 +307,8 @@ class Front:
             choice.error, choice.ended = event.error, True
             return [], ""
         tokens, text = choice.text.push(event.tokens, final=event.done)
+        choice.logprobs += event.logprobs[: len(tokens)]
+        choice.top += [dict(alternatives) for alternatives in event.top_logprobs[: len(tokens)]]
         if choice.text.stopped and not event.done:  # a stop string: end the sequence here, freeing its KV
             self.metrics.end_at_stop_string(choice.handle)
             self.loop.abort(choice.handle)
@@ -351,16 +357,21 @@ class Front:
         prompt, tokens, seq = plan.prompt_of(choice.index), choice.text.tokens, choice.handle and choice.handle.seq
         logprobs = None
         if body.logprobs is not None:
-            ids = [*prompt.ids, *tokens]
-            try:
-                scores, top = await anyio.to_thread.run_sync(prompt_logprobs, self.loop, ids, body.logprobs)
-            except Exception as exc:  # a full queue, a lost worker, a sequence larger than the KV cache
-                raise api_error(exc, "prompt") from None
-            logprobs = logprobs_of(self.tokenizer, ids, scores, top, 0 if body.echo else len(prompt.ids),
+            unscored = [None] * len(prompt.ids)  # left out of the answer: no echo
+            scores, top = await self._prompt_logprobs(body, plan, prompt.ids) if body.echo else (unscored, unscored)
+            logprobs = logprobs_of(self.tokenizer, [*prompt.ids, *tokens], [*scores, *choice.logprobs],
+                                   [*top, *choice.top], 0 if body.echo else len(prompt.ids),
                                    body.return_tokens_as_token_ids)
         extras = self._extras(body, prompt.ids, tokens, seq.stages_used if seq else [], seq)
         return CompletionChoice(index=choice.index, text=(prompt.text if body.echo else "") + choice.text.text,
                                 logprobs=logprobs, finish_reason=choice.finish_reason, **extras)
+
+    async def _prompt_logprobs(self, body: CompletionRequest, plan: CompletionPlan, ids: tuple[int, ...]):
+        """prompt_logprobs on a worker thread, its failure an API error."""
+        try:
+            return await anyio.to_thread.run_sync(prompt_logprobs, self.loop, list(ids), body.logprobs, plan.mode)
+        except Exception as exc:  # a full queue, a lost worker, a sequence larger than the KV cache
+            raise api_error(exc, "prompt") from None
 
     @staticmethod
     def _extras(body: CompletionRequest, prompt_ids, tokens: list[int], stages_used: list[int], ended_seq) -> dict:
@@ -391,14 +402,22 @@ class Front:
             prompt, first = plan.prompt_of(choice.index), not choice.started
             if first and body.echo:
                 text = prompt.text + text
-            tokens_shown = body.return_token_ids or MODES[body.poe_mode].statistic == "stages_used"  # per token
+            tokens_shown = (body.return_token_ids or body.logprobs is not None  # per token
+                            or MODES[body.poe_mode].statistic == "stages_used")
             if not (text or choice.ended or tokens and tokens_shown):
                 return
+            logprobs = None
+            if body.logprobs is not None:  # the prompt's first (echo), then these tokens'
+                scores, top = prompt_scores[choice.index // plan.n] if first and body.echo else ([], [])
+                ids, kept = [*(prompt.ids if scores else ()), *tokens], len(choice.logprobs) - len(tokens)
+                logprobs = logprobs_of(self.tokenizer, ids, [*scores, *choice.logprobs[kept:]],
+                                       [*top, *choice.top[kept:]], 0, body.return_tokens_as_token_ids, choice.offset)
+                choice.offset += sum(len(self.tokenizer.decode([t])) for t in ids)
             choice.started = True
             ended_seq = choice.handle.seq if choice.ended and choice.handle is not None else None
             extras = self._extras(body, prompt.ids if first else None, tokens, event.stages_used if event else [],
                                   ended_seq)
-            chunk = CompletionChoice(index=choice.index, text=text, logprobs=None,
+            chunk = CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
                                      finish_reason=choice.finish_reason if choice.ended else None, **extras)
             send.send_nowait({"data": Completion(**head, choices=[chunk], usage=None).model_dump_json()})
 
@@ -407,6 +426,8 @@ class Front:
             if choice.error is None:
                 emit(choice, tokens, text, event)
 
+        prompt_scores = [await self._prompt_logprobs(body, plan, p.ids) if body.echo and body.logprobs is not None
+                         else ([], []) for p in plan.prompts]
         async with send:
             for choice in choices:
                 if choice.ended:  # max_tokens=0: the echo alone

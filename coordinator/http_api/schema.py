@@ -16,8 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from coordinator.core.modes import MODES
+from coordinator.core.requests import MAX_LOGPROBS
 
-MAX_LOGPROBS = 20  # alternatives per position (vLLM's default limit; OpenAI's is 5)
 PoEMode = Literal[tuple(MODES)]
 
 

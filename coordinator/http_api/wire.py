@@ -80,6 +80,7 @@ class CompletionPlan:
     n: int  # choices per prompt
     requests: tuple[rq.GenerationRequest | None, ...]  # one per choice, prompt-major; None: max_tokens=0
     stop: tuple[str, ...]  # stop strings
+    mode: rq.Mode
 
     def prompt_of(self, choice: int) -> Prompt:
         return self.prompts[choice // self.n]
@@ -92,8 +93,6 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
             raise BadRequest(field, f"{field}={getattr(body, field)!r} is not supported; allowed: {allowed(field)}")
     if body.stream_options is not None and not body.stream:
         raise BadRequest("stream_options", "stream_options is set without stream=true; allowed: unset")
-    if body.stream and body.logprobs is not None:  # they come from a scoring pass after generation
-        raise BadRequest("logprobs", "logprobs with stream=true is not supported; allowed: unset, or stream=false")
     prompts = _prompts(body.prompt, tokenizer, config)
     if len(prompts) * body.n > max_choices:
         raise BadRequest("n", f"{len(prompts)} prompts x n={body.n} choices is more than the server queues; "
@@ -115,9 +114,9 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
             seeded = sampling  # choice i samples with seed + i, as PoEModel's row i does
             if sampling is not None and sampling.seed is not None:
                 seeded = replace(sampling, seed=sampling.seed + len(requests))
-            requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids, controls)
+            requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids, controls, body.logprobs)
                             if max_new else None)
-    return CompletionPlan(prompts, body.n, tuple(requests), _stop_strings(body.stop))
+    return CompletionPlan(prompts, body.n, tuple(requests), _stop_strings(body.stop), mode)
 
 
 def _prompts(prompt, tokenizer: Tokenizer, config: ModelConfig) -> tuple[Prompt, ...]:
@@ -136,6 +135,14 @@ def _stop_strings(stop) -> tuple[str, ...]:
     if "" in strings:
         raise BadRequest("stop", f"stop has an empty string; allowed: {allowed('stop')}")
     return strings
+
+
+def score_stages(mode: rq.Mode, num_stages: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The stages and weights whose Log-OP scores a prompt's positions (echo): the mode's own
+    for full, prefix, stage and composition; the full PoE for WAND and speculation."""
+    if isinstance(mode, rq.Composition):
+        return mode.stages, mode.weights
+    return tuple(range(num_stages)), (1.0,) * num_stages
 
 
 def mode_of(body: CompletionRequest, config: ModelConfig) -> rq.Mode:
@@ -194,14 +201,15 @@ class ChoiceText:
 
 
 def logprobs_of(tokenizer: Tokenizer, ids: list[int], token_logprobs: list[float | None],
-                top: list[dict[int, float] | None], start: int, as_token_ids: bool) -> Logprobs:
+                top: list[dict[int, float] | None], start: int, as_token_ids: bool, offset: int = 0) -> Logprobs:
     """OpenAI's logprobs object for positions start.. of `ids` (start 0: the prompt too, as echo
     asks). Each position's alternatives also hold the token itself, as OpenAI's API returns them.
-    Offsets are cumulative lengths of the tokens' texts, as vLLM's."""
+    Offsets are cumulative lengths of the tokens' texts, as vLLM's, from `offset` (a stream's
+    earlier chunks' text)."""
     def name(t: int) -> str:
         return f"token_id:{t}" if as_token_ids else tokenizer.decode([t], skip_special_tokens=False)
 
-    tokens, tops, offsets, offset = [], [], [], 0
+    tokens, tops, offsets = [], [], []
     for i in range(start, len(ids)):
         tokens.append(name(ids[i]))
         offsets.append(offset)
