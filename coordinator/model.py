@@ -22,6 +22,7 @@ from coordinator.core.engine_loop import EngineLoop
 from coordinator.core.pipeline import Pipeline
 from coordinator.core.sequence import Sequence
 from coordinator.core.wand import bounds_from_gaps, exit_gaps
+from coordinator.tokenizer import load_tokenizer
 from stage_workers.compute_thread import off_main_thread
 from stage_workers.config import ModelConfig, load_config
 from stage_workers.logop import combine, log_probs, normalize
@@ -54,16 +55,19 @@ class InProcessWorkers:
 
 class PoEModel:
     def __init__(self, config: ModelConfig, backend, engine_config: EngineConfig = EngineConfig(),
-                 autoscaling: dict[int, AutoscalingConfig] | None = None):
+                 autoscaling: dict[int, AutoscalingConfig] | None = None, checkpoint: Path | None = None):
         """`backend`: where the stage workers run (`InProcessWorkers`, or `RayCluster`): its
         `workers` (per stage, one worker or a list of replicas), `transport` (how a step reaches
         them), `scalable`, `busy_seconds`, `scale_stage` and `close`. `autoscaling`: stage -> its policy; those
-        stages' replicas follow their load (coordinator/core/autoscaler.py)."""
+        stages' replicas follow their load (coordinator/core/autoscaler.py). `checkpoint`: its
+        directory, whose tokenizer structured output reads."""
         assert len(backend.workers) == config.num_stages, "one worker (or list of replicas) per stage"
         self.config, self.backend = config, backend
         self.engine = Engine(config, Pipeline(backend.workers, backend.transport), engine_config)
         self.loop = EngineLoop(self.engine)  # the one thread that drives the engine; shared by all callers
         self.autoscaler = Autoscaler(self, autoscaling).start() if autoscaling else None
+        self.checkpoint = checkpoint
+        self._tokenizer = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device=None, kv_cache_tokens: int | None = None,
@@ -84,7 +88,7 @@ class PoEModel:
         # loaded off the main thread, which must not own an OpenMP team (stage_workers/compute_thread.py)
         workers = [[off_main_thread(StageWorker.from_checkpoint, path, spec) for _ in range(n)]
                    for spec, n in zip(specs, replicas)]
-        return cls(config, InProcessWorkers(workers), engine_config)
+        return cls(config, InProcessWorkers(workers), engine_config, checkpoint=Path(path))
 
     @classmethod
     def on_ray(cls, checkpoint: str | Path, config=None, dtype=None, address: str | None = None) -> "PoEModel":
@@ -94,6 +98,16 @@ class PoEModel:
         from coordinator.ray_cluster.cluster import launch  # Ray is imported only with this backend
 
         return launch(cls, checkpoint, config, dtype, address)
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (loaded when first asked for)."""
+        if self._tokenizer is None:
+            if self.checkpoint is None:
+                raise ValueError("structured_outputs needs the model's tokenizer; this model was built without a "
+                                 "checkpoint directory (use from_pretrained or on_ray)")
+            self._tokenizer = load_tokenizer(self.checkpoint)
+        return self._tokenizer
 
     @property
     def workers(self) -> list:
@@ -166,8 +180,22 @@ class PoEModel:
             raise ValueError(f"{unknown[0]} is not an argument; allowed decoding controls: {', '.join(rq.CONTROL_NAMES)}")
         stop_ids = controls.pop("stop_token_ids", None)
         stop = rq.check_stop_ids(self.config, eos_token_id) | rq.check_stop_ids(self.config, stop_ids, "stop_token_ids")
+        structured = self._structured(controls.pop("structured_outputs", None))
         checked = rq.check_controls(self.config, max_new_tokens, **controls)
-        return self.run(rq.build_requests(self.config, input_ids, max_new_tokens, mode, sampling, stop, checked))
+        return self.run(rq.build_requests(self.config, input_ids, max_new_tokens, mode, sampling, stop, checked,
+                                          structured))
+
+    def _structured(self, given: dict | None):
+        """structured_outputs={kind: value} (vLLM's: json, regex, choice or grammar) compiled, or None."""
+        if given is None:
+            return None
+        from coordinator.structured_output import compile_structured, one_kind  # xgrammar: only when asked for
+
+        if not isinstance(given, dict):
+            raise ValueError(f"structured_outputs={given!r} is invalid; allowed: a dict with one of json, regex, "
+                             "choice or grammar")
+        kind = one_kind(given, "structured_outputs", known_only=True)
+        return compile_structured(self.tokenizer, self.config.vocab_size, *kind) if kind else None
 
     @staticmethod
     def _pack(seqs: list[Sequence], pad: int | None) -> torch.Tensor:

@@ -10,7 +10,9 @@ after position q of a sequence whose tokens are t_0..t_q and whose prompt is t_0
 - `logit_bias`: a fixed amount added per token id;
 - `min_tokens` m: while fewer than m tokens are generated (q + 1 - P < m), the stop ids are
   impossible.
-The result is a ranking score: greedy takes its argmax, sampling its softmax after temperature
+A structured request's grammar then leaves only the tokens it allows (`apply_masks`; the
+coordinator keeps the grammar and sends the masks). The result is a ranking score: greedy takes
+its argmax, sampling its softmax after temperature
 (stage_workers/sampling.py). The deciding worker keeps the tokens of every position it has
 computed (`StageState.history`), so nothing but the controls themselves crosses the wire. Pure
 functions; nothing here knows stages, workers or messages.
@@ -59,3 +61,13 @@ def apply_controls(logprobs: torch.Tensor, controls: Controls, history: list[int
         if controls.stop_ids and q + 1 - P < controls.min_tokens:
             row[torch.tensor(controls.stop_ids, device=out.device)] = float("-inf")
     return out
+
+
+def apply_masks(scores: torch.Tensor, masks: tuple[bytes, ...]) -> torch.Tensor:
+    """scores: (n, V); masks: n packed bitmasks of the tokens a grammar allows (xgrammar's layout:
+    bit t % 32 of int32 word t // 32 is token t). (n, V) fp32 with every other token at -inf.
+    Unpacked here rather than by xgrammar, whose import (seconds) would stall a worker's steps."""
+    words = torch.frombuffer(bytearray(b"".join(masks)), dtype=torch.int32).view(len(masks), -1)  # (n, W)
+    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # (n, W, 32)
+    allowed = bits.flatten(1)[:, : scores.shape[-1]].bool().to(scores.device)  # (n, V)
+    return scores.float().masked_fill(~allowed, float("-inf"))

@@ -228,6 +228,9 @@ class SeqStep(NamedTuple):
     # sampled verification, one per draft (its acceptance test) and one for the token after
     uniforms: tuple[float, ...] = ()
     targets: tuple[int, ...] = ()  # "score": the token after each position with logits (-1: none)
+    # structured output: the tokens its grammar allows at each position decided (packed bitmasks,
+    # stage_workers/controls.py apply_masks): one for a token or a draft, k + 1 for a verification
+    masks: tuple[bytes, ...] = ()
 
 
 class StepPlan(NamedTuple):

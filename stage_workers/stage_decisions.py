@@ -17,7 +17,7 @@ from enum import Enum
 import torch
 
 from . import decisions as rules
-from .controls import apply_controls
+from .controls import apply_controls, apply_masks
 from .logop import normalize
 from .messages import Decision, SeqSpec, SeqStep, require
 from .rows import Rows, cat_adjacent
@@ -45,7 +45,7 @@ class StageDecider:
         k, last = self.stage, self.num_stages - 1
         picked, last_rows, divisors, thresholds = [], [], [], []
         for (s, spec), rows in zip(work, outs):
-            if rows.num_acc == 0 or s.action != "decide" or spec.controls is not None or spec.logprobs is not None:
+            if rows.num_acc == 0 or s.action != "decide" or spec.controls or spec.logprobs is not None or s.masks:
                 continue
             if spec.rule == "wand" or (spec.rule == "sample" and spec.sampling is None and k == s.depth):
                 picked.append(s.seq_id)
@@ -79,7 +79,7 @@ class StageDecider:
             return Onward.PARK
         if spec.rule == "wand" and s.action == "decide":  # with controls: the margin of the controlled scores
             raw = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
-            scores = self._controlled(spec, rows, raw)
+            scores = self._controlled(s, spec, rows, raw)
             threshold = -math.inf if k == last else spec.exit_thresholds[k]
             if not rules.wand_exits(scores, torch.tensor([threshold], device=scores.device))[0]:
                 return Onward.CONTINUE
@@ -89,7 +89,7 @@ class StageDecider:
             return Onward.CONTINUE
         if spec.rule == "sample":  # a sampled token, or a greedy one under controls
             raw = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
-            score = self._controlled(spec, rows, raw)[0] if spec.controls else normalize(raw)[0]  # (V,)
+            score = self._controlled(s, spec, rows, raw)[0] if spec.controls or s.masks else normalize(raw)[0]  # (V,)
             token = int(score.argmax()) if spec.sampling is None else sample(score, spec.sampling, s.uniforms[0])
             decisions.append(self._decision(s, spec, raw, [token]))
             return Onward.FINAL
@@ -115,14 +115,14 @@ class StageDecider:
         kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
         rows = kept if held is None else held.then(kept)
         raw = rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha)  # (k+1, V)
-        scores = self._controlled(spec, rows, raw)
+        scores = self._controlled(s, spec, rows, raw)
         drafts = rows.token_ids[len(rows) - scores.shape[0] + 1 :].tolist()
         if spec.sampling is None:
             targets = scores.argmax(dim=-1).tolist()
             accepted = rules.verify_drafts(targets, drafts)
             token = targets[accepted]
         else:
-            p = probabilities(scores if spec.controls else normalize(scores), spec.sampling)  # (k+1, V)
+            p = probabilities(scores if spec.controls or s.masks else normalize(scores), spec.sampling)  # (k+1, V)
             q = self.drafted.pop(s.seq_id, p[:0])  # (k, V); none when the round had no room for a draft
             require(q.shape[0] == len(drafts), f"sequence {s.seq_id}: {q.shape[0]} draft distributions for "
                                                 f"{len(drafts)} drafts")
@@ -142,7 +142,7 @@ class StageDecider:
     def _draft(self, s: SeqStep, spec: SeqSpec, rows: Rows, own: torch.Tensor) -> int:
         """own: (1, V) this stage's log-probs at the last position -> the draft: its argmax, or a
         draw whose distribution q waits for the verifier (StageState.drafted)."""
-        scores = self._controlled(spec, rows, own)
+        scores = self._controlled(s, spec, rows, own)
         if spec.sampling is None:
             return int(scores[0].argmax())
         q = probabilities(scores, spec.sampling)  # (1, V)
@@ -150,11 +150,16 @@ class StageDecider:
         self.drafted[s.seq_id] = q if held is None else torch.cat([held, q])
         return draw(q[0], s.uniforms[0])
 
-    def _controlled(self, spec: SeqSpec, rows: Rows, scores: torch.Tensor) -> torch.Tensor:
+    def _controlled(self, s: SeqStep, spec: SeqSpec, rows: Rows, scores: torch.Tensor) -> torch.Tensor:
         """scores: (n, V) for the token after each of the last n positions of `rows` -> the
-        normalized log-probs with the sequence's decoding controls applied (as they are, without)."""
-        if spec.controls is None:
-            return scores
-        first = rows.start + len(rows) - scores.shape[0]
-        positions = list(range(first, rows.start + len(rows)))
-        return apply_controls(normalize(scores), spec.controls, self.history.get(spec.seq_id, []), positions)
+        normalized log-probs with the sequence's decoding controls applied, then its grammar's
+        masks (as they are, without either)."""
+        if spec.controls is not None:
+            first = rows.start + len(rows) - scores.shape[0]
+            positions = list(range(first, rows.start + len(rows)))
+            scores = apply_controls(normalize(scores), spec.controls, self.history.get(spec.seq_id, []), positions)
+        if s.masks:
+            require(len(s.masks) == scores.shape[0], f"sequence {s.seq_id}: {len(s.masks)} grammar masks for "
+                                                     f"{scores.shape[0]} positions")
+            scores = apply_masks(normalize(scores) if spec.controls is None else scores, s.masks)
+        return scores

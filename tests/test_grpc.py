@@ -77,6 +77,15 @@ def test_logprobs_come_with_each_token_whole_and_streamed(client, mode):
     assert not client.generate(token_ids=ids, max_new_tokens=2, **MODES[mode][0]).logprobs, "only when asked"
 
 
+def test_structured_output_gives_the_in_process_models_tokens(client, reference):
+    ids = prompt_ids(seed=56, length=12)
+    for given in ({"choice": ["left", "right"]}, {"json": {"type": "object"}}, {"regex": "[0-9]{2}"}):
+        reply = client.generate(token_ids=ids, max_new_tokens=24, structured_outputs=given)
+        assert list(reply.token_ids) == new_tokens(reference, "full", ids, 24, structured_outputs=given)
+    reply = client.generate(token_ids=ids, max_new_tokens=24, structured_outputs={"choice": ["left", "right"]})
+    assert reply.text in ("left", "right") and reply.finish_reason == "stop"
+
+
 def test_prompt_text_gets_bos_and_stop_tokens_stop(client, reference, tokenizer):
     tok = tokenizer
     text = "def add(a, b):\n    return a + b\n"

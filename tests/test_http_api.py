@@ -380,6 +380,31 @@ def test_decoding_controls_give_the_in_process_models_tokens(client, reference, 
         assert tokens != new_tokens(reference, mode, ids, 9), "the controls changed the tokens"
 
 
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                          "s": {"enum": ["on", "off"]}}, "required": ["n", "s"]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_structured_output_gives_the_in_process_models_tokens(client, reference, tokenizer, stream):
+    ids = prompt_ids(seed=55, length=12)
+    cases = [({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}},
+              {"json": SCHEMA}, "full"),
+             ({"response_format": {"type": "json_object"}}, {"json": {"type": "object"}}, "speculative"),
+             ({"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}}, {"regex": "[a-c]{3}-[0-9]{2}"}, "wand"),
+             ({"structured_outputs": {"choice": ["red", "green"]}}, {"choice": ["red", "green"]}, "prefix")]
+    for http_fields, python, mode in cases:  # completions take both as extra fields, as vLLM's do
+        extra = {**mode_fields(mode), "return_token_ids": True, **http_fields}
+        temperature = extra.pop("temperature", None)
+        reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=40, stream=stream, extra_body=extra,
+                                          **({} if temperature is None else {"temperature": temperature}))
+        tokens = [t for chunk in reply for t in chunk.choices[0].token_ids or []] if stream \
+            else reply.choices[0].token_ids
+        assert tokens == new_tokens(reference, mode, ids, 40, structured_outputs=python), mode
+        if tokens[-1] == tokenizer.bos_token_id:  # ended: the grammar was complete
+            text = tokenizer.decode(tokens)
+            assert json.loads(text) if "json" in python else text in python.get("choice", [text])
+
+
 def test_stop_token_ids_end_the_choice_with_the_token(client, reference):
     ids = prompt_ids(seed=34)
     tokens = new_tokens(reference, "full", ids, 10)
@@ -399,6 +424,11 @@ def http_body(message: pb.GenerateRequest) -> dict:
     fields = {"prompt": None if which is None else message.prompt if which == "prompt" else list(message.token_ids.ids),
               "max_tokens": message.max_new_tokens or None, "stop_token_ids": list(message.stop_token_ids) or None,
               "logprobs": message.logprobs if message.HasField("logprobs") else None}
+    if message.HasField("structured_outputs"):
+        so = message.structured_outputs
+        fields["structured_outputs"] = {k: getattr(so, k) for k in ("json", "regex", "grammar") if so.HasField(k)}
+        if so.choice:
+            fields["structured_outputs"]["choice"] = list(so.choice)
     if mode == "prefix":
         fields.update(max_stages=message.prefix.max_stages)
     elif mode == "stage":
@@ -481,6 +511,14 @@ HTTP_ONLY = [
     ("min_tokens a float", body(min_tokens=1.5), "min_tokens"),
     ("min_tokens above max_tokens", body(min_tokens=3), "min_tokens"),
     ("suffix set", body(suffix="end"), "suffix"),
+    ("response_format json_schema invalid", body(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectx"}}}), "response_format"),
+    ("response_format json_schema without it", body(response_format={"type": "json_schema"}), "response_format"),
+    ("response_format unknown type", body(response_format={"type": "yaml"}), "response_format"),
+    ("structured_outputs choice empty", body(structured_outputs={"choice": []}), "structured_outputs"),
+    ("structured_outputs unknown kind", body(structured_outputs={"xml": "a"}), "structured_outputs"),
+    ("response_format and structured_outputs", body(response_format={"type": "json_object"},
+                                                    structured_outputs={"regex": "a+"}), "response_format"),
 ]
 BAD = FROM_GRPC + HTTP_ONLY
 

@@ -7,6 +7,8 @@ uses them) and returns the response message. It knows the wire format, not the m
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -20,7 +22,8 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
                   top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
                   min_p: float | None = None, repetition_penalty: float | None = None, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                  logprobs: int | None = None, **mode_args) -> pb.GenerateRequest:
+                  logprobs: int | None = None, structured_outputs: dict | None = None,
+                  **mode_args) -> pb.GenerateRequest:
     """`mode_args`: the mode's arguments by name (coordinator/core/modes.py MODES: max_stages,
     stage, stages, stage_weights, safety, p99_bounds, draft_stage, k_draft); None is unset."""
     if mode not in MODES:
@@ -35,6 +38,16 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
         request.controls.CopyFrom(controls)
     if logprobs is not None:
         request.logprobs = logprobs
+    if structured_outputs is not None:  # {kind: value}, as PoEModel takes it; a json schema may be a dict
+        so = request.structured_outputs
+        so.SetInParent()
+        for kind, value in structured_outputs.items():
+            if kind == "choice":
+                so.choice.extend(value)
+            elif kind == "json_object":
+                so.json_object = bool(value)
+            else:
+                setattr(so, kind, value if isinstance(value, str) else json.dumps(value))
     if token_ids is not None:
         request.token_ids.ids.extend(token_ids)
     else:

@@ -43,6 +43,20 @@ def _controls(seq: Sequence) -> Controls | None:
     return controls._replace(stop_ids=tuple(sorted(seq.request.stop_token_ids)), prompt_len=seq.num_prompt)
 
 
+def _grammar(request: rq.GenerationRequest):
+    """A structured request's grammar state (coordinator/structured_output.py), else None."""
+    return None if request.structured is None else request.structured.state()
+
+
+def _mask(grammar) -> tuple[bytes, ...]:
+    return () if grammar is None else (grammar.mask(),)
+
+
+def _accept(grammar, tokens: list[int]) -> None:
+    if grammar is not None:
+        grammar.accept(tokens)
+
+
 def _weights(stages: tuple[int, ...], weights: tuple[float, ...], num_stages: int) -> tuple[float, ...]:
     """Per stage: its weight in the combination, 0 for stages left out."""
     out = [0.0] * num_stages
@@ -58,6 +72,7 @@ class CompositionDecoder:
         self.mode, self.num_stages, self.alpha, self.sampling = request.mode, num_stages, alpha, request.sampling
         self.generator = make_generator(self.sampling.seed) if self.sampling else None
         self.uniform: float | None = None  # the next token's draw, kept until a step commits that token
+        self.grammar = _grammar(request)
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         weights = _weights(self.mode.stages, self.mode.weights, self.num_stages)
@@ -68,13 +83,13 @@ class CompositionDecoder:
         if self.sampling is not None and self.uniform is None:
             self.uniform = draw_uniform(self.generator)
         return SeqPlan(seq.num_unfed, max(self.mode.stages), len(seq.tokens) - 1,
-                       uniforms=() if self.uniform is None else (self.uniform,))
+                       uniforms=() if self.uniform is None else (self.uniform,), masks=_mask(self.grammar))
 
     def reset(self) -> None:
         """After a rebuild: nothing to forget (the draw stays with the token it is for)."""
 
     def update(self, seq: Sequence, outcome: Outcome) -> None:
-        seq.commit([outcome.decision.token], outcome.decision)
+        _accept(self.grammar, seq.commit([outcome.decision.token], outcome.decision))
         self.uniform = None
 
 
@@ -83,6 +98,7 @@ class WandDecoder:
 
     def __init__(self, request: rq.GenerationRequest, num_stages: int, alpha: float):
         self.mode, self.num_stages, self.alpha = request.mode, num_stages, alpha
+        self.grammar = _grammar(request)
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
         thresholds = tuple(wand_threshold(bound, self.mode.safety) for bound in self.mode.bounds)
@@ -90,13 +106,13 @@ class WandDecoder:
                        controls=_controls(seq), logprobs=seq.request.logprobs)
 
     def plan(self, seq: Sequence) -> SeqPlan:
-        return SeqPlan(seq.num_unfed, self.num_stages - 1, len(seq.tokens) - 1)
+        return SeqPlan(seq.num_unfed, self.num_stages - 1, len(seq.tokens) - 1, masks=_mask(self.grammar))
 
     def reset(self) -> None:
         """After a rebuild: nothing pending."""
 
     def update(self, seq: Sequence, outcome: Outcome) -> None:
-        seq.commit([outcome.decision.token], outcome.decision)
+        _accept(self.grammar, seq.commit([outcome.decision.token], outcome.decision))
         seq.stages_used.append(outcome.decision.stage)
 
 
@@ -117,6 +133,7 @@ class SpeculativeDecoder:
         self.d, self.k, self.num_stages, self.alpha = mode.draft_stage, mode.k_draft, num_stages, alpha
         self.sampling = request.sampling
         self.generator = make_generator(self.sampling.seed) if self.sampling else None
+        self.grammar = _grammar(request)  # through the drafts proposed so far
         self._new_round()
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
@@ -125,6 +142,8 @@ class SpeculativeDecoder:
 
     def reset(self) -> None:
         """After a rebuild: the round starts again, with the draws it had."""
+        if self.grammar is not None:
+            self.grammar.rollback(len(self.drafts))
         self.k_round, self.drafts = None, []
 
     def _new_round(self) -> None:
@@ -146,9 +165,22 @@ class SpeculativeDecoder:
             remaining = seq.request.max_new_tokens - (seq.num_committed - seq.num_prompt)
             self.k_round = min(self.k, remaining - 1)
         if len(self.drafts) < self.k_round:
-            return SeqPlan(seq.num_unfed, self.d, len(seq.tokens) - 1, action="draft", uniforms=self._uniforms(1))
+            return SeqPlan(seq.num_unfed, self.d, len(seq.tokens) - 1, action="draft", uniforms=self._uniforms(1),
+                           masks=_mask(self.grammar))
         return SeqPlan(seq.num_unfed, self.num_stages - 1, seq.num_committed - 1,  # the last committed + drafts
-                       uniforms=self._uniforms(self.k_round + 1))
+                       uniforms=self._uniforms(self.k_round + 1), masks=self._verify_masks())
+
+    def _verify_masks(self) -> tuple[bytes, ...]:
+        """The grammar's masks at the last committed position and after each draft."""
+        if self.grammar is None:
+            return ()
+        self.grammar.rollback(len(self.drafts))
+        masks = []
+        for draft in [*self.drafts, None]:
+            masks.append(self.grammar.mask())
+            if draft is not None:
+                self.grammar.accept([draft])
+        return tuple(masks)
 
     def update(self, seq: Sequence, outcome: Outcome) -> int | None:
         """Returns the length to roll every stage back to after a verification, else None."""
@@ -156,12 +188,15 @@ class SpeculativeDecoder:
         if len(self.drafts) < self.k_round:
             self.drafts.append(decision.token)
             seq.tokens.append(decision.token)
+            _accept(self.grammar, [decision.token])
             return None
         accepted = decision.accepted
         seq.num_proposed += self.k_round
         seq.num_accepted += accepted
         keep = seq.num_committed + accepted  # positions 0..keep-1 hold committed tokens
-        seq.commit(self.drafts[:accepted] + [decision.token], decision)
+        if self.grammar is not None:
+            self.grammar.rollback(len(self.drafts) - accepted)
+        _accept(self.grammar, seq.commit(self.drafts[:accepted] + [decision.token], decision)[accepted:])
         self._new_round()
         return keep
 

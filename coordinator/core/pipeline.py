@@ -41,6 +41,7 @@ class SeqPlan:
     action: str = "decide"  # "decide" | "draft" (speculative) | "none" (a prompt chunk: nothing decided)
     uniforms: tuple[float, ...] = ()  # a sampled choice's draws (SeqStep.uniforms)
     targets: tuple[int, ...] = ()  # Score: the token after each fed position (-1: none)
+    masks: tuple[bytes, ...] = ()  # structured output: allowed tokens at each position decided (SeqStep.masks)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Pipeline:
         start = seq.num_computed[0]
         return SeqStep(seq.seq_id, start, tuple(seq.tokens[start : start + plan.num_feed]),
                        seq.tokens[start - 1] if start else -1, plan.depth, plan.logits_from, plan.action,
-                       plan.uniforms, plan.targets)
+                       plan.uniforms, plan.targets, plan.masks)
 
     def _participants(self, batches) -> set[int]:
         """Every worker with a part in the step (the ones a stuck step may be waiting for)."""

@@ -67,6 +67,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     controls: Controls | None = None  # penalties, bias, min_tokens (its prompt_len and stop_ids unset); None: none
     logprobs: int | None = None  # each new token's log-prob and this many alternatives; None: none
+    structured: object = None  # a StructuredOutput (coordinator/structured_output.py): its grammar; None: free
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def check_sampling(do_sample: bool, temperature, top_k, top_p, seed, switch: str
 
 
 CONTROL_NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
-                 "stop_token_ids")  # the decoding controls every generate method takes by keyword
+                 "stop_token_ids", "structured_outputs")  # the decoding controls every generate method takes by keyword
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; larger biases are clamped to it
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2..2
 
@@ -283,8 +284,11 @@ def speculative_mode(config: ModelConfig, draft_stage, k_draft) -> Speculative:
 
 
 def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, sampling=None, stop_ids=frozenset(),
-                   controls: Controls | None = None):
-    """One request per prompt row; each row is independent. Row r samples with seed + r."""
+                   controls: Controls | None = None, structured=None):
+    """One request per prompt row; each row is independent. Row r samples with seed + r. A
+    structured request also stops at its grammar's end token."""
+    if structured is not None:
+        stop_ids = stop_ids | {structured.end_token_id}
     rows = check_prompts(config, input_ids)
     for row in rows:
         check_max_new_tokens(config, len(row), max_new_tokens)
@@ -293,5 +297,6 @@ def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, s
         row_sampling = sampling
         if sampling is not None and sampling.seed is not None:
             row_sampling = replace(sampling, seed=sampling.seed + r)
-        requests.append(GenerationRequest(tuple(row), max_new_tokens, mode, row_sampling, stop_ids, controls))
+        requests.append(GenerationRequest(tuple(row), max_new_tokens, mode, row_sampling, stop_ids, controls,
+                                          structured=structured))
     return requests

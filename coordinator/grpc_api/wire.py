@@ -144,11 +144,33 @@ def generation_request(message: pb.GenerateRequest, tokenizer: Tokenizer, config
     rq.check_max_new_tokens(config, len(ids), max_new)
     mode = mode_of(message, config)
     stop = rq.check_stop_ids(config, list(message.stop_token_ids), name="stop_token_ids")
+    structured = structured_of(message, tokenizer, config)
+    if structured is not None:
+        stop = stop | {structured.end_token_id}
     logprobs = message.logprobs if message.HasField("logprobs") else None
     if logprobs is not None and logprobs > rq.MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid; allowed: 0..{rq.MAX_LOGPROBS} alternatives per token")
     return rq.GenerationRequest(tuple(ids), max_new, mode, sampling_of(message, mode), stop,
-                                controls_of(message, config, max_new), logprobs)
+                                controls_of(message, config, max_new), logprobs, structured)
+
+
+def structured_of(message: pb.GenerateRequest, tokenizer: Tokenizer, config: ModelConfig):
+    """`structured_outputs` compiled, or None when unset."""
+    if not message.HasField("structured_outputs"):
+        return None
+    from coordinator.structured_output import compile_structured, one_kind  # xgrammar: only when asked for
+
+    so = message.structured_outputs
+    given = {"json": so.json if so.HasField("json") else '{"type": "object"}' if so.json_object else None,
+             "regex": so.regex if so.HasField("regex") else None, "choice": list(so.choice) or None,
+             "grammar": so.grammar if so.HasField("grammar") else None}
+    if so.json_object and so.HasField("json"):
+        raise ValueError("structured_outputs sets json and json_object; allowed: exactly one kind")
+    kind = one_kind(given, "structured_outputs")
+    if kind is None:
+        raise ValueError("structured_outputs is set but empty; allowed: one of json, json_object, regex, choice, "
+                         "grammar")
+    return compile_structured(tokenizer, config.vocab_size, *kind)
 
 
 def token_logprobs(tokens: list[int], logprobs: list[float], top: list) -> list[pb.TokenLogprob]:

@@ -36,6 +36,30 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = Field(None, description="accepted and ignored (OpenAI's padding of chunks)")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field("response", description="a name (ignored)")
+    description: str | None = Field(None, description="a description (ignored)")
+    schema_: dict = Field(alias="schema", description="a JSON schema object")
+    strict: bool | None = Field(None, description="true or false (the output always follows the schema)")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema")
+    json_schema: JsonSchemaFormat | None = Field(None, description="{name, schema, strict}, with type json_schema")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one kind."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_: dict | str | None = Field(None, alias="json", description="a JSON schema (an object or its JSON text)")
+    regex: str | None = Field(None, description="a regular expression")
+    choice: list[str] | None = Field(None, description="a non-empty list of strings")
+    grammar: str | None = Field(None, description="an EBNF grammar")
+
+
 class _OpenAICompletion(BaseModel):
     # Each description ends an error message about its field: "allowed: <description>".
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -70,6 +94,9 @@ class _OpenAICompletion(BaseModel):
     # OpenAI fields with no meaning here: accepted only at their neutral values
     best_of: int | None = Field(None, description="1 (or unset); more is not supported")
     suffix: str | None = Field(None, description="unset; suffixes are not supported")
+    response_format: ResponseFormat | None = Field(None, description="{type: text | json_object | json_schema, "
+                                                                     "json_schema: {name, schema}}")
+    structured_outputs: StructuredOutputs | None = Field(None, description="one of {json, regex, choice, grammar}")
     poe_mode: PoEMode = Field("full", description=", ".join(MODES))  # PoE modes: extra body fields, as vLLM's
 
 

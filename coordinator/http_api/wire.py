@@ -103,6 +103,9 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
     max_new = wire.DEFAULT_MAX_NEW_TOKENS if body.max_tokens is None else body.max_tokens
     controls = checked("logit_bias", rq.check_controls, config, max_new, *(getattr(body, f) for f in CONTROL_FIELDS),
                        also=CONTROL_FIELDS)
+    structured = structured_of(body, tokenizer, config)
+    if structured is not None:
+        stop_ids = stop_ids | {structured.end_token_id}
     requests = []
     for prompt in prompts:
         if max_new:
@@ -114,8 +117,8 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
             seeded = sampling  # choice i samples with seed + i, as PoEModel's row i does
             if sampling is not None and sampling.seed is not None:
                 seeded = replace(sampling, seed=sampling.seed + len(requests))
-            requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids, controls, body.logprobs)
-                            if max_new else None)
+            requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids, controls, body.logprobs,
+                                                 structured) if max_new else None)
     return CompletionPlan(prompts, body.n, tuple(requests), _stop_strings(body.stop), mode)
 
 
@@ -135,6 +138,29 @@ def _stop_strings(stop) -> tuple[str, ...]:
     if "" in strings:
         raise BadRequest("stop", f"stop has an empty string; allowed: {allowed('stop')}")
     return strings
+
+
+def structured_of(body: CompletionRequest, tokenizer: Tokenizer, config: ModelConfig):
+    """`structured_outputs` (vLLM's) or `response_format` (OpenAI's), compiled; None for neither (or
+    response_format text). Both at once, or two kinds, is a BadRequest."""
+    given, field = {}, "structured_outputs"
+    if body.structured_outputs is not None:
+        given = {k: v for k, v in body.structured_outputs.model_dump(by_alias=True).items() if v is not None}
+        if not given:
+            raise BadRequest(field, "structured_outputs is set but empty; allowed: one of json, regex, choice, grammar")
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        if given:
+            raise BadRequest("response_format", "response_format and structured_outputs are both set; allowed: one")
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise BadRequest("response_format", "response_format type json_schema needs json_schema: {name, schema}")
+        given, field = {"json": fmt.json_schema.schema_ if fmt.json_schema else {"type": "object"}}, "response_format"
+    if not given:
+        return None
+    from coordinator.structured_output import compile_structured, one_kind  # xgrammar: only when asked for
+
+    kind = checked(field, one_kind, given, field)
+    return checked(field, compile_structured, tokenizer, config.vocab_size, *kind, field)
 
 
 def score_stages(mode: rq.Mode, num_stages: int) -> tuple[tuple[int, ...], tuple[float, ...]]:

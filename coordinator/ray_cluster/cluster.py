@@ -358,7 +358,7 @@ def launch(model_class, checkpoint: str | Path, config: str | Path | ServingConf
         cluster = RayCluster(serving, checkpoint, model_config.num_stages, dtype, owns_ray, group, replicas, transport)
         scaled = {k: serving.placement(k).autoscaling for k in range(model_config.num_stages)
                   if serving.placement(k).autoscaling is not None}
-        return model_class(model_config, cluster, serving.engine, scaled)
+        return model_class(model_config, cluster, serving.engine, scaled, checkpoint=Path(checkpoint))
     except BaseException as exc:  # a worker that failed to start, or an interrupt: release what started
         if transport is not None:
             transport.close()
