@@ -9,7 +9,7 @@ from tools.cli import main
 def test_demo_prints_every_mode_with_stages_used_and_acceptance(ray_session, capsys):
     main(["demo", "--max-new-tokens", "6"])
     out = capsys.readouterr().out
-    for mode in (*MODES, "full, sampled"):
+    for mode in (*MODES, "full, sampled", "full, JSON schema", "speculative, sampled"):
         assert f"| {mode}" in out, f"no row for {mode}:\n{out}"
     wand_row = next(line for line in out.splitlines() if line.startswith("| wand"))
     stages_used = wand_row.split("|")[3].split()

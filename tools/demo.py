@@ -18,11 +18,15 @@ DEMO_PROMPT = "def fibonacci(n):\n"
 
 
 CARD_SAMPLING = dict(temperature=0.8, top_p=0.95, seed=0)  # the model card's sampling example
+DEMO_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                                "args": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                                         "maxItems": 3}},
+               "required": ["name", "args"]}  # structured output: what the prompt's function is called and takes
 
 
 def demo_calls(num_stages: int) -> list[tuple[str, dict]]:
-    """(label, client arguments): each mode of the table with its example arguments, and the full
-    model sampled as the model card does."""
+    """(label, client arguments): each mode of the table with its example arguments, the full
+    model sampled as the model card does, speculative sampling, and a JSON schema's output."""
     calls = []
     for info in MODES.values():
         example = info.example(num_stages)
@@ -30,6 +34,9 @@ def demo_calls(num_stages: int) -> list[tuple[str, dict]]:
         calls.append((f"{info.name} ({shown})" if shown else info.name, dict(mode=info.name, **example)))
         if info.name == "full":
             calls.append(("full, sampled", dict(mode="full", **CARD_SAMPLING)))
+            calls.append(("full, JSON schema", dict(mode="full", structured_outputs={"json": DEMO_SCHEMA})))
+        if info.name == "speculative":
+            calls.append(("speculative, sampled", dict(mode="speculative", **example, **CARD_SAMPLING)))
     return calls
 
 
