@@ -12,10 +12,10 @@ after position q of a sequence whose tokens are t_0..t_q and whose prompt is t_0
   impossible.
 A structured request's grammar then leaves only the tokens it allows (`apply_masks`; the
 coordinator keeps the grammar and sends the masks). The result is a ranking score: greedy takes
-its argmax, sampling its softmax after temperature
-(stage_workers/sampling.py). The deciding worker keeps the tokens of every position it has
-computed (`StageState.history`), so nothing but the controls themselves crosses the wire. Pure
-functions; nothing here knows stages, workers or messages.
+its argmax, sampling its softmax after temperature (stage_workers/sampling.py). The deciding
+worker keeps the tokens of every position it has computed (`StageState.history`), so nothing but
+the controls themselves crosses the wire. Pure functions; nothing here knows stages, workers or
+messages.
 """
 
 from __future__ import annotations

@@ -49,12 +49,16 @@ def messages():
     specs = (SeqSpec(3, "sample", (0, 4), (1.0, 0.5), 0.25, SamplingParams(0.8, 5, 0.9, 7, 0.05),
                      controls=Controls(1.2, 0.5, 0.25, ((4, -2.0), (7, 100.0)), 3, (9,), 12)),
              SeqSpec(4, "wand", (0, 1), (1.0, 1.0), 0.0, exit_thresholds=(0.5, math.inf)),
-             SeqSpec(5, "score", (0,), (1.0,), 0.0, top_n=2))
-    steps = ((SeqStep(3, 7, (11,), 10, 1, 7, "decide", 0.25),), (SeqStep(5, 0, (1, 2, 3), -1, 0, 0, targets=(2, 3, -1)),))
+             SeqSpec(5, "score", (0,), (1.0,), 0.0, top_n=2),
+             SeqSpec(6, "speculative", (0, 1), (1.0, 1.0), 0.0, SamplingParams(0.8), draft_stage=0, logprobs=3))
+    steps = ((SeqStep(3, 7, (11,), 10, 1, 7, "decide", (0.25,), masks=(b"\xff" * 8,)),),
+             (SeqStep(5, 0, (1, 2, 3), -1, 0, 0, targets=(2, 3, -1)), SeqStep(4, 3, (9,), 8, 1, 2, "decide", (0.5, 0.75))))
     return [
         Boundary(9, 1, (Handoff(3, 4, 2, 1, False), Handoff(4, 0, 3, 0, True)), torch.arange(5), trunk,
                  torch.randn(1, 11)),
         Boundary(9, 0, (), torch.empty(0, dtype=torch.long), None, None),
+        Boundary(3, 0, (Handoff(6, 7, 2, 2, True, 2),), torch.arange(2), trunk.select(slice(0, 2)),
+                 torch.randn(2, 11), torch.rand(2, 11)),
         Boundary(2, 0, (Handoff(1, 0, 2, 0, False),), torch.arange(2),
                  TrunkState(torch.randn(2, 4).half(), torch.randn(2, 4).half(), None), None),
         StepPlan(12, 3, (1, 2), ((3, 9),), specs, steps, (10, 11)),
