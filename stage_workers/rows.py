@@ -141,13 +141,15 @@ def drafted_by_sequence(message: Boundary) -> dict[int, torch.Tensor]:
 def boundary_of(step: int, index: int, items: list[tuple[int, Rows, bool]],
                 drafted: dict[int, torch.Tensor] | None = None) -> Boundary:
     """`drafted`: seq_id -> (n, V) sampled drafts' distributions going along with its rows."""
-    drafted = drafted or {}
-    handoffs = tuple(Handoff(seq_id, rows.start, len(rows), rows.num_acc, park,
-                             drafted[seq_id].shape[0] if seq_id in drafted else 0) for seq_id, rows, park in items)
+    if drafted:
+        handoffs = tuple(Handoff(seq_id, rows.start, len(rows), rows.num_acc, park,
+                                 drafted[seq_id].shape[0] if seq_id in drafted else 0) for seq_id, rows, park in items)
+    else:
+        handoffs = tuple(Handoff(seq_id, rows.start, len(rows), rows.num_acc, park) for seq_id, rows, park in items)
     if not items:
         return Boundary(step, index, handoffs, torch.empty(0, dtype=torch.long), None, None)
     block = concat_rows([rows for _, rows, _ in items])  # the computed batch itself when everything goes on together
-    q = [drafted[h.seq_id] for h in handoffs if h.num_drafted]
+    q = [drafted[h.seq_id] for h in handoffs if h.num_drafted] if drafted else None
     return Boundary(step, index, handoffs, block.token_ids, block.trunk, block.acc, torch.cat(q) if q else None)
 
 

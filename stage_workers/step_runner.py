@@ -128,9 +128,10 @@ class StageRunner:
             trunk=packed.trunk if k else None,  # (N, C)
         )
         result = self.worker.extend(batch)
+        history = self.state.history
         for s, rows in work:
             computed[s.seq_id] = rows.start + len(rows)
-            if s.seq_id in self.state.history:
+            if history and s.seq_id in history:
                 self.state.record(s.seq_id, rows.start, rows.token_ids.tolist())
         logprobs = None if result.logits is None else log_probs(result.logits)  # (M, V)
         outs = self._accumulate(work, logit_counts, logprobs, packed, Block(packed.token_ids, result.trunk, None))
@@ -188,8 +189,9 @@ class StageRunner:
         arrived, drafted = {}, self.state.drafted
         for message in self.neighbours.receive(plan.step, index, sources):
             arrived.update(rows_by_sequence(message))
-            for seq_id, q in drafted_by_sequence(message).items():  # a received view: kept as a copy
-                drafted[seq_id] = q.clone() if seq_id not in drafted else torch.cat([drafted[seq_id], q])
+            if message.drafted is not None:  # speculative sampling; a received view: kept as a copy
+                for seq_id, q in drafted_by_sequence(message).items():
+                    drafted[seq_id] = q.clone() if seq_id not in drafted else torch.cat([drafted[seq_id], q])
         return arrived
 
     def _send(self, plan: StepPlan, index: int, steps: list[SeqStep], onward) -> None:
@@ -202,7 +204,8 @@ class StageRunner:
                 out.setdefault(spec.homes[k + 1], [])
         for s, rows, park in onward:
             out[specs[s.seq_id].homes[k + 1]].append((s.seq_id, rows, park))
-        drafted = {s.seq_id: self.state.drafted.pop(s.seq_id) for s, _, _ in onward if s.seq_id in self.state.drafted}
+        held = self.state.drafted  # sampled drafts' q go along with their rows
+        drafted = {s.seq_id: held.pop(s.seq_id) for s, _, _ in onward if s.seq_id in held} if held else None
         self.neighbours.send(plan, {dst: boundary_of(plan.step, index, items, drafted) for dst, items in out.items()})
 
 
