@@ -54,12 +54,11 @@ def apply_controls(logprobs: torch.Tensor, controls: Controls, history: list[int
         if controls.presence_penalty or controls.frequency_penalty:
             counts = torch.bincount(torch.tensor(seen[P:], dtype=torch.long), minlength=V).to(out.device).float()
             row -= controls.frequency_penalty * counts + controls.presence_penalty * (counts > 0).float()
+        if controls.stop_ids and q + 1 - P < controls.min_tokens:  # -inf stays -inf under the bias
+            row[torch.tensor(controls.stop_ids, device=out.device)] = float("-inf")
     if controls.logit_bias:
         ids, bias = zip(*controls.logit_bias)
         out[:, torch.tensor(ids, device=out.device)] += torch.tensor(bias, device=out.device)  # (n, len(ids))
-    for row, q in zip(out, positions):
-        if controls.stop_ids and q + 1 - P < controls.min_tokens:
-            row[torch.tensor(controls.stop_ids, device=out.device)] = float("-inf")
     return out
 
 

@@ -89,7 +89,7 @@ class StageDecider:
             return Onward.CONTINUE
         if spec.rule == "sample":  # a sampled token, or a greedy one under controls
             raw = rows.acc[-1:] / rules.divisor(spec.weights, k, spec.alpha)  # (1, V)
-            score = self._controlled(s, spec, rows, raw)[0] if spec.controls or s.masks else normalize(raw)[0]  # (V,)
+            score = self._controlled(s, spec, rows, raw, normalized=True)[0]  # (V,)
             token = int(score.argmax()) if spec.sampling is None else sample(score, spec.sampling, s.uniforms[0])
             decisions.append(self._decision(s, spec, raw, [token]))
             return Onward.FINAL
@@ -115,14 +115,14 @@ class StageDecider:
         kept = Rows.of(rows.start, rows.token_ids, None, rows.acc)
         rows = kept if held is None else held.then(kept)
         raw = rows.acc / rules.divisor(spec.weights, self.stage, spec.alpha)  # (k+1, V)
-        scores = self._controlled(s, spec, rows, raw)
+        scores = self._controlled(s, spec, rows, raw, normalized=spec.sampling is not None)
         drafts = rows.token_ids[len(rows) - scores.shape[0] + 1 :].tolist()
         if spec.sampling is None:
             targets = scores.argmax(dim=-1).tolist()
             accepted = rules.verify_drafts(targets, drafts)
             token = targets[accepted]
         else:
-            p = probabilities(scores if spec.controls or s.masks else normalize(scores), spec.sampling)  # (k+1, V)
+            p = probabilities(scores, spec.sampling)  # (k+1, V)
             q = self.drafted.pop(s.seq_id, p[:0])  # (k, V); none when the round had no room for a draft
             require(q.shape[0] == len(drafts), f"sequence {s.seq_id}: {q.shape[0]} draft distributions for "
                                                 f"{len(drafts)} drafts")
@@ -150,10 +150,13 @@ class StageDecider:
         self.drafted[s.seq_id] = q if held is None else torch.cat([held, q])
         return draw(q[0], s.uniforms[0])
 
-    def _controlled(self, s: SeqStep, spec: SeqSpec, rows: Rows, scores: torch.Tensor) -> torch.Tensor:
+    def _controlled(self, s: SeqStep, spec: SeqSpec, rows: Rows, scores: torch.Tensor, normalized: bool = False
+                    ) -> torch.Tensor:
         """scores: (n, V) for the token after each of the last n positions of `rows` -> the
         normalized log-probs with the sequence's decoding controls applied, then its grammar's
-        masks (as they are, without either)."""
+        masks; without either, the scores as they are (`normalized`: their log-probs, to sample)."""
+        if spec.controls is None and not s.masks:
+            return normalize(scores) if normalized else scores
         if spec.controls is not None:
             first = rows.start + len(rows) - scores.shape[0]
             positions = list(range(first, rows.start + len(rows)))

@@ -69,6 +69,10 @@ class GenerationRequest:
     logprobs: int | None = None  # each new token's log-prob and this many alternatives; None: none
     structured: object = None  # a StructuredOutput (coordinator/structured_output.py): its grammar; None: free
 
+    def __post_init__(self):
+        if self.structured is not None:  # a structured sequence also ends with its grammar's end token
+            object.__setattr__(self, "stop_token_ids", self.stop_token_ids | {self.structured.end_token_id})
+
 
 @dataclass(frozen=True)
 class ScoreRequest:
@@ -285,10 +289,7 @@ def speculative_mode(config: ModelConfig, draft_stage, k_draft) -> Speculative:
 
 def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, sampling=None, stop_ids=frozenset(),
                    controls: Controls | None = None, structured=None):
-    """One request per prompt row; each row is independent. Row r samples with seed + r. A
-    structured request also stops at its grammar's end token."""
-    if structured is not None:
-        stop_ids = stop_ids | {structured.end_token_id}
+    """One request per prompt row; each row is independent. Row r samples with seed + r."""
     rows = check_prompts(config, input_ids)
     for row in rows:
         check_max_new_tokens(config, len(row), max_new_tokens)

@@ -145,8 +145,6 @@ def generation_request(message: pb.GenerateRequest, tokenizer: Tokenizer, config
     mode = mode_of(message, config)
     stop = rq.check_stop_ids(config, list(message.stop_token_ids), name="stop_token_ids")
     structured = structured_of(message, tokenizer, config)
-    if structured is not None:
-        stop = stop | {structured.end_token_id}
     logprobs = message.logprobs if message.HasField("logprobs") else None
     if logprobs is not None and logprobs > rq.MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid; allowed: 0..{rq.MAX_LOGPROBS} alternatives per token")

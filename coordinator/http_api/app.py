@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import anyio
@@ -210,8 +210,6 @@ class _Choice:
     ended: bool = False  # no more events will be read (the engine's last one came, or a stop string)
     error: BaseException | None = None
     started: bool = False  # a streamed chunk went out
-    logprobs: list[float] = field(default_factory=list)  # the kept tokens' log-probs (when asked)
-    top: list[dict[int, float]] = field(default_factory=list)  # and their alternatives
     offset: int = 0  # a stream's text so far, in characters of the tokens' own texts (logprobs.text_offset)
 
 
@@ -307,8 +305,6 @@ class Front:
             choice.error, choice.ended = event.error, True
             return [], ""
         tokens, text = choice.text.push(event.tokens, final=event.done)
-        choice.logprobs += event.logprobs[: len(tokens)]
-        choice.top += [dict(alternatives) for alternatives in event.top_logprobs[: len(tokens)]]
         if choice.text.stopped and not event.done:  # a stop string: end the sequence here, freeing its KV
             self.metrics.end_at_stop_string(choice.handle)
             self.loop.abort(choice.handle)
@@ -359,9 +355,11 @@ class Front:
         if body.logprobs is not None:
             unscored = [None] * len(prompt.ids)  # left out of the answer: no echo
             scores, top = await self._prompt_logprobs(body, plan, prompt.ids) if body.echo else (unscored, unscored)
-            logprobs = logprobs_of(self.tokenizer, [*prompt.ids, *tokens], [*scores, *choice.logprobs],
-                                   [*top, *choice.top], 0 if body.echo else len(prompt.ids),
-                                   body.return_tokens_as_token_ids)
+            # the tokens a stop string left (none with max_tokens=0)
+            generated = seq.logprobs[: len(tokens)] if seq else []
+            alternatives = [dict(a) for a in seq.top_logprobs[: len(tokens)]] if seq else []
+            logprobs = logprobs_of(self.tokenizer, [*prompt.ids, *tokens], [*scores, *generated], [*top, *alternatives],
+                                   0 if body.echo else len(prompt.ids), body.return_tokens_as_token_ids)
         extras = self._extras(body, prompt.ids, tokens, seq.stages_used if seq else [], seq)
         return CompletionChoice(index=choice.index, text=(prompt.text if body.echo else "") + choice.text.text,
                                 logprobs=logprobs, finish_reason=choice.finish_reason, **extras)
@@ -409,9 +407,10 @@ class Front:
             logprobs = None
             if body.logprobs is not None:  # the prompt's first (echo), then these tokens'
                 scores, top = prompt_scores[choice.index // plan.n] if first and body.echo else ([], [])
-                ids, kept = [*(prompt.ids if scores else ()), *tokens], len(choice.logprobs) - len(tokens)
-                logprobs = logprobs_of(self.tokenizer, ids, [*scores, *choice.logprobs[kept:]],
-                                       [*top, *choice.top[kept:]], 0, body.return_tokens_as_token_ids, choice.offset)
+                ids, kept = [*(prompt.ids if scores else ()), *tokens], len(tokens)  # the event's tokens kept
+                logprobs = logprobs_of(self.tokenizer, ids, [*scores, *event.logprobs[:kept]],
+                                       [*top, *(dict(a) for a in event.top_logprobs[:kept])], 0,
+                                       body.return_tokens_as_token_ids, choice.offset)
                 choice.offset += sum(len(self.tokenizer.decode([t])) for t in ids)
             choice.started = True
             ended_seq = choice.handle.seq if choice.ended and choice.handle is not None else None

@@ -104,8 +104,6 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
     controls = checked("logit_bias", rq.check_controls, config, max_new, *(getattr(body, f) for f in CONTROL_FIELDS),
                        also=CONTROL_FIELDS)
     structured = structured_of(body, tokenizer, config)
-    if structured is not None:
-        stop_ids = stop_ids | {structured.end_token_id}
     requests = []
     for prompt in prompts:
         if max_new:
