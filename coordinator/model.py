@@ -173,7 +173,7 @@ class PoEModel:
                  controls: dict | None = None) -> list[Sequence]:
         """Generate with a validated mode (coordinator/core/modes.py MODES builds one from its
         arguments by name); one finished sequence per prompt row. `controls`: decoding controls
-        by name (rq.CONTROL_NAMES), each generate method's keyword arguments."""
+        and cache_salt by name (rq.CONTROL_NAMES), each generate method's keyword arguments."""
         controls = dict(controls or {})
         unknown = sorted(set(controls) - set(rq.CONTROL_NAMES))
         if unknown:
@@ -181,9 +181,10 @@ class PoEModel:
         stop_ids = controls.pop("stop_token_ids", None)
         stop = rq.check_stop_ids(self.config, eos_token_id) | rq.check_stop_ids(self.config, stop_ids, "stop_token_ids")
         structured = self._structured(controls.pop("structured_outputs", None))
+        salt = rq.check_cache_salt(controls.pop("cache_salt", None))
         checked = rq.check_controls(self.config, max_new_tokens, **controls)
         return self.run(rq.build_requests(self.config, input_ids, max_new_tokens, mode, sampling, stop, checked,
-                                          structured))
+                                          structured, salt))
 
     def _structured(self, given: dict | None):
         """structured_outputs={kind: value} (vLLM's: json, regex, choice or grammar) compiled, or None."""

@@ -120,7 +120,7 @@ class DecodingControls(_message.Message):
     def __init__(self, repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "token_ids", "max_new_tokens", "full", "prefix", "stage", "wand", "speculative", "composition", "sampling", "stop_token_ids", "controls", "logprobs", "structured_outputs")
+    __slots__ = ("prompt", "token_ids", "max_new_tokens", "full", "prefix", "stage", "wand", "speculative", "composition", "sampling", "stop_token_ids", "controls", "logprobs", "structured_outputs", "cache_salt")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class GenerateRequest(_message.Message):
     CONTROLS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     token_ids: TokenIds
     max_new_tokens: int
@@ -149,7 +150,8 @@ class GenerateRequest(_message.Message):
     controls: DecodingControls
     logprobs: int
     structured_outputs: StructuredOutputs
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., full: _Optional[_Union[FullMode, _Mapping]] = ..., prefix: _Optional[_Union[PrefixMode, _Mapping]] = ..., stage: _Optional[_Union[StageMode, _Mapping]] = ..., wand: _Optional[_Union[WandMode, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeMode, _Mapping]] = ..., composition: _Optional[_Union[CompositionMode, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., controls: _Optional[_Union[DecodingControls, _Mapping]] = ..., logprobs: _Optional[int] = ..., structured_outputs: _Optional[_Union[StructuredOutputs, _Mapping]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., full: _Optional[_Union[FullMode, _Mapping]] = ..., prefix: _Optional[_Union[PrefixMode, _Mapping]] = ..., stage: _Optional[_Union[StageMode, _Mapping]] = ..., wand: _Optional[_Union[WandMode, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeMode, _Mapping]] = ..., composition: _Optional[_Union[CompositionMode, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., controls: _Optional[_Union[DecodingControls, _Mapping]] = ..., logprobs: _Optional[int] = ..., structured_outputs: _Optional[_Union[StructuredOutputs, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class StructuredOutputs(_message.Message):
     __slots__ = ("json", "json_object", "regex", "choice", "grammar")
@@ -184,7 +186,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "stages_used", "acceptance_rate", "finish_reason", "prompt_tokens", "time_to_first_token_s", "total_time_s", "logprobs")
+    __slots__ = ("token_ids", "text", "stages_used", "acceptance_rate", "finish_reason", "prompt_tokens", "time_to_first_token_s", "total_time_s", "logprobs", "cached_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STAGES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class GenerateResponse(_message.Message):
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     stages_used: _containers.RepeatedScalarFieldContainer[int]
@@ -203,23 +206,28 @@ class GenerateResponse(_message.Message):
     time_to_first_token_s: float
     total_time_s: float
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., acceptance_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., acceptance_rate: _Optional[float] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "stages_used", "finish_reason", "acceptance_rate", "logprobs")
+    __slots__ = ("token_ids", "text", "stages_used", "finish_reason", "acceptance_rate", "logprobs", "prompt_tokens", "cached_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STAGES_USED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     stages_used: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     acceptance_rate: float
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., acceptance_rate: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    prompt_tokens: int
+    cached_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., stages_used: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., acceptance_rate: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("prompt", "token_ids")

@@ -205,6 +205,12 @@ class SeqSpec(NamedTuple):
     top_n: int = 0  # "score": alternatives returned per position
     controls: Controls | None = None  # penalties, bias, min_tokens (stage_workers/controls.py); None: none
     logprobs: int | None = None  # generation: the chosen tokens' log-probs and this many alternatives each
+    # prefix caching: the cached blocks its first positions start with (block ids, chain order), and
+    # how many of them it uses on each stage 0..reach (non-increasing: deeper stages may lack some)
+    prefix_blocks: tuple[int, ...] = ()
+    prefix_lengths: tuple[int, ...] = ()
+    keep_rows: bool = False  # stage `reach` keeps its output rows of full blocks, for deeper stages' catch-up
+    prefix_tokens: tuple[int, ...] = ()  # the cached positions' tokens, for controls that read history
 
     @property
     def reach(self) -> int:
@@ -244,6 +250,10 @@ class StepPlan(NamedTuple):
     new: tuple[SeqSpec, ...] = ()
     micro_batches: tuple[tuple[SeqStep, ...], ...] = ()
     aborted: tuple[int, ...] = ()  # steps every worker undoes first (they failed somewhere)
+    # prefix caching: (seq_id, block index, block id, first stage): the sequence's full block is kept
+    # under the id on stages first..reach (id -1: not kept; stage reach's rows of it may go)
+    keeps: tuple[tuple[int, int, int, int], ...] = ()
+    evictions: tuple[tuple[int, int], ...] = ()  # (block id, first stage): no longer kept on stages first..
 
 
 class Edge(NamedTuple):
@@ -335,10 +345,10 @@ def encode(message) -> tuple[tuple, list[torch.Tensor]]:
                 tuple(message.token_ids.tolist()), flags), tensors
     if kind is StepPlan:
         new = tuple(spec[:5] + (None if spec.sampling is None else tuple(vars(spec.sampling).values()),) + spec[6:9]
-                    + (None if spec.controls is None else tuple(spec.controls), spec.logprobs) for spec in message.new)
+                    + (None if spec.controls is None else tuple(spec.controls),) + spec[10:] for spec in message.new)
         batches = tuple(tuple(map(tuple, mb)) for mb in message.micro_batches)
         return (_PLAN, message.step, message.epoch, tuple(message.frees), tuple(message.rollbacks), new, batches,
-                message.aborted), []
+                message.aborted, message.keeps, message.evictions), []
     if kind is StepResult:
         logits = tuple((seq_id, stage) for seq_id, stage, _ in message.logits)
         return (_RESULT, message.step, message.epoch, message.worker_id, tuple(map(tuple, message.decisions)),
@@ -359,11 +369,11 @@ def decode(plain: tuple, tensors: list[torch.Tensor]):
         return Boundary(step, micro_batch, tuple(Handoff(*h) for h in handoffs), torch.tensor(token_ids, dtype=torch.long),
                         trunk, next(it) if has_acc else None, next(it) if has_drafted else None)
     if kind == _PLAN:
-        _, step, epoch, frees, rollbacks, new, batches, aborted = plain
+        _, step, epoch, frees, rollbacks, new, batches, aborted, keeps, evictions = plain
         specs = tuple(SeqSpec(*spec[:5], None if spec[5] is None else SamplingParams(*spec[5]), *spec[6:9],
-                              None if spec[9] is None else Controls(*spec[9]), spec[10]) for spec in new)
+                              None if spec[9] is None else Controls(*spec[9]), *spec[10:]) for spec in new)
         return StepPlan(step, epoch, frees, rollbacks, specs,
-                        tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted)
+                        tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted, keeps, evictions)
     if kind == _RESULT:
         _, step, epoch, worker_id, decisions, logits, error, lost_peer = plain
         return StepResult(step, epoch, worker_id, tuple(Decision(*d) for d in decisions),

@@ -89,6 +89,14 @@ class Rows:
         acc = self.acc
         return Rows.of(self.start, self.token_ids.clone(), trunk, None if acc is None else acc.clone())
 
+    def since(self, position: int) -> "Rows | None":
+        """The rows at positions >= position (None if none); only rows without Log-OP sums."""
+        skip = max(position - self.start, 0)
+        if skip >= len(self):
+            return None
+        require(self.num_acc == 0, "rows with Log-OP sums are not cut at the front")
+        return self if skip == 0 else Rows(position, len(self) - skip, 0, self.block, self.row0 + skip)
+
     def before(self, length: int) -> "Rows | None":
         """The rows at positions < length (None if none)."""
         keep = length - self.start
@@ -116,6 +124,14 @@ def concat_rows(parts: list[Rows]) -> Block:
     accs = [p.acc for p in with_acc]
     return Block(cat_adjacent([p.token_ids for p in parts]), None if first.block.trunk is None else
                  TrunkState.cat([p.trunk for p in parts]), cat_adjacent(accs) if accs else None)
+
+
+def cat_rows(parts: list[Rows]) -> Rows:
+    """One sequence's consecutive rows, one part after another, as one `Rows`."""
+    for a, b in zip(parts, parts[1:]):
+        require(b.start == a.start + len(a), f"rows {a.start}+{len(a)} then rows at {b.start}")
+    block = concat_rows(parts)
+    return Rows(parts[0].start, block.num_rows, block.num_acc, block)
 
 
 def rows_by_sequence(message: Boundary) -> dict[int, tuple[Handoff, Rows]]:

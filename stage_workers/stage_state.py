@@ -7,8 +7,16 @@ drafts' distributions on their way to verification (`drafted`), and, for a seque
 decoding controls read earlier tokens, the token at every computed position (`history`,
 stage_workers/controls.py). Before a step first touches a sequence, its state is noted, so a
 step that fails anywhere can be undone here exactly (KV rolled back, parked, held and drafted
-rows put back). It knows the worker's rollback
-and free verbs; nothing of channels or decisions.
+rows put back).
+
+Prefix caching: a new sequence may start with cached KV blocks (`SeqSpec.prefix_blocks`), a
+number of them on each stage. Where this stage has more of them than the next, the next stage
+computes the difference from this stage's output rows, which this worker kept with the blocks
+(`block_rows`, when this stage was their deepest) and lends the sequence (`lent`), to go
+downstream ahead of its first computed rows. The deepest stage of a sequence that keeps rows
+(`SeqSpec.keep_rows`) holds its output rows (`kept_rows`) until the coordinator says which
+blocks are kept (`keep`). It knows the worker's rollback, free and KV-block verbs; nothing of
+channels, hashes or decisions.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ from __future__ import annotations
 import torch
 
 from .messages import SeqSpec
-from .rows import Rows
+from .rows import Rows, cat_rows
 
 
 class StageState:
     def __init__(self, worker):
         self.worker = worker  # its KV cache is rolled back and freed with the sequences
+        self.block_size = worker.info().kv_block_size  # positions per KV block (a cached block's too)
         self.specs: dict[int, SeqSpec] = {}  # the sequences this worker holds (it is among their homes)
         self.computed: dict[int, int] = {}  # seq_id -> positions in this stage's KV cache
         self.parked: dict[int, Rows] = {}  # rows computed upstream that this stage owes (WAND, drafts)
@@ -31,12 +40,57 @@ class StageState:
         # speculative sampling: the round's sampled drafts' distributions q, (n, V), on their way to
         # (or at) the verifying stage
         self.drafted: dict[int, torch.Tensor] = {}
+        # prefix caching: rows of cached blocks going downstream ahead of a new sequence's first rows;
+        # the deepest stage's output rows not yet kept; block id -> its output rows (this stage its deepest)
+        self.lent: dict[int, Rows] = {}
+        self.kept_rows: dict[int, Rows] = {}
+        self.block_rows: dict[int, Rows] = {}
         self._undo: tuple[int, dict] | None = None  # (step, seq_id -> state before it)
+        self._stores = (self.parked, self.held, self.drafted, self.lent, self.kept_rows)  # what a step may change
 
     def learn(self, spec: SeqSpec) -> None:
-        self.specs[spec.seq_id] = spec
+        seq_id, k = spec.seq_id, self.worker.stage
+        known = seq_id in self.specs
+        self.specs[seq_id] = spec
+        if known:
+            return  # sent again (a plan that may not have reached every worker)
         if spec.controls is not None and spec.controls.uses_history:
-            self.history.setdefault(spec.seq_id, [])
+            self.history.setdefault(seq_id, list(spec.prefix_tokens))
+        num_cached = spec.prefix_lengths[k] if spec.prefix_lengths else 0
+        if num_cached:
+            self.worker.share(seq_id, list(spec.prefix_blocks[:num_cached]))
+            self.computed[seq_id] = num_cached * self.block_size
+            deeper = spec.prefix_lengths[k + 1] if k < spec.reach else num_cached
+            if deeper < num_cached:
+                self.lent[seq_id] = cat_rows([self.block_rows[b] for b in spec.prefix_blocks[deeper:num_cached]])
+
+    def keep(self, seq_id: int, index: int, block_id: int, first_stage: int) -> None:
+        """The sequence's full block `index` is kept under `block_id` on stages first_stage..reach
+        (block_id -1: not kept); the stage before those no longer needs the rows it kept for it."""
+        k, spec = self.worker.stage, self.specs.get(seq_id)
+        if k == first_stage - 1:
+            self.block_rows.pop(block_id, None)
+        if spec is None:
+            return
+        if block_id >= 0 and first_stage <= k <= spec.reach:
+            self.worker.keep(block_id, seq_id, index)
+        rows = self.kept_rows.get(seq_id)
+        if rows is not None and k == spec.reach:
+            end = (index + 1) * self.block_size
+            part = rows.since(end - self.block_size)
+            part = None if part is None else part.before(end)
+            if block_id >= 0 and first_stage <= k and part is not None and len(part) == self.block_size:
+                self.block_rows[block_id] = part.kept()
+            later = rows.since(end)
+            if later is None:
+                del self.kept_rows[seq_id]
+            else:
+                self.kept_rows[seq_id] = later
+
+    def evict(self, block_id: int, first_stage: int) -> None:
+        if self.worker.stage >= first_stage:
+            self.worker.evict(block_id)
+            self.block_rows.pop(block_id, None)
 
     def record(self, seq_id: int, start: int, token_ids: list[int]) -> None:
         """The tokens at positions start.. were computed here (what lies beyond a rollback or an
@@ -54,18 +108,17 @@ class StageState:
         """Note a sequence's state before this step first touches it (for `undo`)."""
         saved = self._undo[1]
         if seq_id not in saved:
-            saved[seq_id] = (self.computed.get(seq_id, 0), self.parked.get(seq_id), self.held.get(seq_id),
-                             self.drafted.get(seq_id))
+            saved[seq_id] = (self.computed.get(seq_id, 0), [store.get(seq_id) for store in self._stores])
 
     def undo(self, step: int) -> None:
         """Put every sequence the step touched back as it was (the step failed somewhere)."""
         if self._undo is None or self._undo[0] != step:
             return  # this worker did not run that step, or has undone it already
-        for seq_id, (computed, parked, held, drafted) in self._undo[1].items():
+        for seq_id, (computed, before) in self._undo[1].items():
             if self.computed.get(seq_id, 0) > computed:
                 self.worker.rollback(seq_id, computed)
             self.computed[seq_id] = computed
-            for store, rows in ((self.parked, parked), (self.held, held), (self.drafted, drafted)):
+            for store, rows in zip(self._stores, before):
                 if rows is None:
                     store.pop(seq_id, None)
                 else:
@@ -74,13 +127,13 @@ class StageState:
 
     def restart(self) -> None:
         """Forget everything: the worker lost its state (its process restarted)."""
-        for store in (self.specs, self.computed, self.parked, self.held, self.history, self.drafted):
+        for store in (self.specs, self.computed, self.history, self.block_rows, *self._stores):
             store.clear()
         self._undo = None
 
     def forget(self, seq_id: int) -> None:
         self.worker.free(seq_id)
-        for store in (self.specs, self.computed, self.parked, self.held, self.history, self.drafted):
+        for store in (self.specs, self.computed, self.history, *self._stores):
             store.pop(seq_id, None)
 
     def roll_back(self, seq_id: int, length: int) -> None:
@@ -89,7 +142,7 @@ class StageState:
         if self.computed.get(seq_id, 0) > length:
             self.worker.rollback(seq_id, length)
             self.computed[seq_id] = length
-        for store in (self.parked, self.held):
+        for store in (self.parked, self.held, self.kept_rows):
             rows = store.get(seq_id)
             if rows is not None and (kept := rows.before(length)) is not rows:
                 if kept is None:

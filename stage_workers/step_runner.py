@@ -64,13 +64,17 @@ class StageRunner:
         return StepResult(plan.step, plan.epoch, self.worker_id, tuple(decisions), tuple(logits))
 
     def apply_changes(self, plan: StepPlan) -> None:
-        """What the plan changes before its micro-batches: undo an aborted step, forget and roll
-        back sequences, learn new ones."""
+        """What the plan changes before its micro-batches: undo an aborted step, keep cached blocks,
+        forget sequences, evict blocks, roll back sequences, learn new ones."""
         state = self.state
         for step in plan.aborted:
             state.undo(step)
+        for keep in plan.keeps:
+            state.keep(*keep)
         for seq_id in plan.frees:
             state.forget(seq_id)
+        for block_id, first_stage in plan.evictions:
+            state.evict(block_id, first_stage)
         for seq_id, length in plan.rollbacks:
             state.roll_back(seq_id, length)
         for spec in plan.new:
@@ -136,8 +140,9 @@ class StageRunner:
         logprobs = None if result.logits is None else log_probs(result.logits)  # (M, V)
         outs = self._accumulate(work, logit_counts, logprobs, packed, Block(packed.token_ids, result.trunk, None))
         with_specs = [(s, specs[s.seq_id]) for s, _ in work]
+        self._keep_rows(with_specs, outs)
         greedy = self.decider.batch_greedy(with_specs, outs)  # every plain argmax of the step, in one op
-        onward, row = [], 0
+        onward, row, lent = [], 0, self.state.lent
         for (s, spec), n_logits, out in zip(with_specs, logit_counts, outs):
             own = None if logprobs is None else logprobs[row : row + n_logits]  # (n, V) this stage's own
             if n_logits and spec.rule == "logits":
@@ -150,9 +155,21 @@ class StageRunner:
                 decisions.append(Decision(s.seq_id, k, greedy[s.seq_id]))
                 how = Onward.FINAL
             if how is not Onward.HELD and k + 1 <= spec.reach:
-                onward.append((s, out.without_acc() if how is Onward.FINAL else out, how is not Onward.CONTINUE))
+                rows = out.without_acc() if how is Onward.FINAL else out
+                if lent and s.seq_id in lent:  # cached blocks' rows the next stage lacks go first
+                    rows = lent.pop(s.seq_id).then(rows)
+                onward.append((s, rows, how is not Onward.CONTINUE))
             row += n_logits
         return onward
+
+    def _keep_rows(self, with_specs, outs: list[Rows]) -> None:
+        """Prefix caching: at the deepest stage of a sequence that keeps rows, hold its output rows
+        until the coordinator says which of its blocks are kept (StageState.keep)."""
+        kept = self.state.kept_rows
+        for (s, spec), out in zip(with_specs, outs):
+            if spec.keep_rows and spec.reach == self.stage:
+                rows = out.without_acc()
+                kept[s.seq_id] = kept[s.seq_id].then(rows) if s.seq_id in kept else rows.kept()
 
     def _accumulate(self, work, logit_counts: list[int], logprobs: torch.Tensor | None, packed: Block, out: Block
                     ) -> list[Rows]:

@@ -3,8 +3,10 @@
 The worker interface is four verbs: `extend` a batch of sequences by new positions (prefill,
 decode, catch-up and verification are all extends), returning the boundary state for the next
 stage and this stage's logits where asked; `rollback` a sequence to a length; `free` it; and
-`info`. The in-process engine and the Ray actor both call exactly these. The worker knows
-nothing about modes, Log-OP or other workers.
+`info`. Prefix caching adds three on KV blocks: `keep` a sequence's full block under the
+coordinator's block id, `share` kept blocks as a new sequence's first positions, `evict` one.
+The in-process engine and the Ray actor both call exactly these. The worker knows nothing
+about modes, Log-OP, hashes or other workers.
 """
 
 from __future__ import annotations
@@ -117,6 +119,15 @@ class StageWorker:
 
     def free(self, seq_id: int) -> None:
         self.cache.free(seq_id)
+
+    def keep(self, block_id: int, seq_id: int, index: int) -> None:
+        self.cache.keep(block_id, seq_id, index)
+
+    def share(self, seq_id: int, block_ids: list[int]) -> None:
+        self.cache.share(seq_id, block_ids)
+
+    def evict(self, block_id: int) -> None:
+        self.cache.evict(block_id)
 
     def info(self) -> WorkerInfo:
         params = sum(p.numel() for p in self.slice.parameters())

@@ -42,6 +42,7 @@ class FakeWorker:
         self.tokens: dict[int, list[int]] = {}
         self.calls: list[list[tuple[int, int, int, int]]] = []  # per call: (seq, start, length, num_logits)
         self.rollbacks: list[tuple[int, int]] = []
+        self.kept: dict[int, list[int]] = {}  # prefix caching: block id -> its tokens
         self.busy_s = 0.0
 
     def extend(self, batch) -> ExtendResult:
@@ -70,6 +71,18 @@ class FakeWorker:
     def free(self, seq_id: int) -> None:
         self.tokens.pop(seq_id, None)
 
+    def keep(self, block_id: int, seq_id: int, index: int) -> None:
+        block = self.tokens[seq_id][index * self.block_size : (index + 1) * self.block_size]
+        assert len(block) == self.block_size, f"stage {self.stage}: block {index} of sequence {seq_id} is not full"
+        self.kept.setdefault(block_id, block)
+
+    def share(self, seq_id: int, block_ids: list[int]) -> None:
+        assert seq_id not in self.tokens, f"stage {self.stage}: sequence {seq_id} shares blocks after computing"
+        self.tokens[seq_id] = [t for b in block_ids for t in self.kept[b]]
+
+    def evict(self, block_id: int) -> None:
+        self.kept.pop(block_id, None)
+
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.stage, (self.stage, self.stage), "cpu", "float32", 0, self.block_size,
                           self.kv_blocks, self.kv_blocks, 0, self.busy_s)
@@ -86,6 +99,7 @@ class LosingWorker(FakeWorker):
         self.num_extends += 1
         if self.num_extends in self.lose_on:
             self.tokens.clear()
+            self.kept.clear()
             raise WorkerLost(self.stage, "killed for the test")
         return super().extend(batch)
 

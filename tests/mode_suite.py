@@ -212,3 +212,24 @@ def test_speculative_sampling_matches_the_oracle_and_is_seeded(served):
             assert out[b, 30:].tolist() == expected, f"draft_stage={draft_stage}, k_draft={k_draft}, row {b}"
     assert torch.equal(model.generate_speculative(ids, K - 1, 2, 10, **sampling), 
                        model.generate_speculative(ids, K - 1, 2, 10, **sampling)), "seeded: reproducible"
+
+
+def test_prefix_cache_warm_from_another_mode_matches_the_oracle(served):
+    """A prompt computed by one mode serves the next from the cache (on by default). A prefix
+    request leaves its blocks at depth 2: the full request after it computes stages 2-3 there from
+    stage 1's kept output rows; WAND, speculation and sampling then hit blocks at full depth."""
+    model, oracle = served
+    K, size = model.config.num_stages, stage_infos(model)[0].kv_block_size
+    ids = prompts(model, 1, 3 * size + 5, seed=21)  # 3 full blocks, then 5 positions
+    row, n = ids[0].tolist(), len(ids[0])
+    stats, before = model.engine.cache.stats, model.engine.cache.stats.hits
+    assert_follows(oracle, model.generate_prefix(ids, max_stages=2, max_new_tokens=6)[0].tolist(), n, stages=[0, 1])
+    full = model.generate(ids, 8)
+    assert_follows(oracle, full[0].tolist(), n)
+    bounds = [0.6] * (K - 1) + [0.0]
+    out, used = model.generate_wand(ids, 8, safety=1.0, p99_bounds=bounds, return_stages_used=True)
+    assert (out[0, n:].tolist(), used[0].tolist()) == oracle.wand(row, 8, safety=1.0, p99_bounds=bounds)
+    assert torch.equal(model.generate_speculative(ids, 0, 3, 8), full)
+    sampled = model.generate(ids, 8, do_sample=True, temperature=0.9, top_p=0.9, seed=3)
+    assert sampled[0, n:].tolist() == oracle.sample(row, 8, temperature=0.9, top_p=0.9, seed=3)
+    assert stats.hits - before >= 3 * 3 * size, "the requests after the full one found the prompt cached"

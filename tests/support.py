@@ -138,6 +138,8 @@ BAD_GENERATE = [
     ("logit_bias NaN", gen(logit_bias={3: NAN}), "logit_bias"),
     ("min_tokens above max_new_tokens", gen(max_new_tokens=2, min_tokens=3), "min_tokens"),
     ("sampling with WAND", gen(mode="wand", temperature=0.8), "sampling"),
+    ("cache_salt empty", gen(cache_salt=""), "cache_salt"),
+    ("cache_salt over 1024 characters", gen(cache_salt="s" * 1025), "cache_salt"),
     ("prompt not UTF-8", non_utf8_prompt(gen(token_ids=None, prompt="AB")), "prompt"),
     ("bytes that are not a message", b"\xff\xff\xff\xff", "request"),
 ]
@@ -145,8 +147,9 @@ BAD_GENERATE = [
 
 # ---- KV blocks, read from outside the engine ---------------------------------------------------
 def free_blocks(engine) -> list[int]:
-    """Per stage: KV blocks not yet promised to a sequence, over all its replicas."""
-    return [stage.num_free_blocks for stage in engine.stages]
+    """Per stage: KV blocks not promised to a running sequence, over all its replicas (blocks the
+    prefix cache keeps count as free: they are evicted when room is needed)."""
+    return [stage.num_blocks - sum(stage.promised) for stage in engine.stages]
 
 
 def stage_infos(model) -> list:
@@ -155,8 +158,10 @@ def stage_infos(model) -> list:
 
 
 def kv_in_use(model) -> int:
-    """KV blocks held on the workers plus blocks the engine has promised to sequences (0 at rest)."""
-    held = sum(w.kv_num_blocks - w.kv_free_blocks for w in stage_infos(model))
+    """KV blocks held on the workers beyond those the prefix cache keeps, plus blocks the engine
+    has promised to sequences (0 at rest)."""
+    kept = sum(sum(stage.cached) for stage in model.engine.stages)
+    held = sum(w.kv_num_blocks - w.kv_free_blocks for w in stage_infos(model)) - kept
     promised = sum(cap - free for cap, free in zip(model.engine.capacity, free_blocks(model.engine)))
     return held + promised
 

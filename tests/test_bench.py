@@ -32,6 +32,9 @@ def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_pat
     assert low <= single["cluster_over_model_full"] <= high
     assert all(len(v) == 2 and min(v) > 0 for v in single["compute_ms_per_token"].values())
     assert all(len(v) == 2 for v in report["transport"]["us_per_token_spread"].values())
+    prefix = report["prefix_cache"]  # the tiny context: a 208-token shared prefix
+    assert prefix["same_tokens"] and prefix["off"]["hit_rate"] == 0 and prefix["hit_rate"] > 0.8
+    assert prefix["on"]["cached_tokens"][1:] == [208] * 31 and sum(prefix["on"]["cache_blocks"]) > 0
 
 
 def test_bench_rounds_and_decode_tokens_are_validated():

@@ -50,7 +50,9 @@ def messages():
                      controls=Controls(1.2, 0.5, 0.25, ((4, -2.0), (7, 100.0)), 3, (9,), 12)),
              SeqSpec(4, "wand", (0, 1), (1.0, 1.0), 0.0, exit_thresholds=(0.5, math.inf)),
              SeqSpec(5, "score", (0,), (1.0,), 0.0, top_n=2),
-             SeqSpec(6, "speculative", (0, 1), (1.0, 1.0), 0.0, SamplingParams(0.8), draft_stage=0, logprobs=3))
+             SeqSpec(6, "speculative", (0, 1), (1.0, 1.0), 0.0, SamplingParams(0.8), draft_stage=0, logprobs=3),
+             SeqSpec(7, "sample", (0, 4), (1.0, 1.0), 0.0, prefix_blocks=(5, 8), prefix_lengths=(2, 1), keep_rows=True,
+                     prefix_tokens=tuple(range(32))))
     steps = ((SeqStep(3, 7, (11,), 10, 1, 7, "decide", (0.25,), masks=(b"\xff" * 8,)),),
              (SeqStep(5, 0, (1, 2, 3), -1, 0, 0, targets=(2, 3, -1)), SeqStep(4, 3, (9,), 8, 1, 2, "decide", (0.5, 0.75))))
     return [
@@ -61,7 +63,7 @@ def messages():
                  torch.randn(2, 11), torch.rand(2, 11)),
         Boundary(2, 0, (Handoff(1, 0, 2, 0, False),), torch.arange(2),
                  TrunkState(torch.randn(2, 4).half(), torch.randn(2, 4).half(), None), None),
-        StepPlan(12, 3, (1, 2), ((3, 9),), specs, steps, (10, 11)),
+        StepPlan(12, 3, (1, 2), ((3, 9),), specs, steps, (10, 11), ((7, 2, 30, 1), (7, 3, -1, 0)), ((29, 0), (28, 2))),
         StepResult(12, 3, 4, (Decision(3, 1, 17), Decision(5, 0, logprobs=(-0.5, math.nan), top=(((1, -0.1),),))),
                    ((5, 0, torch.randn(3, 11)),)),
         StepResult(12, 3, 4, error="Traceback: boom"),

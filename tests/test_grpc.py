@@ -52,6 +52,17 @@ def test_generate_matches_the_in_process_model(client, reference, tokenizer, mod
         assert response.acceptance_rate == pytest.approx(rate)
 
 
+def test_a_repeated_prompt_reports_cached_tokens_and_salts_keep_tenants_apart(client, reference):
+    ids = prompt_ids(seed=91, length=40)  # two full KV blocks of 16, then 8 positions
+    want = new_tokens(reference, "full", ids, 4)
+    for salt, cached in [("a", 0), ("a", 32), ("b", 0)]:
+        response = client.generate(token_ids=ids, max_new_tokens=4, cache_salt=salt)
+        assert list(response.token_ids) == want and response.cached_tokens == cached
+    chunks = list(client.stream(token_ids=ids, max_new_tokens=4, cache_salt="b"))
+    assert [t for c in chunks for t in c.token_ids] == want
+    assert (chunks[-1].prompt_tokens, chunks[-1].cached_tokens) == (40, 32)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_decoding_controls_give_the_in_process_models_tokens(client, reference, mode):
     ids = prompt_ids(seed=50, length=8) * 3  # repeats, where the penalties bite

@@ -405,6 +405,25 @@ def test_structured_output_gives_the_in_process_models_tokens(client, reference,
             assert json.loads(text) if "json" in python else text in python.get("choice", [text])
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_repeated_prompt_reports_cached_tokens_and_salts_keep_tenants_apart(client, reference, stream):
+    ids = prompt_ids(seed=90 + stream, length=40)  # two full KV blocks of 16, then 8 positions
+    want = new_tokens(reference, "full", ids, 4)
+
+    def completion(salt):
+        args = dict(model=MODEL, prompt=ids, max_tokens=4, temperature=0,
+                    extra_body={"return_token_ids": True, "cache_salt": salt})
+        if not stream:
+            reply = client.completions.create(**args)
+            return reply.choices[0].token_ids, reply.usage
+        chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        return [t for c in chunks[:-1] for t in c.choices[0].token_ids], chunks[-1].usage
+
+    for salt, cached in [("tenant-a", 0), ("tenant-a", 32), ("tenant-b", 0), (None, 0), (None, 32)]:
+        tokens, usage = completion(salt)
+        assert tokens == want and usage.prompt_tokens_details.cached_tokens == cached, salt
+
+
 def test_stop_token_ids_end_the_choice_with_the_token(client, reference):
     ids = prompt_ids(seed=34)
     tokens = new_tokens(reference, "full", ids, 10)
@@ -423,7 +442,8 @@ def http_body(message: pb.GenerateRequest) -> dict:
     which, mode, s = message.WhichOneof("input"), message.WhichOneof("mode"), message.sampling
     fields = {"prompt": None if which is None else message.prompt if which == "prompt" else list(message.token_ids.ids),
               "max_tokens": message.max_new_tokens or None, "stop_token_ids": list(message.stop_token_ids) or None,
-              "logprobs": message.logprobs if message.HasField("logprobs") else None}
+              "logprobs": message.logprobs if message.HasField("logprobs") else None,
+              "cache_salt": message.cache_salt if message.HasField("cache_salt") else None}
     if message.HasField("structured_outputs"):
         so = message.structured_outputs
         fields["structured_outputs"] = {k: getattr(so, k) for k in ("json", "regex", "grammar") if so.HasField(k)}
@@ -517,6 +537,7 @@ HTTP_ONLY = [
     ("response_format unknown type", body(response_format={"type": "yaml"}), "response_format"),
     ("structured_outputs choice empty", body(structured_outputs={"choice": []}), "structured_outputs"),
     ("structured_outputs unknown kind", body(structured_outputs={"xml": "a"}), "structured_outputs"),
+    ("cache_salt a number", body(cache_salt=7), "cache_salt"),
     ("response_format and structured_outputs", body(response_format={"type": "json_object"},
                                                     structured_outputs={"regex": "a+"}), "response_format"),
 ]

@@ -87,6 +87,18 @@ def test_gauges_follow_a_running_request(served):
     assert value(m, "poe:request_success_total", finished_reason="abort") == 1
 
 
+def test_prefix_cache_queries_hits_and_the_kv_it_keeps(served):
+    ids = prompt_ids(7, 40)  # two full KV blocks of 16, then 8 positions
+    for _ in range(2):
+        reply = served.client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0)
+    m = scrape(served.url)
+    assert value(m, "poe:prefix_cache_queries_total") == 80
+    assert value(m, "poe:prefix_cache_hits_total") == reply.usage.prompt_tokens_details.cached_tokens == 32
+    blocks = KV_TOKENS // 16  # each stage's pool: 8 blocks, 2 kept (the prompt's), none promised at rest
+    assert all(value(m, "poe:kv_cache_cached_perc", stage=str(k), replica="0") == 2 / blocks for k in range(4))
+    assert all(value(m, "poe:kv_cache_usage_perc", stage=str(k), replica="0") == 0 for k in range(4))
+
+
 def test_every_ending_is_counted_by_its_reason(served):
     client, ids = served.client, prompt_ids(7, PROMPT_LEN)
     text = client.completions.create(model=MODEL, prompt=ids, max_tokens=20, temperature=0).choices[0].text

@@ -51,3 +51,28 @@ def test_the_checks_hold_under_python_dash_O(tiny_dir):
     out = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused: stage 0 worker: sequence 0 extends at 3 but has 0 cached" in out.stdout
+
+
+def test_kept_blocks_outlive_their_sequence_and_are_shared_until_evicted():
+    from stage_workers.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(num_layers=1, num_blocks=4, block_size=2, n_kv_head=1, head_dim=2, dtype=torch.float32,
+                         device="cpu")
+    cache.reserve(0, 5)  # 3 blocks
+    first, second = cache.block_tables[0][:2]
+    cache.keep(100, 0, 0)
+    cache.keep(101, 0, 1)
+    cache.keep(101, 0, 1)  # kept again (a plan sent twice): no second reference
+    cache.free(0)
+    assert cache.num_free_blocks == 2, "the kept blocks stay"
+    cache.share(1, [100, 101])
+    assert cache.block_tables[1] == [first, second] and cache.length(1) == 4
+    cache.reserve(1, 6)
+    cache.evict(100)
+    assert cache.num_free_blocks == 1, "sequence 1 still reads block 100"
+    cache.truncate(1, 4)
+    cache.free(1)
+    assert cache.num_free_blocks == 3 and cache.kept == {101: second}
+    cache.evict(101)
+    cache.evict(101)  # evicting what is not kept does nothing
+    assert cache.num_free_blocks == 4

@@ -15,6 +15,9 @@ Sections, in order (each a dict in the JSON report):
   workers' peak resident memory.
 - `modes`: every mode once through `PoEModel.on_ray` (seconds per token) and each stage worker's
   parameters, weights + KV bytes and process RSS (the 1.5b memory check uses this alone).
+- `prefix_cache`: 32 requests at once sharing a 512-token prefix, each with its own 32-token
+  suffix and 16 new tokens, in process with prefix caching off, then on: time to first token,
+  same tokens, hit rate, and the KV the cache holds against the pool (tools/prefix_cache_bench.py).
 - `speculative` and `wand` on the trained checkpoint: speedup and acceptance against full
   greedy (same tokens asserted) and, sampled at the card's temperature 0.8 and top-p 0.95,
   against full sampling; WAND's mean evaluated layers per token and token agreement.
@@ -42,13 +45,15 @@ from coordinator.core.modes import MODES
 from stage_workers.compute_thread import off_main_thread
 from stage_workers.config import load_config
 from tools.demo import CARD_SAMPLING
+from tools.prefix_cache_bench import prefix_cache_section
+from tools.prefix_cache_bench import render as render_prefix_cache
 from tools.progress import Progress
 
 CODE_PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
                 "class Stack:\n    def __init__(self):\n", "for i in range(10):\n")
 
 
-SECTIONS = ("floor", "single_stream", "transport", "concurrency", "modes", "trained")
+SECTIONS = ("floor", "single_stream", "transport", "concurrency", "modes", "prefix_cache", "trained")
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,9 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
     if model is not None:
         model.loop.stop()
         del model
+    if "prefix_cache" in wanted:
+        report["prefix_cache"] = prefix_cache_section(cfg.checkpoint, cfg.dtype, cfg.device)
+        progress.update(1, note="prefix cache")
 
     if "trained" in wanted:
         tok = load_tokenizer(cfg.trained)
@@ -419,6 +427,8 @@ def render(r: dict) -> str:
             lines.append(f"{row['concurrency']:>10} {row['aggregate_tok_s']:8.1f} {row['over_single_stream'] or 0:8.2f} "
                          f"{fmt(row['latency_p50_s'])} {fmt(row['latency_p99_s'])} {fmt(row['ttft_p50_s'])} "
                          f"{fmt(row['ttft_p99_s'])} {row['errors']:>6} {row['workers_peak_rss_mib']:8.0f}")
+    if "prefix_cache" in r:
+        lines += ["", *render_prefix_cache(r["prefix_cache"])]
     if "speculative" in r:
         sp, w = r["speculative"], r["wand"]
         lines += [

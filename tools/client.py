@@ -22,7 +22,7 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
                   top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
                   min_p: float | None = None, repetition_penalty: float | None = None, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                  logprobs: int | None = None, structured_outputs: dict | None = None,
+                  logprobs: int | None = None, structured_outputs: dict | None = None, cache_salt: str | None = None,
                   **mode_args) -> pb.GenerateRequest:
     """`mode_args`: the mode's arguments by name (coordinator/core/modes.py MODES: max_stages,
     stage, stages, stage_weights, safety, p99_bounds, draft_stage, k_draft); None is unset."""
@@ -38,6 +38,8 @@ def build_request(prompt: str | None = None, token_ids: list[int] | None = None,
         request.controls.CopyFrom(controls)
     if logprobs is not None:
         request.logprobs = logprobs
+    if cache_salt is not None:
+        request.cache_salt = cache_salt
     if structured_outputs is not None:  # {kind: value}, as PoEModel takes it; a json schema may be a dict
         so = request.structured_outputs
         so.SetInParent()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 
 from coordinator.core.modes import make_decoder
 from coordinator.core.pipeline import Outcome, Pipeline, SeqPlan
+from coordinator.core.prefix_cache import PrefixCache
 from coordinator.core.requests import GenerationRequest, LogitsRequest, ScoreRequest
 from coordinator.core.sequence import Sequence
 from stage_workers.config import ModelConfig
@@ -29,9 +30,14 @@ class EngineConfig:
     max_prefill_chunk: int = 256  # positions of one sequence fed to stage 0 per step (longer prompts: chunks)
     max_num_batched_tokens: int = 2048  # positions fed to stage 0 per step over all sequences (vLLM's name)
     pipeline_micro_batches: int = 1  # a step's sequences move through the stages in this many groups
+    enable_prefix_caching: bool = True  # keep full KV blocks across requests (coordinator/core/prefix_cache.py)
 
     def __post_init__(self):
         for f in fields(self):
+            if f.type == "bool" or isinstance(f.default, bool):
+                if not isinstance(getattr(self, f.name), bool):
+                    raise ValueError(f"{f.name}={getattr(self, f.name)!r} is invalid; allowed: true or false")
+                continue
             value, low = getattr(self, f.name), 0 if f.name == "max_recoveries" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{f.name}={value!r} is invalid; allowed: an integer >= {low}")
@@ -45,6 +51,10 @@ class Engine:
         self.running: list[Sequence] = []
         self.stages_down: set[int] = set()  # stages whose worker was lost for good (readiness reports them)
         self._ids = itertools.count()
+        block_sizes = {stage.block_size for stage in self.stages}
+        # one block id means the same positions on every stage: the cache needs one block size
+        self.caching = engine_config.enable_prefix_caching and len(block_sizes) == 1
+        self.cache = PrefixCache(self.stages, min(block_sizes), pipeline.evict)
 
     # ---- admission -------------------------------------------------------------------------
     def _depth(self, request) -> int:
@@ -80,18 +90,53 @@ class Engine:
         seq = Sequence(next(self._ids), request, tokens, self.config.num_stages, self._depth(request))
         seq.decoder = make_decoder(request, self.config.num_stages, self.config.poe_alpha)
         seq.kv_blocks = need
+        # a score needs every position's distribution on every stage it scores: the cache keeps KV only
+        seq.uses_cache = self.caching and isinstance(request, GenerationRequest)
+        seq.keeps_rows = seq.uses_cache and seq.reach < self.config.num_stages - 1
         self.waiting.append(seq)
         return seq
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.engine_config.max_num_seqs:
             seq = self.waiting[0]
-            need = [(stage, n) for stage, n in zip(self.stages, seq.kv_blocks) if n]
-            if not all(stage.fits(n) for stage, n in need):
-                break  # first come, first served: later requests wait behind it
-            for stage, n in need:
-                stage.place(seq.seq_id, n)  # on one replica, where its KV will live
+            if seq.uses_cache and self.cache.computing(seq) or not self._place(seq):
+                break  # first come, first served: later requests wait behind it (for room, or for its
+                # prompt's blocks that a running sequence is computing to be kept)
             self.running.append(self.waiting.popleft())
+
+    def _place(self, seq: Sequence) -> bool:
+        """Choose the replica of each stage it reaches (where its prompt is cached, if that one has
+        room; else the one with the most room) and the cached blocks it starts with; promise it
+        the KV blocks it may still need, evicting unused cached blocks for room. False: no room yet."""
+        cache, stages = self.cache, self.stages[: seq.reach + 1]
+        tries = [cache.homes(seq), [None] * len(stages)] if seq.uses_cache else [[None] * len(stages)]
+        for prefer in tries:
+            replicas = [self._replica(k, worker) for k, worker in enumerate(prefer)]
+            homes = [stage.worker_ids[r] for stage, r in zip(stages, replicas)]
+            blocks, lengths = cache.match(seq, homes) if seq.uses_cache else ([], [0] * len(stages))
+            need = [seq.kv_blocks[k] - n for k, n in enumerate(lengths)]
+            if all(cache.room(k, r, blocks) >= n for k, (r, n) in enumerate(zip(replicas, need))):
+                break
+        else:
+            return False
+        cache.use(seq, blocks)
+        for k, (stage, r, n) in enumerate(zip(stages, replicas, need)):
+            stage.place(seq.seq_id, n, r, seq.kv_blocks[k])  # on one replica, where its KV will live
+            cache.make_room(k)
+        if seq.uses_cache:
+            seq.start_cached(tuple(b.block_id for b in blocks), lengths, cache.block_size)
+            cache.start(seq)
+            cache.stats.queries += seq.num_prompt
+            cache.stats.hits += seq.num_cached_tokens
+        return True
+
+    def _replica(self, stage: int, worker_id: int | None) -> int:
+        """The replica `worker_id` of the stage if it serves it, else the one with the most room."""
+        ids = self.stages[stage].worker_ids
+        if worker_id in ids:
+            return ids.index(worker_id)
+        room = [self.cache.room(stage, r) for r in range(len(ids))]
+        return room.index(max(room))
 
     # ---- the step --------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -149,11 +194,12 @@ class Engine:
 
     def update(self, work: list[tuple[Sequence, SeqPlan]], outcomes: dict[int, Outcome]) -> list[Sequence]:
         for seq, plan in work:
-            if plan.action == "none":
-                continue  # a prompt chunk: the decoder decides nothing until its last one
-            rollback_to = seq.decoder.update(seq, outcomes[seq.seq_id])
-            if rollback_to is not None and not seq.finished:
-                self.pipeline.rollback(seq, rollback_to)
+            if plan.action != "none":  # a prompt chunk: the decoder decides nothing until its last one
+                rollback_to = seq.decoder.update(seq, outcomes[seq.seq_id])
+                if rollback_to is not None and not seq.finished:
+                    self.pipeline.rollback(seq, rollback_to)
+            if seq.uses_cache:
+                self.pipeline.keep(self.cache.keep(seq, self.pipeline.specs[seq.seq_id].homes))
             if seq.finished:
                 self._release(seq)
         return [seq for seq, _ in work]
@@ -183,8 +229,11 @@ class Engine:
         sequence that needs it fails at once.
         """
         stage = self.stages[exc.stage]
+        self.cache.drop(exc.stage, exc.worker_id)  # its cached blocks, there and deeper, everywhere
         held = [seq for seq in self.running
                 if seq.reach >= exc.stage and (exc.worker_id is None or stage.home_id(seq.seq_id) == exc.worker_id)]
+        for seq in held:
+            self._uncache(seq)  # what it will need again, before the restarted worker's room is read
         failed = []
         if exc.restarted:
             if exc.worker_id is not None:
@@ -222,8 +271,17 @@ class Engine:
         (drafts in flight are dropped), so the tokens that follow are unchanged."""
         for seq in seqs:
             self.pipeline.free(seq)
+            self._uncache(seq)
             seq.restart_from_committed()
             seq.decoder.reset()
+
+    def _uncache(self, seq: Sequence) -> None:
+        """A sequence about to be rebuilt computes all its positions again, without cached blocks:
+        it lets its blocks go and is promised its whole KV again."""
+        self.cache.release(seq)
+        for k, stage in enumerate(self.stages[: seq.reach + 1]):
+            stage.promise(seq.seq_id, seq.kv_blocks[k])
+            self.cache.make_room(k)
 
     # ---- scaling: call between steps (on the engine loop's thread) ----------------------------
     def add_replica(self, stage: int, worker) -> None:
@@ -233,12 +291,14 @@ class Engine:
         """Take a replica of `stage` out of service (default: its least loaded); its sequences move
         to the others and are rebuilt there. Returns the removed worker, which nothing calls again."""
         worker, moved = self.pipeline.remove_replica(stage, index)
+        self.cache.drop_missing(stage)
         self.rebuild([seq for seq in self.running if seq.seq_id in moved])
         return worker
 
     def _release(self, seq: Sequence) -> None:
         self.pipeline.free(seq)
         self.running.remove(seq)
+        self.cache.release(seq)
         for stage in self.stages:
             stage.release(seq.seq_id)
 

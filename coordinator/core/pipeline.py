@@ -72,6 +72,8 @@ class Pipeline:
         self._frees: list[int] = []
         self._rollbacks: list[tuple[int, int]] = []
         self._aborted: list[int] = []  # steps that failed: every worker undoes them
+        self._keeps: list[tuple[int, int, int, int]] = []  # prefix caching: blocks kept (StepPlan.keeps)
+        self._evictions: list[tuple[int, int]] = []  # and let go (StepPlan.evictions)
 
     def _new_worker(self, stage: int, worker) -> int:
         worker_id = next(self._ids)
@@ -90,15 +92,15 @@ class Pipeline:
         new, steps = [], {}
         for seq, plan in work:
             if seq.seq_id not in self.specs:
-                self.specs[seq.seq_id] = seq.decoder.spec(seq, self.homes(seq))
+                self.specs[seq.seq_id] = _with_cache(seq.decoder.spec(seq, self.homes(seq)), seq)
                 new.append(self.specs[seq.seq_id])
             elif seq.seq_id in self._unsure:
                 new.append(self.specs[seq.seq_id])
             steps[seq.seq_id] = self._seq_step(seq, plan)
         batches = tuple(tuple(steps[seq.seq_id] for seq, _ in batch) for batch in _split(work, num_micro_batches))
         plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), tuple(new), batches,
-                        tuple(self._aborted))
-        self._frees, self._rollbacks, self._aborted = [], [], []
+                        tuple(self._aborted), tuple(self._keeps), tuple(self._evictions))
+        self._frees, self._rollbacks, self._aborted, self._keeps, self._evictions = [], [], [], [], []
         self._unsure.clear()
         try:
             results = self.transport.run(plan, self._expected_items(work), self._participants(batches))
@@ -174,8 +176,8 @@ class Pipeline:
         if self.has_changes:
             self.step += 1
             plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), (), (),
-                            tuple(self._aborted))
-            self._frees, self._rollbacks, self._aborted = [], [], []
+                            tuple(self._aborted), tuple(self._keeps), tuple(self._evictions))
+            self._frees, self._rollbacks, self._aborted, self._keeps, self._evictions = [], [], [], [], []
             try:
                 self.transport.run(plan, 0, set())
             except BaseException:
@@ -187,12 +189,21 @@ class Pipeline:
         the next one too (undoing, freeing, rolling back and learning a spec again change nothing
         on a worker that had them)."""
         self._frees[:0], self._rollbacks[:0], self._aborted[:0] = plan.frees, plan.rollbacks, plan.aborted
+        self._keeps[:0], self._evictions[:0] = plan.keeps, plan.evictions
         self._unsure.update(spec.seq_id for spec in plan.new if spec.seq_id in self.specs)
+
+    def keep(self, entries: list[tuple[int, int, int, int]]) -> None:
+        """Prefix caching: sequences' full blocks to keep under block ids (StepPlan.keeps)."""
+        self._keeps += entries
+
+    def evict(self, block_id: int, first_stage: int) -> None:
+        """Prefix caching: a block no longer kept on stages first_stage.. (StepPlan.evictions)."""
+        self._evictions.append((block_id, first_stage))
 
     @property
     def has_changes(self) -> bool:
-        """Frees, rollbacks or an undo are waiting for a plan to carry them."""
-        return bool(self._frees or self._rollbacks or self._aborted)
+        """Frees, rollbacks, an undo or cached blocks' changes are waiting for a plan to carry them."""
+        return bool(self._frees or self._rollbacks or self._aborted or self._keeps or self._evictions)
 
     # ---- topology ----------------------------------------------------------------------------
     def add_replica(self, stage: int, worker) -> None:
@@ -213,6 +224,18 @@ class Pipeline:
         self.epoch += 1
         self.transport.connect(self.topology, self.epoch)
         return worker, moved
+
+
+def _with_cache(spec: SeqSpec, seq: Sequence) -> SeqSpec:
+    """The spec with what prefix caching adds: the cached blocks it starts with, whether its
+    deepest stage keeps output rows, and the cached tokens for controls that read them."""
+    if not seq.prefix_lengths and not seq.keeps_rows:
+        return spec
+    num_cached = seq.prefix_lengths[0] if seq.prefix_lengths else 0
+    history = spec.controls is not None and spec.controls.uses_history and num_cached
+    return spec._replace(prefix_blocks=seq.prefix_blocks, prefix_lengths=tuple(seq.prefix_lengths),
+                         keep_rows=seq.keeps_rows,
+                         prefix_tokens=tuple(seq.tokens[: seq.num_computed[0]]) if history else ())
 
 
 def _split(work: list, num_micro_batches: int) -> list[list]:

@@ -22,7 +22,9 @@ class StageReplicas:
         self.worker_ids: list[int] = []
         self.capacity: list[int] = []  # KV blocks of each replica
         self.promised: list[int] = []  # KV blocks of each replica promised to its sequences
+        self.cached: list[int] = []  # KV blocks of each replica held by the prefix cache (prefix_cache.py)
         self.placed: dict[int, tuple[int, int]] = {}  # seq_id -> (replica, KV blocks promised there)
+        self.whole: dict[int, int] = {}  # seq_id -> KV blocks it needs without cached blocks (if moved)
         self.stage: int | None = None
         self.block_size: int | None = None  # positions per KV block, the same on every replica
         for worker, worker_id in zip(workers, worker_ids):
@@ -40,23 +42,37 @@ class StageReplicas:
 
     @property
     def num_free_blocks(self) -> int:
-        """KV blocks not yet promised, over all replicas."""
-        return self.num_blocks - sum(self.promised)
+        """KV blocks neither promised nor held by the prefix cache, over all replicas."""
+        return self.num_blocks - sum(self.promised) - sum(self.cached)
 
-    def fits(self, num_blocks: int) -> bool:
-        return any(c - p >= num_blocks for c, p in zip(self.capacity, self.promised))
-
-    def place(self, seq_id: int, num_blocks: int) -> None:
-        """Promise a sequence KV blocks on the replica with the most room; it runs there until released."""
-        room = [c - p for c, p in zip(self.capacity, self.promised)]
-        replica = room.index(max(room))
-        assert room[replica] >= num_blocks, f"stage {self.stage}: sequence {seq_id} placed without room"
+    def place(self, seq_id: int, num_blocks: int, replica: int, whole: int) -> None:
+        """Promise a sequence KV blocks on a replica (`whole`: all it needs, cached blocks included);
+        it runs there until released."""
         self.placed[seq_id] = (replica, num_blocks)
+        self.whole[seq_id] = whole
         self.promised[replica] += num_blocks
+
+    def promise(self, seq_id: int, num_blocks: int) -> None:
+        """Change what a placed sequence is promised (a rebuilt sequence computes all its positions again)."""
+        replica, before = self.placed[seq_id]
+        self.placed[seq_id] = (replica, num_blocks)
+        self.promised[replica] += num_blocks - before
+
+    def hold(self, seq_id: int) -> None:
+        """One of the sequence's blocks is now held by the prefix cache, not promised to it."""
+        replica, num_blocks = self.placed[seq_id]
+        self.placed[seq_id] = (replica, num_blocks - 1)
+        self.promised[replica] -= 1
+        self.cached[replica] += 1
+
+    def unhold(self, worker_id: int) -> None:
+        """The prefix cache let one block of this worker go."""
+        self.cached[self.worker_ids.index(worker_id)] -= 1
 
     def release(self, seq_id: int) -> None:
         """Give back a finished sequence's promise (its KV is freed first); a no-op if never placed."""
         replica, num_blocks = self.placed.pop(seq_id, (None, 0))
+        self.whole.pop(seq_id, None)
         if replica is not None:
             self.promised[replica] -= num_blocks
 
@@ -71,6 +87,7 @@ class StageReplicas:
         self.worker_ids.append(worker_id)
         self.capacity.append(info.kv_num_blocks)
         self.promised.append(0)
+        self.cached.append(0)
 
     def remove_replica(self, index: int | None = None) -> tuple[object, int, list[int]]:
         """Take replica `index` (default: the least loaded) out of service and place its sequences
@@ -81,24 +98,26 @@ class StageReplicas:
         index = self.promised.index(min(self.promised)) if index is None else index
         if not isinstance(index, int) or not 0 <= index < len(self.workers):
             raise ValueError(f"replica index={index!r} is out of range; allowed: 0..{len(self.workers) - 1}")
-        moved = sorted((s for s, (r, _) in self.placed.items() if r == index), key=lambda s: -self.placed[s][1])
-        room = [c - p for c, p in zip(self.capacity, self.promised)]
+        # a moved sequence computes all its positions again, on another replica: it needs its whole KV
+        moved = sorted((s for s, (r, _) in self.placed.items() if r == index), key=lambda s: -self.whole[s])
+        room = [c - p - h for c, p, h in zip(self.capacity, self.promised, self.cached)]
         room[index] = -1
         target = {}
-        for seq_id in moved:  # largest promise first, each to the replica with the most room
-            num_blocks, replica = self.placed[seq_id][1], room.index(max(room))
+        for seq_id in moved:  # largest first, each to the replica with the most room
+            num_blocks, replica = self.whole[seq_id], room.index(max(room))
             if room[replica] < num_blocks:
                 raise ValueError(
                     f"stage {self.stage}: replica {index}'s {len(moved)} sequences need "
-                    f"{sum(self.placed[s][1] for s in moved)} KV blocks, the other replicas have "
-                    f"{self.num_free_blocks - (self.capacity[index] - self.promised[index])} free; retry later"
+                    f"{sum(self.whole[s] for s in moved)} KV blocks, the other replicas have "
+                    f"{sum(max(r, 0) for r in room)} free; retry later"
                 )
             room[replica] -= num_blocks
             target[seq_id] = replica
         worker, worker_id = self.workers.pop(index), self.worker_ids.pop(index)
-        del self.capacity[index], self.promised[index]
+        del self.capacity[index], self.promised[index], self.cached[index]
         renumber = lambda r: r - (r > index)  # noqa: E731  replicas after `index` move down one
-        self.placed = {s: (renumber(target.get(s, r)), n) for s, (r, n) in self.placed.items()}
+        self.placed = {s: (renumber(target[s]), self.whole[s]) if s in target else (renumber(r), n)
+                       for s, (r, n) in self.placed.items()}
         self.promised = [0] * len(self.workers)
         for replica, num_blocks in self.placed.values():
             self.promised[replica] += num_blocks
@@ -109,7 +128,7 @@ class StageReplicas:
         returns the sequences placed there that no longer fit, largest first."""
         i = self.worker_ids.index(worker_id)
         self.capacity[i] = self.workers[i].info().kv_num_blocks
-        load, over = self.promised[i], []
+        load, over = self.promised[i] + self.cached[i], []
         for num_blocks, seq_id in sorted(((n, s) for s, (r, n) in self.placed.items() if r == i), reverse=True):
             if load <= self.capacity[i]:
                 break

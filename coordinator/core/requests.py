@@ -68,6 +68,7 @@ class GenerationRequest:
     controls: Controls | None = None  # penalties, bias, min_tokens (its prompt_len and stop_ids unset); None: none
     logprobs: int | None = None  # each new token's log-prob and this many alternatives; None: none
     structured: object = None  # a StructuredOutput (coordinator/structured_output.py): its grammar; None: free
+    cache_salt: str | None = None  # prefix caching: only requests with the same salt share cached blocks
 
     def __post_init__(self):
         if self.structured is not None:  # a structured sequence also ends with its grammar's end token
@@ -176,8 +177,9 @@ def check_sampling(do_sample: bool, temperature, top_k, top_p, seed, switch: str
                           None if not min_p else float(min_p))
 
 
+# the options every generate method takes by keyword: decoding controls, and the prefix cache's salt
 CONTROL_NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens",
-                 "stop_token_ids", "structured_outputs")  # the decoding controls every generate method takes by keyword
+                 "stop_token_ids", "structured_outputs", "cache_salt")
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; larger biases are clamped to it
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2..2
 
@@ -226,6 +228,20 @@ def check_token_ids(config: ModelConfig, ids, name: str) -> list[int]:
 def check_stop_ids(config: ModelConfig, stop_ids, name: str = "eos_token_id") -> frozenset[int]:
     return frozenset(check_token_ids(config, [] if stop_ids is None else [stop_ids] if _is_int(stop_ids)
                                      else stop_ids, name))
+
+
+MAX_CACHE_SALT = 1024  # characters
+
+
+def check_cache_salt(salt, name: str = "cache_salt") -> str | None:
+    """None, or a non-empty string of at most MAX_CACHE_SALT characters: only requests with the
+    same salt share cached KV blocks (coordinator/core/prefix_cache.py)."""
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not 1 <= len(salt) <= MAX_CACHE_SALT:
+        raise ValueError(f"{name}={salt!r:.60} is invalid; allowed: a non-empty string of at most {MAX_CACHE_SALT} "
+                         f"characters")
+    return salt
 
 
 # ---- modes ---------------------------------------------------------------------------------
@@ -288,7 +304,7 @@ def speculative_mode(config: ModelConfig, draft_stage, k_draft) -> Speculative:
 
 
 def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, sampling=None, stop_ids=frozenset(),
-                   controls: Controls | None = None, structured=None):
+                   controls: Controls | None = None, structured=None, cache_salt: str | None = None):
     """One request per prompt row; each row is independent. Row r samples with seed + r."""
     rows = check_prompts(config, input_ids)
     for row in rows:
@@ -299,5 +315,5 @@ def build_requests(config: ModelConfig, input_ids, max_new_tokens, mode: Mode, s
         if sampling is not None and sampling.seed is not None:
             row_sampling = replace(sampling, seed=sampling.seed + r)
         requests.append(GenerationRequest(tuple(row), max_new_tokens, mode, row_sampling, stop_ids, controls,
-                                          structured=structured))
+                                          structured=structured, cache_salt=cache_salt))
     return requests

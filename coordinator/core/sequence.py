@@ -32,6 +32,16 @@ class Sequence:
     recoveries: int = 0  # times rebuilt after a lost worker
     logprobs: list[float] = field(default_factory=list)  # each new token's log-prob, when the request asks
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # and its alternatives
+    # prefix caching (coordinator/core/prefix_cache.py)
+    uses_cache: bool = False  # looks its prompt up in the cache and offers it its full blocks
+    keeps_rows: bool = False  # its deepest stage is not the last: it keeps its blocks' output rows there
+    prefix_blocks: tuple[int, ...] = ()  # the cached blocks it started with (block ids, chain order)
+    prefix_lengths: list[int] = field(default_factory=list)  # how many of them each stage 0..reach used
+    num_cached_tokens: int = 0  # prompt positions it found cached on every stage it runs
+    cache_keys: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks, as computed
+    cache_blocks: list = field(default_factory=list)  # the cached blocks it uses (it holds a reference)
+    num_kept: int = 0  # its full blocks already offered to the cache
+    computing: list[tuple[int, bytes]] = field(default_factory=list)  # (index, hash) of prompt blocks it computes
 
     def __post_init__(self):
         self.num_committed = self.num_committed or len(self.tokens)
@@ -42,6 +52,13 @@ class Sequence:
         """Forget all computed state (KV is freed by the caller); keep the committed tokens."""
         del self.tokens[self.num_committed :]
         self.num_computed = [0] * self.num_stages
+        self.prefix_blocks, self.prefix_lengths, self.num_kept = (), [], 0
+
+    def start_cached(self, blocks: tuple[int, ...], lengths: list[int], block_size: int) -> None:
+        """Start from cached blocks: stage k has computed the first lengths[k] of them."""
+        self.prefix_blocks, self.prefix_lengths = blocks, lengths
+        self.num_computed[: len(lengths)] = [n * block_size for n in lengths]
+        self.num_cached_tokens = lengths[-1] * block_size
 
     @property
     def num_unfed(self) -> int:

@@ -140,6 +140,7 @@ class PoEServicer(pb_grpc.PoEServingServicer):
                 if event.done:
                     chunk.finish_reason = handle.seq.finish_reason
                     chunk.acceptance_rate = wire.acceptance(handle.seq)
+                    chunk.prompt_tokens, chunk.cached_tokens = handle.seq.num_prompt, handle.seq.num_cached_tokens
                 if event.tokens or event.done:
                     yield chunk
 

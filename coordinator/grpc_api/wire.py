@@ -148,8 +148,9 @@ def generation_request(message: pb.GenerateRequest, tokenizer: Tokenizer, config
     logprobs = message.logprobs if message.HasField("logprobs") else None
     if logprobs is not None and logprobs > rq.MAX_LOGPROBS:
         raise ValueError(f"logprobs={logprobs} is invalid; allowed: 0..{rq.MAX_LOGPROBS} alternatives per token")
+    salt = rq.check_cache_salt(message.cache_salt if message.HasField("cache_salt") else None)
     return rq.GenerationRequest(tuple(ids), max_new, mode, sampling_of(message, mode), stop,
-                                controls_of(message, config, max_new), logprobs, structured)
+                                controls_of(message, config, max_new), logprobs, structured, salt)
 
 
 def structured_of(message: pb.GenerateRequest, tokenizer: Tokenizer, config: ModelConfig):
@@ -185,7 +186,8 @@ def generate_response(seq: Sequence, tokenizer: Tokenizer, ttft: float, total: f
     new = seq.new_tokens
     return pb.GenerateResponse(
         token_ids=new, text=tokenizer.decode(new), stages_used=seq.stages_used, acceptance_rate=acceptance(seq),
-        finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt, time_to_first_token_s=ttft, total_time_s=total,
+        finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt, cached_tokens=seq.num_cached_tokens,
+        time_to_first_token_s=ttft, total_time_s=total,
         logprobs=token_logprobs(new, seq.logprobs, seq.top_logprobs),
     )
 

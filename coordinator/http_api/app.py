@@ -48,6 +48,7 @@ from coordinator.http_api.schema import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
     Usage,
@@ -389,9 +390,13 @@ class Front:
 
     @staticmethod
     def _usage(plan: CompletionPlan, choices: list[_Choice]) -> Usage:
+        """Each prompt counted once; its cached tokens are its first choice's (the one that ran first)."""
         prompt = sum(len(p.ids) for p in plan.prompts)
         completion = sum(len(c.text.tokens) for c in choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        first = [c for c in choices if c.index % plan.n == 0]
+        cached = sum(c.handle.seq.num_cached_tokens for c in first if c.handle is not None and c.handle.seq)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     async def _stream(self, body: CompletionRequest, plan: CompletionPlan, choices: list[_Choice], head: dict,
                       send) -> None:

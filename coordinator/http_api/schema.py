@@ -91,6 +91,8 @@ class _OpenAICompletion(BaseModel):
     return_token_ids: bool = Field(False, description="true or false: token ids on each choice (vLLM's)")
     return_tokens_as_token_ids: bool = Field(False, description="true or false: logprobs tokens as 'token_id:N'")
     user: str | None = Field(None, description="a string (ignored)")
+    cache_salt: str | None = Field(None, description="a non-empty string of at most 1024 characters: only requests "
+                                                     "with the same salt share cached prompt blocks (vLLM's)")
     # OpenAI fields with no meaning here: accepted only at their neutral values
     best_of: int | None = Field(None, description="1 (or unset); more is not supported")
     suffix: str | None = Field(None, description="unset; suffixes are not supported")
@@ -118,10 +120,15 @@ class Logprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache on every stage the request runs
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(BaseModel):

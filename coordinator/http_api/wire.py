@@ -104,6 +104,7 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
     controls = checked("logit_bias", rq.check_controls, config, max_new, *(getattr(body, f) for f in CONTROL_FIELDS),
                        also=CONTROL_FIELDS)
     structured = structured_of(body, tokenizer, config)
+    salt = checked("cache_salt", rq.check_cache_salt, body.cache_salt)
     requests = []
     for prompt in prompts:
         if max_new:
@@ -116,7 +117,7 @@ def completion_plan(body: CompletionRequest, tokenizer: Tokenizer, config: Model
             if sampling is not None and sampling.seed is not None:
                 seeded = replace(sampling, seed=sampling.seed + len(requests))
             requests.append(rq.GenerationRequest(prompt.ids, max_new, mode, seeded, stop_ids, controls, body.logprobs,
-                                                 structured) if max_new else None)
+                                                 structured, salt) if max_new else None)
     return CompletionPlan(prompts, body.n, tuple(requests), _stop_strings(body.stop), mode)
 
 

@@ -137,7 +137,8 @@ class Metrics:
 
 class _EngineGauges(Collector):
     """Read at scrape time: requests running and waiting, the share of each replica's KV blocks
-    promised to admitted sequences (each is promised its whole length), and each stage's busy
+    promised to admitted sequences (each is promised its whole length, less its cached blocks) and
+    the share the prefix cache keeps, the prefix cache's queries and hits, and each stage's busy
     seconds summed over its live workers (a restarted or removed worker's time starts again from
     0, which Prometheus' rate() reads as a counter reset)."""
 
@@ -151,14 +152,25 @@ class _EngineGauges(Collector):
         waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting for KV room to be admitted",
                                     labels=["model_name"])
         waiting.add_metric([self.model_name], len(self.engine.waiting))
-        kv = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV blocks promised / held by a replica (0..1)",
-                               labels=["model_name", "stage", "replica"])
+        kv = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV blocks of a replica promised to running "
+                               "sequences (0..1)", labels=["model_name", "stage", "replica"])
+        cached = GaugeMetricFamily(PREFIX + "kv_cache_cached_perc", "KV blocks of a replica kept by the prefix "
+                                   "cache, shared or evictable (0..1)", labels=["model_name", "stage", "replica"])
         replicas = GaugeMetricFamily(PREFIX + "stage_replicas", "Workers serving a stage (autoscaling moves it)",
                                      labels=["model_name", "stage"])
         for k, stage in enumerate(self.engine.stages):
-            for r, (capacity, promised) in enumerate(zip(list(stage.capacity), list(stage.promised))):
+            for r, (capacity, promised, kept) in enumerate(zip(list(stage.capacity), list(stage.promised),
+                                                               list(stage.cached))):
                 kv.add_metric([self.model_name, str(k), str(r)], promised / capacity if capacity else 0.0)
+                cached.add_metric([self.model_name, str(k), str(r)], kept / capacity if capacity else 0.0)
             replicas.add_metric([self.model_name, str(k)], len(stage.workers))
+        stats = self.engine.cache.stats
+        queries = CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache", labels=["model_name"])
+        queries.add_metric([self.model_name], stats.queries)
+        hits = CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found cached on every stage "
+                                   "their request runs", labels=["model_name"])
+        hits.add_metric([self.model_name], stats.hits)
         busy = CounterMetricFamily(PREFIX + "stage_busy_seconds", "Seconds a stage's workers spent computing "
                                    "and deciding (utilization: rate / replicas)", labels=["model_name", "stage"])
         try:
@@ -166,4 +178,4 @@ class _EngineGauges(Collector):
                 busy.add_metric([self.model_name, str(k)], signals.busy_s)
         except Exception as exc:  # a worker being restarted: this scrape has no busy figures
             log.warning("stage busy time not read: %s", exc)
-        return [running, waiting, kv, replicas, busy]
+        return [running, waiting, kv, cached, replicas, queries, hits, busy]
