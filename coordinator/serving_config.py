@@ -1,6 +1,7 @@
 """How stages map onto machines, read once from a YAML file in cluster_configs/.
 
-`ServingConfig` holds one `StagePlacement` per stage (defaults, overridden per stage), the
+`ServingConfig` holds one `StagePlacement` per stage (defaults, overridden per stage), or per
+worker when workers serve stage groups (`workers:`, each with its `stages: [first, last]`), the
 engine's limits (an `EngineConfig`, the same dataclass an in-process model takes) and the
 server's. Unknown keys and bad values are errors that name the file and the field. It knows
 nothing about Ray's API; `coordinator.ray_cluster.cluster` turns it into placement groups.
@@ -43,8 +44,9 @@ class StagePlacement:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    stages: tuple[StagePlacement, ...] = ()  # empty: `defaults` for every stage
+    stages: tuple[StagePlacement, ...] = ()  # empty: `defaults` for every stage (a group's on each of its stages)
     defaults: StagePlacement = StagePlacement()
+    groups: tuple[tuple[int, int], ...] = ()  # (first, last) stage of each worker, in order; empty: one per stage
     placement_strategy: str = "PACK"
     engine: EngineConfig = EngineConfig()  # the engine's limits: top-level keys of the YAML (max_num_seqs, ...)
     max_queue: int = 256  # requests waiting for KV room before RESOURCE_EXHAUSTED
@@ -59,8 +61,15 @@ class ServingConfig:
         return self.stages[stage] if self.stages else self.defaults
 
     def check_num_stages(self, num_stages: int) -> None:
+        if self.groups and self.groups[-1][1] != num_stages - 1:
+            raise ValueError(f"{self.source}: workers serve stages 0..{self.groups[-1][1]}, the checkpoint has "
+                             f"stages 0..{num_stages - 1}; allowed: workers whose stages cover them all, in order")
         if self.stages and len(self.stages) != num_stages:
             raise ValueError(f"{self.source}: lists {len(self.stages)} stages, the checkpoint has {num_stages}")
+
+    def worker_groups(self, num_stages: int) -> list[tuple[int, int]]:
+        """The (first, last) stages of each worker: the `workers:` groups, else one worker per stage."""
+        return list(self.groups) or [(k, k) for k in range(num_stages)]
 
 
 def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
@@ -111,6 +120,30 @@ def _placement(raw: dict, base: StagePlacement, where: str) -> StagePlacement:
     return p
 
 
+def _workers(raw, defaults: StagePlacement, source: str) -> tuple[tuple, tuple]:
+    """`workers:`: each a placement with `stages: [first, last]` (or one stage), consecutive from
+    stage 0. Returns the groups and each stage's placement (its worker's)."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{source}: workers must be a non-empty list of {{stages: [first, last], ...}}")
+    groups, stages = [], []
+    for i, entry in enumerate(raw):
+        where = f"{source}: workers[{i}]"
+        if not isinstance(entry, dict) or "stages" not in entry:
+            raise ValueError(f"{where}: each worker needs stages: [first, last] (the stages it serves)")
+        span = entry["stages"]
+        span = [span, span] if isinstance(span, int) and not isinstance(span, bool) else span
+        start = groups[-1][1] + 1 if groups else 0
+        if (not isinstance(span, list) or len(span) != 2 or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                    for s in span) or span[0] != start
+                or span[1] < span[0]):
+            raise ValueError(f"{where}: stages={entry['stages']!r}; allowed: [{start}, last] with last >= {start} "
+                             "(workers serve consecutive stages, in order, from stage 0)")
+        groups.append((span[0], span[1]))
+        placement = _placement({k: v for k, v in entry.items() if k != "stages"}, defaults, where)
+        stages += [placement] * (span[1] - span[0] + 1)
+    return tuple(groups), tuple(stages)
+
+
 def _mapping(raw, where: str, check) -> tuple:
     """A YAML mapping as sorted (key, value) pairs, each checked by `check(where, key, value)`."""
     if raw is None:
@@ -143,7 +176,7 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
         raise ValueError(f"{source}: expected a YAML mapping at the top level")
     engine_keys = tuple(f.name for f in fields(EngineConfig))
     limit_keys = ("max_queue", "max_worker_restarts", "max_request_bytes")
-    known = {"stages", "defaults", "placement_strategy", "step_timeout_s", "transport", "cluster_autoscaling",
+    known = {"stages", "workers", "defaults", "placement_strategy", "step_timeout_s", "transport", "cluster_autoscaling",
              *limit_keys, *engine_keys}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -152,6 +185,12 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     stages = tuple(
         _placement(entry or {}, defaults, f"{source}: stages[{i}]") for i, entry in enumerate(raw.get("stages") or [])
     )
+    groups = ()
+    if raw.get("workers") is not None:
+        if "stages" in raw:
+            raise ValueError(f"{source}: set stages (a worker per stage) or workers (each with its stage range), "
+                             "not both")
+        groups, stages = _workers(raw["workers"], defaults, source)
     strategy = raw.get("placement_strategy", "PACK")
     if strategy not in STRATEGIES:
         raise ValueError(f"{source}: placement_strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
@@ -173,7 +212,7 @@ def config_from_yaml_dict(raw: dict, source: str) -> ServingConfig:
     cluster_autoscaling = raw.get("cluster_autoscaling", False)
     if not isinstance(cluster_autoscaling, bool):
         raise ValueError(f"{source}: cluster_autoscaling={cluster_autoscaling!r} must be true or false")
-    return ServingConfig(stages, defaults, strategy, source=source, step_timeout_s=float(timeout), transport=transport,
+    return ServingConfig(stages, defaults, groups, strategy, source=source, step_timeout_s=float(timeout), transport=transport,
                          cluster_autoscaling=cluster_autoscaling, engine=engine, **limits)
 
 

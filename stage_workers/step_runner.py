@@ -48,6 +48,21 @@ class StageRunner:
         self.neighbours = Neighbours(self.stage)
         self.decider = StageDecider(self.stage, num_stages, self.state)
 
+    # ---- what the step loop (serve_forever) calls -------------------------------------------------
+    def attach(self, control) -> None:
+        """The coordinator's channel, which interrupts any wait on a neighbour."""
+        self.neighbours.control = control
+
+    def rewire(self, inbound: dict, outbound: dict) -> None:
+        self.neighbours.rewire(inbound, outbound)
+
+    def undo(self, step: int) -> None:
+        self.state.undo(step)
+
+    def restart(self) -> None:
+        """Forget everything, as a restarted process would."""
+        self.state.restart()
+
     # ---- the step ------------------------------------------------------------------------------
     def run_step(self, plan: StepPlan) -> StepResult | None:
         """Do this worker's part of the step; a `StepResult` if it took part, else None."""
@@ -78,7 +93,7 @@ class StageRunner:
         for seq_id, length in plan.rollbacks:
             state.roll_back(seq_id, length)
         for spec in plan.new:
-            if self.worker_id in spec.homes:
+            if self.stage <= spec.reach and spec.homes[self.stage] == self.worker_id:
                 state.learn(spec)
         state.begin(plan.step)
 
@@ -234,25 +249,26 @@ def takes_part(spec: SeqSpec, s: SeqStep, stage: int, worker_id: int) -> bool:
 
 def serve_forever(runner: StageRunner, control, results, connect) -> None:
     """A worker process's loop: read the coordinator's messages in order and answer each step.
-    `connect(rewire)` opens the channels of a `Rewire` and returns (inbound, outbound) dicts.
-    A step that fails here is undone and reported; one the coordinator aborts while it runs is
-    undone and dropped."""
-    neighbours = runner.neighbours
-    neighbours.control = control
+    `runner`: a `StageRunner`, or a `GroupRunner` (stage_workers/stage_group.py) for a worker that
+    holds several stages. `connect(rewire)` opens the channels of a `Rewire` and returns
+    (inbound, outbound) dicts. A step that fails here is undone and reported; one the coordinator
+    aborts while it runs is undone and dropped."""
+    runner.attach(control)
+    neighbours = runner.neighbours  # the upstream face: inbound channels, plans read while waiting
     while True:
         # a step's plan may come without a wake-up: the upstream's data that follows it wakes this worker
         upstream = tuple(neighbours.inbound.values())
         message = neighbours.backlog.popleft() if neighbours.backlog else control.recv(also=upstream).message
         if isinstance(message, Rewire):
-            neighbours.rewire(*connect(message))
+            runner.rewire(*connect(message))
             continue
         try:
             result = runner.run_step(message)
         except Interrupted:
-            runner.state.undo(message.step)
+            runner.undo(message.step)
             continue
         except Exception as exc:  # reported to the coordinator, which aborts the step everywhere
-            runner.state.undo(message.step)
+            runner.undo(message.step)
             result = StepResult(message.step, message.epoch, runner.worker_id, error=traceback.format_exc(),
                                 lost_peer=exc.worker_id if isinstance(exc, PeerLost) else None)
         if result is not None:

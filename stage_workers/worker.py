@@ -55,6 +55,7 @@ class WorkerSpec:
     memory_fraction: float | None = None  # share of the device's memory for weights + KV (stage_workers/memory.py)
     kv_block_size: int = 16
     num_threads: int | None = None  # most torch threads of a CPU worker (small steps use one: compute_thread.py); None: default
+    shares_cores: bool = True  # other workers compute on this node's cores between its steps: small steps use one thread
     cuda_graphs: bool | None = None  # decode steps as CUDA graphs per batch bucket; None: on for a CUDA device
 
 
@@ -97,7 +98,9 @@ class StageWorker:
     def extend(self, batch: ExtendBatch) -> ExtendResult:
         self._check(batch)
         if self.spec.num_threads and self.device.type == "cpu":
-            use_threads(step_threads(batch.token_ids.shape[0], self.largest_weight, self.spec.num_threads))
+            most = self.spec.num_threads
+            use_threads(step_threads(batch.token_ids.shape[0], self.largest_weight, most) if self.spec.shares_cores
+                        else most)
         old = {seg.seq_id: self.cache.length(seg.seq_id) for seg in batch.segments}
         for seg in batch.segments:
             self.cache.reserve(seg.seq_id, seg.start + seg.length)

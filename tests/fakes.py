@@ -148,3 +148,18 @@ def reference_tokens() -> list[tuple[list[int], list[int]]]:
     """(new tokens, exit stages) of each MIXED request run alone on a plain engine."""
     engine, _ = make_engine()
     return [(s.new_tokens, s.stages_used) for s in (run(engine, request(*job)) for job in MIXED)]
+
+
+def make_grouped_engine(layout, replicas=None, kv_blocks=64, **engine_kwargs):
+    """An engine over fakes laid out in stage groups (`layout`: (first, last) stages per worker;
+    `replicas`: workers per group); returns it and each group's StageGroups."""
+    from stage_workers.stage_group import StageGroup
+
+    per_stage, groups = [[] for _ in range(K)], []
+    for (first, last), n in zip(layout, replicas or [1] * len(layout)):
+        groups.append([StageGroup([FakeWorker(k, K, kv_blocks=kv_blocks) for k in range(first, last + 1)])
+                       for _ in range(n)])
+        for group in groups[-1]:
+            for member in group.members():
+                per_stage[member.stage].append(member)
+    return Engine(CONFIG, Pipeline(per_stage), EngineConfig(**engine_kwargs)), groups

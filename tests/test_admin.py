@@ -27,9 +27,10 @@ def ids(seed: int) -> list[int]:
 
 def test_scale_stage_while_serving_keeps_tokens_and_lists_replicas(ray_session, tiny_dir, tiny_model, capsys):
     from coordinator import PoEModel
+    from coordinator.serving_config import ServingConfig
 
     expected = tiny_model.generate(torch.tensor([ids(1)]), 24)[0, 20:].tolist()
-    with PoEModel.on_ray(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir, config=ServingConfig()) as cluster:  # one worker per stage
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
         try:
             with PoEClient(server.address, timeout=120) as client:

@@ -92,8 +92,10 @@ def stage_placements(config: ServingConfig) -> list[StagePlacement]:
 
 
 def bundles(config: ServingConfig) -> list[dict[str, float]]:
-    """One Ray placement-group bundle per stage worker, as coordinator.ray_cluster.cluster asks for them."""
-    return [{"CPU": p.num_cpus, "GPU": p.num_gpus} for p in stage_placements(config) for _ in range(p.replicas)]
+    """One Ray placement-group bundle per worker (a stage's, or a stage group's), as
+    coordinator.ray_cluster.cluster asks for them."""
+    placements = [config.placement(first) for first, _ in config.worker_groups(NUM_STAGES)]
+    return [{"CPU": p.num_cpus, "GPU": p.num_gpus} for p in placements for _ in range(p.replicas)]
 
 
 def can_place(wanted: list[dict[str, float]], nodes: list[dict[str, float]], strategy: str) -> bool:
@@ -176,6 +178,17 @@ def test_one_gpu_holds_every_stage():
     assert sum(b["GPU"] for b in bundles(config)) <= 1
     assert config.placement_strategy == "STRICT_PACK"
     assert can_place(bundles(config), [{"CPU": 8, "GPU": 1}], config.placement_strategy)
+
+
+def test_stage_groups_must_cover_the_checkpoints_stages(tmp_path):
+    path = tmp_path / "groups.yaml"
+    path.write_text("workers:\n  - {stages: [0, 1], num_cpus: 1}\n  - {stages: 2, replicas: 2}\n")
+    config = load_serving_config(path)
+    assert config.worker_groups(3) == [(0, 1), (2, 2)] and config.placement(1).num_cpus == 1
+    assert config.placement(2).replicas == 2 and len(bundles(config)) == 3
+    config.check_num_stages(3)
+    with pytest.raises(ValueError, match="workers serve stages 0..2, the checkpoint has stages 0..3"):
+        config.check_num_stages(4)
 
 
 def test_four_gpus_puts_one_stage_per_gpu_on_one_node():
@@ -585,6 +598,14 @@ BAD_PLACEMENTS = {  # id: (file text, what the error must say after the file nam
                                 "defaults: accelerator_type H100 needs num_gpus > 0"),
     "accelerator-prefixed": ("defaults:\n  num_gpus: 1\n  accelerator_type: 'accelerator_type:H100'\n",
                              "defaults: accelerator_type='accelerator_type:H100'; allowed:"),
+    "workers-and-stages": ("stages:\n  - {}\nworkers:\n  - {stages: [0, 3]}\n",
+                           "set stages (a worker per stage) or workers (each with its stage range), not both"),
+    "worker-without-stages": ("workers:\n  - {num_cpus: 1}\n", "workers[0]: each worker needs stages: [first, last]"),
+    "workers-with-a-gap": ("workers:\n  - {stages: [0, 1]}\n  - {stages: [3, 3]}\n",
+                           "workers[1]: stages=[3, 3]; allowed: [2, last] with last >= 2"),
+    "workers-backwards": ("workers:\n  - {stages: [0, 2]}\n  - {stages: [3, 1]}\n",
+                          "workers[1]: stages=[3, 1]; allowed: [3, last] with last >= 3"),
+    "worker-unknown-key": ("workers:\n  - {stages: [0, 3], gpus: 1}\n", "workers[0]: unknown key 'gpus'"),
     "not-a-mapping": ("- PACK\n", "expected a YAML mapping"),
     "not-yaml": ("defaults: [\n", "not valid YAML"),
 }

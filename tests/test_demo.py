@@ -14,4 +14,4 @@ def test_demo_prints_every_mode_with_stages_used_and_acceptance(ray_session, cap
     wand_row = next(line for line in out.splitlines() if line.startswith("| wand"))
     stages_used = wand_row.split("|")[3].split()
     assert len(stages_used) == 6 and all(s.isdigit() for s in stages_used), f"WAND's stages_used: {wand_row}"
-    assert "accept " in out and "4 Ray workers" in out and "done in" in out
+    assert "accept " in out and "served by 1 Ray worker" in out and "done in" in out

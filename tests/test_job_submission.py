@@ -23,6 +23,7 @@ import pytest
 import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from coordinator.serving_config import load_serving_config
 from tools.client import PoEClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +145,8 @@ def test_ray_job_submit_serves_generate_and_stops(ray_head, tiny_dir, tiny_model
     actors = json.loads(ray_head.ray("list", "actors", "--address", ray_head.dashboard, "--format", "json",
                                      "--filter", "class_name=StageActor", "--filter", "state=ALIVE"))
     driver_job = ray_head.jobs.get_job_info(job_id).job_id
-    assert {a["job_id"] for a in actors} == {driver_job} and len(actors) >= tiny_model.config.num_stages, actors
+    workers = len(load_serving_config().worker_groups(tiny_model.config.num_stages))  # the default config's
+    assert {a["job_id"] for a in actors} == {driver_job} and len(actors) == workers, actors
 
     ray_head.ray("job", "stop", "--address", ray_head.dashboard, job_id, timeout=STOP_TIMEOUT_S)
     logs = ray_head.jobs.get_job_logs(job_id)

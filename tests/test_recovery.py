@@ -74,10 +74,12 @@ def watch_rebuilds(cluster: PoEModel) -> list[tuple[int, int]]:
     return rebuilt
 
 
-def test_killed_worker_restarts_and_requests_finish_with_their_tokens(ray_session, tiny_dir):
+@pytest.mark.parametrize("groups", [(), ((0, 1), (2, 3))], ids=["per-stage", "stage-groups"])
+def test_killed_worker_restarts_and_requests_finish_with_their_tokens(ray_session, tiny_dir, groups):
+    """With stage groups, the killed worker serves stages 2 and 3."""
     reference = PoEModel.from_pretrained(tiny_dir)
     expected = [call(reference, torch.tensor([prompt(i)]))[0, 24:].tolist() for i, (_, call) in enumerate(JOBS)]
-    with PoEModel.on_ray(tiny_dir) as cluster:
+    with PoEModel.on_ray(tiny_dir, config=ServingConfig(groups=groups)) as cluster:
         server = Server(cluster, load_tokenizer(tiny_dir), port=0)
         rebuilt = watch_rebuilds(cluster)
         try:

@@ -66,8 +66,9 @@ def run_demo(checkpoint: Path, config: str | None = None, prompt: str = DEMO_PRO
     from tools.client import PoEClient
 
     started = time.perf_counter()
-    print(f"starting a local Ray cluster with one worker per stage ({checkpoint})", file=sys.stderr)
+    print(f"starting a local Ray cluster ({checkpoint})", file=sys.stderr)
     with PoEModel.on_ray(checkpoint, config=config) as cluster:
+        workers = len({w for ids in cluster.engine.pipeline.topology for w in ids})  # a stage group's once
         server = Server(cluster, load_tokenizer(checkpoint), host="127.0.0.1", port=0)
         print(f"gRPC server on {server.address} (ready in {time.perf_counter() - started:.1f}s)", file=sys.stderr)
         try:
@@ -88,7 +89,7 @@ def run_demo(checkpoint: Path, config: str | None = None, prompt: str = DEMO_PRO
             server.stop()
     layout = list(info.stage_layout)
     print(f"\nmodel: {info.parameter_count:,} parameters, stages {layout}, boundaries {list(info.boundary_layers)}, "
-          f"{len(info.workers)} Ray workers")
+          f"served by {workers} Ray worker{'s' if workers > 1 else ''}")
     print(f"prompt: {prompt!r}   ({max_new_tokens} new tokens per call, greedy unless noted)\n")
     print(render_table(rows))
     print(f"\ndone in {time.perf_counter() - started:.1f}s")

@@ -84,6 +84,7 @@ class EchoStageActor(StageActor):
 
     def __init__(self, stage: int, n_embd: int, vocab: int):
         self.worker, self.channels, self.num_threads = EchoWorker(stage, n_embd, vocab), {}, None
+        self.workers = [self.worker]
 
 
 def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4) -> float:

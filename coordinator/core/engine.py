@@ -111,8 +111,12 @@ class Engine:
         cache, stages = self.cache, self.stages[: seq.reach + 1]
         tries = [cache.homes(seq), [None] * len(stages)] if seq.uses_cache else [[None] * len(stages)]
         for prefer in tries:
-            replicas = [self._replica(k, worker) for k, worker in enumerate(prefer)]
-            homes = [stage.worker_ids[r] for stage, r in zip(stages, replicas)]
+            replicas, homes = [], []
+            for k, (stage, worker) in enumerate(zip(stages, prefer)):
+                if homes and homes[-1] in stage.worker_ids:
+                    worker = homes[-1]  # a stage group: its stages run on one worker
+                replicas.append(self._replica(k, worker))
+                homes.append(stage.worker_ids[replicas[-1]])
             blocks, lengths = cache.match(seq, homes) if seq.uses_cache else ([], [0] * len(stages))
             need = [seq.kv_blocks[k] - n for k, n in enumerate(lengths)]
             if all(cache.room(k, r, blocks) >= n for k, (r, n) in enumerate(zip(replicas, need))):
@@ -236,8 +240,9 @@ class Engine:
             self._uncache(seq)  # what it will need again, before the restarted worker's room is read
         failed = []
         if exc.restarted:
-            if exc.worker_id is not None:
-                too_big = set(stage.refresh_capacity(exc.worker_id))
+            if exc.worker_id is not None:  # every stage it serves (a stage group serves several)
+                too_big = {s for other in self.stages if exc.worker_id in other.worker_ids
+                           for s in other.refresh_capacity(exc.worker_id)}
                 failed = [seq for seq in held if seq.seq_id in too_big]
                 positions = stage.capacity[stage.worker_ids.index(exc.worker_id)] * stage.block_size
                 for seq in failed:
@@ -245,8 +250,9 @@ class Engine:
                                            f"for this sequence beside the others placed there; retry")
         elif len(stage.workers) > 1 and exc.worker_id in stage.worker_ids:
             failed = held  # the stage goes on with its other replicas
-        else:
-            self.stages_down.add(exc.stage)
+        else:  # the stage is down, and every other stage its worker served (a stage group)
+            self.stages_down.update(k for k, other in enumerate(self.stages)
+                                    if k == exc.stage or exc.worker_id in other.worker_ids)
             failed = held + [seq for seq in self.waiting if seq.reach >= exc.stage]  # they could never run
         for seq in held:
             seq.recoveries += 1

@@ -61,6 +61,7 @@ class Pipeline:
         self.stages: list[StageReplicas] = []
         self.transport = transport if transport is not None else LocalTransport()
         self._ids = itertools.count()
+        self._groups: dict[int, tuple[object, int]] = {}  # id(group) -> (the group, its worker id)
         for k, stage in enumerate(workers):
             replicas = stage if isinstance(stage, list) else [stage]
             self.stages.append(StageReplicas(replicas, [self._new_worker(k, w) for w in replicas]))
@@ -76,8 +77,14 @@ class Pipeline:
         self._evictions: list[tuple[int, int]] = []  # and let go (StepPlan.evictions)
 
     def _new_worker(self, stage: int, worker) -> int:
+        """A worker's id; a stage group's members (`worker.group`) share their group's."""
+        group = getattr(worker, "group", None)
+        if group is not None and id(group) in self._groups:
+            return self._groups[id(group)][1]
         worker_id = next(self._ids)
         self.transport.add(worker_id, stage, worker, self.num_stages)
+        if group is not None:
+            self._groups[id(group)] = (group, worker_id)
         return worker_id
 
     @property
@@ -207,8 +214,10 @@ class Pipeline:
 
     # ---- topology ----------------------------------------------------------------------------
     def add_replica(self, stage: int, worker) -> None:
-        """One more worker for `stage`; only the channels of its neighbours change."""
-        self.stages[stage].add_replica(worker, self._new_worker(stage, worker))
+        """One more worker for `stage` (a list: a stage group's members, for `stage` and the stages
+        after it); only the channels of its neighbours change."""
+        for k, member in enumerate(worker if isinstance(worker, list) else [worker], start=stage):
+            self.stages[k].add_replica(member, self._new_worker(k, member))
         self.epoch += 1
         self.transport.connect(self.topology, self.epoch)
 
@@ -218,8 +227,13 @@ class Pipeline:
         self.transport.connect(self.topology, self.epoch)
 
     def remove_replica(self, stage: int, index: int | None = None):
-        """Take a replica out of service; returns (its worker, the seq_ids it held)."""
+        """Take a replica out of service (a stage group's from every stage it serves); returns
+        (its worker on `stage`, the seq_ids it held)."""
         worker, worker_id, moved = self.stages[stage].remove_replica(index)
+        for other in self.stages:
+            if worker_id in other.worker_ids:
+                moved = sorted(set(moved) | set(other.remove_replica(other.worker_ids.index(worker_id))[2]))
+        self._groups = {key: value for key, value in self._groups.items() if value[1] != worker_id}
         self.transport.remove(worker_id)
         self.epoch += 1
         self.transport.connect(self.topology, self.epoch)

@@ -20,6 +20,7 @@ import uuid
 from stage_workers.channels import LocalChannel, ShmChannel, open_channel
 from stage_workers.framing import ChannelTimeout, Packed, serialize
 from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
+from stage_workers.stage_group import GroupRunner
 from stage_workers.step_runner import StageRunner
 
 log = logging.getLogger("poe_serve.transport")
@@ -32,24 +33,25 @@ TRANSPORTS = ("auto", "shm", "dist")
 
 class LocalTransport:
     def __init__(self):
-        self.runners: dict[int, StageRunner] = {}  # worker id -> its runner
+        self.runners: dict[int, StageRunner | GroupRunner] = {}  # worker id -> its runner
 
     def add(self, worker_id: int, stage: int, worker, num_stages: int) -> None:
-        self.runners[worker_id] = StageRunner(worker, worker_id, num_stages)
+        """`worker`: a stage worker, or a `GroupMember` of a stage group (one runner for the group)."""
+        group = getattr(worker, "group", None)
+        self.runners[worker_id] = (GroupRunner(group.workers, worker_id, num_stages) if group is not None
+                                   else StageRunner(worker, worker_id, num_stages))
 
     def remove(self, worker_id: int) -> None:
         del self.runners[worker_id]
 
     def connect(self, topology: list[list[int]], epoch: int) -> None:
-        """A fresh channel between every two workers of adjacent stages (`topology`: worker ids per stage)."""
-        for runner in self.runners.values():
-            runner.neighbours.rewire({}, {})
-        for upstream, downstream in zip(topology, topology[1:]):
-            for a in upstream:
-                for b in downstream:
-                    channel = LocalChannel(f"{a}->{b}@{epoch}")
-                    self.runners[a].neighbours.outbound[b] = channel
-                    self.runners[b].neighbours.inbound[a] = channel
+        """A fresh channel from every worker to each worker of the stage after its last one
+        (`topology`: worker ids per stage; a stage group's id is on each of its stages)."""
+        inbound, outbound = {w: {} for w in self.runners}, {w: {} for w in self.runners}
+        for a, b in edges(topology):
+            inbound[b][a] = outbound[a][b] = LocalChannel(f"{a}->{b}@{epoch}")
+        for worker_id, runner in self.runners.items():
+            runner.rewire(inbound[worker_id], outbound[worker_id])
 
     def run(self, plan: StepPlan, expected_items: int, participants: set[int]) -> list[StepResult]:
         """Every runner's part of the step, in stage order; if one raises, the step is undone on all."""
@@ -66,13 +68,29 @@ class LocalTransport:
                     later.apply_changes(plan)
                 for r in ordered:
                     if r.worker_id == lost:
-                        r.state.restart()  # as a restarted process would, it starts afresh
+                        r.restart()  # as a restarted process would, it starts afresh
                     else:
-                        r.state.undo(plan.step)
+                        r.undo(plan.step)
                 raise
             if result is not None:
                 results.append(result)
         return results
+
+
+def spans(topology: list[list[int]]) -> dict[int, tuple[int, int]]:
+    """Each worker's first and last stage (a stage group's id is on each stage it serves)."""
+    out: dict[int, tuple[int, int]] = {}
+    for k, ids in enumerate(topology):
+        for w in ids:
+            out[w] = (out[w][0], k) if w in out else (k, k)
+    return out
+
+
+def edges(topology: list[list[int]]) -> list[tuple[int, int]]:
+    """(upstream, downstream) worker ids of every data channel: from each worker to each worker
+    of the stage after its last one."""
+    return [(a, b) for a, (_, last) in spans(topology).items() if last + 1 < len(topology)
+            for b in topology[last + 1]]
 
 
 class ChannelTransport:
@@ -131,16 +149,15 @@ class ChannelTransport:
     def connect(self, topology: list[list[int]], epoch: int) -> None:
         """Start the loop of every worker that has none (new, or restarted), then send each worker
         whose data channels changed its new set; the log says which kind each data channel is."""
-        for worker_id in (w for stage in topology for w in stage):
+        for worker_id in spans(topology):
             if worker_id not in self.control and worker_id not in self.lost:
                 self._start(worker_id)
-        for stage, worker_id in ((k, w) for k, ws in enumerate(topology) for w in ws):
+        live = [(a, b) for a, b in edges(topology) if a not in self.lost and b not in self.lost]
+        for worker_id in spans(topology):
             if worker_id in self.lost:
                 continue
-            upstream = topology[stage - 1] if stage else []
-            downstream = topology[stage + 1] if stage + 1 < len(topology) else []
-            rewire = Rewire(epoch, tuple(self._edge(a, worker_id) for a in upstream if a not in self.lost),
-                            tuple(self._edge(worker_id, b) for b in downstream if b not in self.lost))
+            rewire = Rewire(epoch, tuple(self._edge(a, worker_id) for a, b in live if b == worker_id),
+                            tuple(self._edge(worker_id, b) for a, b in live if a == worker_id))
             if worker_id not in self.wiring or self.wiring[worker_id][1:] != rewire[1:]:
                 self._send(worker_id, rewire, -1, epoch)
                 self.wiring[worker_id] = rewire

@@ -1,4 +1,5 @@
-"""The Ray backend of `PoEModel` (`PoEModel.on_ray`): each stage worker in its own Ray actor.
+"""The Ray backend of `PoEModel` (`PoEModel.on_ray`): each stage worker in its own Ray actor
+(a worker may serve a stage group: several consecutive stages in one actor).
 
 The runtime's one module that imports Ray for the workers (serve_app.py beside it imports Ray
 Serve; tools/transport_bench.py has benchmark actors of its own). Ray places the workers,
@@ -32,6 +33,7 @@ from stage_workers.channels import open_channel
 from stage_workers.compute_thread import compute_here, off_main_thread
 from stage_workers.config import load_config
 from stage_workers.messages import Edge, Rewire, WorkerInfo, WorkerLocation
+from stage_workers.stage_group import GroupRunner
 from stage_workers.step_runner import StageRunner, serve_forever
 from stage_workers.worker import StageWorker, WorkerSpec
 
@@ -47,21 +49,27 @@ ACTOR_THREADS = 4  # the step loop holds one; info, pid and the like answer on t
 # its next step leaves the cores to the one computing. (Spinning at libgomp's default halved
 # single-stream decode, 24 -> 16 tok/s; never spinning, OMP_WAIT_POLICY=PASSIVE, woke the team
 # through the kernel at every op: small preset 50 vs 55-59 tok/s, 1.5b bf16 163 vs 147 ms/token.)
+# A worker alone on its node (one worker serving every stage) keeps libgomp's default spin: it
+# takes no other worker's core, and its single-stream decode went from 0.94x to 1.00x of the
+# in-process model's (small preset, 2 cores).
 CPU_WORKER_ENV = {"GOMP_SPINCOUNT": "30000"}
 
 
 class StageActor:
-    """Runs inside the actor process: a stage worker and, once `serve` is called, its step loop."""
+    """Runs inside the actor process: the stage workers of its stages (one, or a stage group's)
+    and, once `serve` is called, their step loop."""
 
-    def __init__(self, checkpoint: str, spec: WorkerSpec, side_by_side: int = 1):
-        """`side_by_side`: how many workers of a node may compute at once (the step's micro-batches)."""
-        if spec.device == "cpu" and spec.num_threads is None:
+    def __init__(self, checkpoint: str, specs: list[WorkerSpec], side_by_side: int = 1):
+        """`specs`: one per stage served, consecutive; `side_by_side`: how many workers of a node may
+        compute at once (the step's micro-batches)."""
+        if specs[0].device == "cpu" and specs[0].num_threads is None:
             # Ray caps a 0.5-CPU actor at one thread; a sequence's stages run one after another,
             # so the computing worker may take every core (idle ones sleep: CPU_WORKER_ENV), or
             # its share of them when micro-batches keep several stages busy at once
-            spec = replace(spec, num_threads=max(1, len(os.sched_getaffinity(0)) // side_by_side))
-        self.worker = off_main_thread(StageWorker.from_checkpoint, checkpoint, spec)
-        self.num_threads = spec.num_threads  # set by the thread that will compute (`serve`)
+            specs = [replace(s, num_threads=max(1, len(os.sched_getaffinity(0)) // side_by_side)) for s in specs]
+        self.workers = [off_main_thread(StageWorker.from_checkpoint, checkpoint, s) for s in specs]
+        self.worker = self.workers[0]
+        self.num_threads = specs[0].num_threads  # set by the thread that will compute (`serve`)
         self.channels: dict[str, object] = {}  # data channels by name (shared memory or torch.distributed)
 
     def placement(self) -> tuple[str, str]:
@@ -73,7 +81,8 @@ class StageActor:
         """Run this worker's step loop on the coordinator's channels; it returns only if it fails
         (the coordinator watches this call to learn that the worker is gone)."""
         compute_here(self.num_threads)  # this thread runs every step
-        runner = StageRunner(self.worker, worker_id, num_stages)
+        runner = (StageRunner(self.worker, worker_id, num_stages) if len(self.workers) == 1
+                  else GroupRunner(self.workers, worker_id, num_stages))
         host = ray.util.get_node_ip_address()
         control_channel = open_channel(control, is_reader=True, host=host)
         serve_forever(runner, control_channel, open_channel(results, is_reader=False, host=host), self._connect)
@@ -94,8 +103,13 @@ class StageActor:
         return ({e.src: self.channels[e.name] for e in rewire.inbound},
                 {e.dst: self.channels[e.name] for e in rewire.outbound})
 
-    def info(self) -> WorkerInfo:
-        return self.worker.info()
+    def info(self, stage: int | None = None) -> WorkerInfo:
+        """A stage's worker's (default: the first it serves)."""
+        return self.worker.info() if stage is None else self.workers[stage - self.worker.stage].info()
+
+    def busy_s(self) -> float:
+        """Seconds its stages spent computing and deciding."""
+        return sum(w.busy_s for w in self.workers)
 
     def location(self) -> WorkerLocation:
         node_ip, device = self.placement()
@@ -114,13 +128,14 @@ class StageActor:
 
 
 class RemoteWorker:
-    """A stage worker's actor as the coordinator's placement code sees it: its stage and `info()`."""
+    """A stage worker's actor as the coordinator's placement code sees it: its stage and `info()`;
+    an actor serving a stage group has one per stage, with the same `group` (its `Replica`)."""
 
-    def __init__(self, actor, stage: int):
-        self.actor, self.stage = actor, stage
+    def __init__(self, actor, stage: int, group=None):
+        self.actor, self.stage, self.group = actor, stage, group
 
     def info(self) -> WorkerInfo:
-        return ray.get(self.actor.info.remote())
+        return ray.get(self.actor.info.remote(self.stage))
 
 
 class RayProcesses:
@@ -239,32 +254,43 @@ class RayCluster:
         self.serving_config, self.checkpoint, self.num_stages, self.dtype = serving, checkpoint, num_stages, dtype
         self.owns_ray = owns_ray  # this process started Ray, so `close` stops it
         self.placement_group, self.replicas = group, replicas  # stage -> its replicas, engine order
-        self.workers = [[RemoteWorker(r.actor, k) for r in rs] for k, rs in enumerate(replicas)]  # at launch
+        self.groups = serving.worker_groups(num_stages)  # (first, last) stage of each worker
+        # at launch, per stage; a stage group's actor has one on each of its stages
+        self.workers = [[RemoteWorker(r.actor, k, r) for r in rs] for k, rs in enumerate(replicas)]
         self.transport = transport
         self.spare_bundles: list[tuple[int, int]] = []  # (stage, bundle index) of the launch group freed by scaling down
         self._scaling = threading.Lock()
 
     @property
     def actors(self) -> list:
-        """Every replica's actor, stage by stage (with one replica per stage, actors[k] is stage k's)."""
+        """Every replica's actor, stage by stage (with one replica per stage, actors[k] is stage k's;
+        a stage group's actor is on each of its stages)."""
         return [r.actor for rs in self.replicas for r in rs]
 
+    def group_of(self, stage: int) -> tuple[int, int]:
+        """The (first, last) stages of the workers serving `stage`."""
+        return next(g for g in self.groups if g[0] <= stage <= g[1])
+
     def scale_stage(self, model, stage: int, replicas: int) -> None:
-        """Serve `stage` with `replicas` workers from now on (`PoEModel.scale_stage`, arguments checked)."""
+        """Serve `stage` with `replicas` workers from now on (`PoEModel.scale_stage`, arguments
+        checked); a stage group's workers serve all its stages, so it scales with them."""
+        first, last = self.group_of(stage)
         with self._scaling:
-            serving = {id(w.actor) for w in model.engine.stages[stage].workers}
-            current = self.replicas[stage] = [r for r in self.replicas[stage] if id(r.actor) in serving]
-            self._check_room(stage, replicas - len(current))
+            serving = {id(w.actor) for w in model.engine.stages[first].workers}
+            current = [r for r in self.replicas[first] if id(r.actor) in serving]
+            self._check_room(first, replicas - len(current))
             while len(current) < replicas:
-                replica = self._start_replica(stage)
-                worker = RemoteWorker(replica.actor, stage)
-                model.loop.call_in_loop(partial(model.engine.add_replica, stage, worker))
+                replica = self._start_replica(first)
+                members = [RemoteWorker(replica.actor, k, replica) for k in range(first, last + 1)]
+                model.loop.call_in_loop(partial(model.engine.add_replica, first, members))
                 current.append(replica)
             while len(current) > replicas:
-                worker = model.loop.call_in_loop(partial(model.engine.remove_replica, stage))
+                worker = model.loop.call_in_loop(partial(model.engine.remove_replica, first))
                 replica = next(r for r in current if r.actor is worker.actor)
                 current.remove(replica)
-                self._stop_replica(stage, replica)
+                self._stop_replica(first, replica)
+            for k in range(first, last + 1):
+                self.replicas[k] = list(current)
 
     def _check_room(self, stage: int, more: int) -> None:
         """Refuse at once a count the cluster's resources can never hold (rather than wait for
@@ -272,8 +298,8 @@ class RayCluster:
         if more <= 0 or self.serving_config.cluster_autoscaling:
             return
         bundle, total = _bundle(self.serving_config.placement(stage)), ray.cluster_resources()
-        held = {key: sum(_bundle(self.serving_config.placement(k)).get(key, 0) * len(rs)
-                         for k, rs in enumerate(self.replicas)) for key in bundle}
+        held = {key: sum(_bundle(self.serving_config.placement(first)).get(key, 0) * len(self.replicas[first])
+                         for first, _ in self.groups) for key in bundle}
         for key, amount in bundle.items():
             if held[key] + more * amount > total.get(key, 0) + 1e-9:
                 room = int((total.get(key, 0) - held[key]) // amount) if amount else more
@@ -291,8 +317,8 @@ class RayCluster:
         else:
             timeout = NODE_START_TIMEOUT_S if self.serving_config.cluster_autoscaling else PLACEMENT_TIMEOUT_S
             group, index, own = _reserve([self.serving_config.placement(stage)], "PACK", timeout), 0, True
-        replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.num_stages, self.dtype, stage,
-                                       group, index), group, index, own)
+        replica = Replica(_start_actor(self.checkpoint, self.serving_config, self.num_stages, self.dtype,
+                                       self.group_of(stage), group, index), group, index, own)
         try:
             ray.get(replica.actor.pid.remote())
         except ray.exceptions.RayActorError as exc:
@@ -310,7 +336,7 @@ class RayCluster:
     def busy_seconds(self, workers: list) -> list[float]:
         """One round of calls to the workers, answered within SIGNALS_TIMEOUT_S: a worker that Ray is
         restarting would otherwise hold up a metrics scrape or the autoscaler until it is back."""
-        infos = ray.get([w.actor.info.remote() for w in workers], timeout=SIGNALS_TIMEOUT_S)
+        infos = ray.get([w.actor.info.remote(w.stage) for w in workers], timeout=SIGNALS_TIMEOUT_S)
         return [info.busy_s for info in infos]
 
     def locations(self, workers: list) -> list[WorkerLocation]:
@@ -322,10 +348,11 @@ class RayCluster:
 
     def close(self) -> None:
         """Kill every actor and remove the placement groups (after the model stopped its engine loop)."""
-        for actor in self.actors:
-            ray.kill(actor)
+        replicas = list({id(r): r for rs in self.replicas for r in rs}.values())  # a group's once
+        for replica in replicas:
+            ray.kill(replica.actor)
         self.transport.close()
-        for replica in (r for rs in self.replicas for r in rs if r.own_group):
+        for replica in (r for r in replicas if r.own_group):
             remove_placement_group(replica.group)
         remove_placement_group(self.placement_group)
         if self.owns_ray:
@@ -347,22 +374,25 @@ def launch(model_class, checkpoint: str | Path, config: str | Path | ServingConf
                  log_to_driver=False, configure_logging=True)
     group, replicas, transport = None, [[] for _ in range(model_config.num_stages)], None
     try:
-        bundle_stages = [k for k in range(model_config.num_stages) for _ in range(serving.placement(k).replicas)]
-        group = _reserve([serving.placement(k) for k in bundle_stages], serving.placement_strategy)
+        groups = serving.worker_groups(model_config.num_stages)
+        bundle_groups = [g for g in groups for _ in range(serving.placement(g[0]).replicas)]
+        group = _reserve([serving.placement(g[0]) for g in bundle_groups], serving.placement_strategy)
         dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
-        for i, k in enumerate(bundle_stages):  # one bundle per replica, stage by stage
-            replicas[k].append(Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, k, group, i),
-                                       group, i, False))
+        for i, (first, last) in enumerate(bundle_groups):  # one bundle per replica, worker by worker
+            replica = Replica(_start_actor(checkpoint, serving, model_config.num_stages, dtype, (first, last), group,
+                                           i), group, i, False)
+            for k in range(first, last + 1):
+                replicas[k].append(replica)
         transport = ChannelTransport(RayProcesses(), serving.step_timeout_s, _data_slot_bytes(model_config, serving),
                                      serving.transport)
         cluster = RayCluster(serving, checkpoint, model_config.num_stages, dtype, owns_ray, group, replicas, transport)
-        scaled = {k: serving.placement(k).autoscaling for k in range(model_config.num_stages)
-                  if serving.placement(k).autoscaling is not None}
+        scaled = {first: serving.placement(first).autoscaling for first, _ in groups  # a worker's, by its first stage
+                  if serving.placement(first).autoscaling is not None}
         return model_class(model_config, cluster, serving.engine, scaled, checkpoint=Path(checkpoint))
     except BaseException as exc:  # a worker that failed to start, or an interrupt: release what started
         if transport is not None:
             transport.close()
-        for r in (r for rs in replicas for r in rs):
+        for r in {id(r): r for rs in replicas for r in rs}.values():
             ray.kill(r.actor)
         if group is not None:
             remove_placement_group(group)
@@ -390,17 +420,24 @@ def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> 
                          "start a local Ray") from None
 
 
-def _start_actor(checkpoint: str, serving: ServingConfig, num_stages: int, dtype: str | None, stage: int, group,
-                 bundle_index: int):
-    p = serving.placement(stage)
+def _start_actor(checkpoint: str, serving: ServingConfig, num_stages: int, dtype: str | None,
+                 stages: tuple[int, int], group, bundle_index: int):
+    """An actor serving stages first..last; a `memory_fraction` is shared by them as their layers are."""
+    p, (first, last) = serving.placement(stages[0]), stages
+    layers = load_config(checkpoint).poe_stage_layout[first : last + 1]
+    share = [n / sum(layers) for n in layers]
+    groups = serving.worker_groups(num_stages)
+    alone = len(groups) == 1 and p.replicas == 1 and p.autoscaling is None  # the only worker: every step on every core
     return ray.remote(StageActor).options(
         num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=serving.max_worker_restarts,
         max_concurrency=ACTOR_THREADS,
-        runtime_env={"env_vars": CPU_WORKER_ENV} if p.device == "cpu" else None,
+        runtime_env={"env_vars": CPU_WORKER_ENV} if p.device == "cpu" and not alone else None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
-    ).remote(checkpoint, WorkerSpec(stage=stage, device=p.device, dtype=dtype or p.dtype,
-                                    kv_cache_tokens=p.kv_cache_tokens, memory_fraction=p.memory_fraction,
-                                    num_threads=p.num_threads, cuda_graphs=p.cuda_graphs),
+    ).remote(checkpoint, [WorkerSpec(stage=k, device=p.device, dtype=dtype or p.dtype,
+                                     kv_cache_tokens=p.kv_cache_tokens, num_threads=p.num_threads,
+                                     memory_fraction=None if p.memory_fraction is None else p.memory_fraction * part,
+                                     cuda_graphs=p.cuda_graphs, shares_cores=not alone)
+                        for k, part in zip(range(first, last + 1), share)],
              min(serving.engine.pipeline_micro_batches, num_stages))
 
 
