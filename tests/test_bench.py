@@ -13,7 +13,7 @@ from tools.bench import SECTIONS, BenchConfig, run_bench
 
 def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_path):
     cfg = BenchConfig(checkpoint=str(tiny_dir), trained=str(tiny_dir), prompt_len=20, new_tokens=4, decode_tokens=6,
-                      rounds=2, concurrency=(1, 3), transport_tokens=5)
+                      rounds=2, concurrency=(1, 3), transport_tokens=20)
     report = run_bench(cfg, json_out=str(tmp_path / "bench.json"), plot_out=str(tmp_path / "bench.png"))
     assert json.loads((tmp_path / "bench.json").read_text()).keys() == report.keys()
     assert {"floor", "single_stream", "transport", "concurrency", "modes", "speculative", "wand"} <= report.keys()

@@ -75,6 +75,15 @@ class EchoWorker:
     def free(self, seq_id: int) -> None:
         pass
 
+    def keep(self, block_id: int, seq_id: int, index: int) -> None:
+        pass  # it keeps no KV, so a prefix cache's blocks are nothing here either
+
+    def share(self, seq_id: int, block_ids: list[int]) -> None:
+        pass
+
+    def evict(self, block_id: int) -> None:
+        pass
+
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.stage, (self.stage, self.stage), "cpu", "float32", 0, 16, 1 << 16, 1 << 16, 0)
 
