@@ -203,7 +203,7 @@ class Engine:
                 if rollback_to is not None and not seq.finished:
                     self.pipeline.rollback(seq, rollback_to)
             if seq.uses_cache:
-                self.pipeline.keep(self.cache.keep(seq, self.pipeline.specs[seq.seq_id].homes))
+                self.pipeline.keep(self.cache.keep(seq))
             if seq.finished:
                 self._release(seq)
         return [seq for seq, _ in work]

@@ -76,10 +76,15 @@ class PrefixCache:
             keys.append(hashlib.sha256(parent + array("q", seq.tokens[j * size : (j + 1) * size]).tobytes()).digest())
         return keys[:num_blocks]
 
+    def _prompt_keys(self, seq: Sequence) -> list[bytes]:
+        """The hashes of the prompt's blocks a sequence may find cached: one position at least is
+        computed (the first token's distribution)."""
+        return self.keys(seq, (seq.num_prompt - 1) // self.block_size)
+
     # ---- admission -----------------------------------------------------------------------------
     def homes(self, seq: Sequence) -> list[int | None]:
         """Per stage up to the sequence's reach: the worker holding its prompt's first cached block."""
-        keys = self.keys(seq, (seq.num_prompt - 1) // self.block_size)  # one position at least is computed
+        keys = self._prompt_keys(seq)
         first = self.blocks.get(keys[0]) if keys else None
         return [None if first is None else first.workers[k] for k in range(seq.reach + 1)]
 
@@ -89,7 +94,7 @@ class PrefixCache:
         stage's blocks, only those whose output rows this stage kept (the next stage catches up
         from them)."""
         chain = []
-        for key in self.keys(seq, (seq.num_prompt - 1) // self.block_size):
+        for key in self._prompt_keys(seq):
             block = self.blocks.get(key)
             if block is None:
                 break
@@ -111,7 +116,7 @@ class PrefixCache:
     def computing(self, seq: Sequence) -> bool:
         """Whether the first block of the prompt that the cache lacks is being computed by a running
         sequence: the request then waits for it to be kept rather than computing it alongside."""
-        for key in self.keys(seq, (seq.num_prompt - 1) // self.block_size):
+        for key in self._prompt_keys(seq):
             if key not in self.blocks:
                 return key in self._computing
         return False
@@ -147,17 +152,17 @@ class PrefixCache:
         for r, worker in enumerate(replicas.worker_ids):
             over = replicas.promised[r] + replicas.cached[r] - replicas.capacity[r]
             for block in [b for b in self.lru.values() if b.workers[stage] == worker][:max(over, 0)]:
-                self._evict(block)
+                self._drop_block(block, 0)
                 self.stats.evicted += 1
 
     # ---- keeping a sequence's blocks -------------------------------------------------------------
-    def keep(self, seq: Sequence, homes: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    def keep(self, seq: Sequence) -> list[tuple[int, int, int, int]]:
         """Keep the sequence's full blocks computed on every stage it runs (committed tokens only);
         returns the workers' `StepPlan.keeps` entries."""
         num_full = min(seq.num_committed, seq.num_computed[seq.reach]) // self.block_size
         if num_full <= seq.num_kept:
             return []
-        entries = []
+        entries, homes = [], [stage.home_id(seq.seq_id) for stage in self.stages[: seq.reach + 1]]
         for j, key in enumerate(self.keys(seq, num_full)[seq.num_kept :], start=seq.num_kept):
             first = self._keep_block(seq, j, key, homes)
             if first is not None:
@@ -176,7 +181,7 @@ class PrefixCache:
             if not self._computing[key]:
                 del self._computing[key]
 
-    def _keep_block(self, seq: Sequence, j: int, key: bytes, homes: tuple[int, ...]) -> int | None:
+    def _keep_block(self, seq: Sequence, j: int, key: bytes, homes: list[int]) -> int | None:
         """Keep block j on the stages past the cached block's depth (all of them for a new block),
         which the sequence computed: the same tokens give the same KV whichever request computed
         them. Returns the first such stage (None: nothing new)."""
@@ -203,15 +208,7 @@ class PrefixCache:
             worker = block.workers[stage]
             if worker is None or (worker_id is not None and worker != worker_id and worker in current):
                 continue
-            for k in range(stage, self.num_stages):
-                if block.workers[k] is not None:
-                    self._forget_holder(block, k)
-            if block.rows_at is not None and block.rows_at >= stage:
-                block.rows_at = None
-            self.evict(block.block_id, stage)
-            if stage == 0:
-                del self.blocks[block.key]
-                self.lru.pop(block.block_id, None)
+            self._drop_block(block, stage)
 
     def drop_missing(self, stage: int) -> None:
         """Blocks held by a worker no longer among the stage's replicas go (a replica was removed)."""
@@ -242,14 +239,14 @@ class PrefixCache:
             self._unused[(k, worker)] -= 1
         block.workers[k] = None
 
-    def _evict(self, block: CachedBlock) -> None:
-        for k in range(self.num_stages):
+    def _drop_block(self, block: CachedBlock, stage: int) -> None:
+        """The block is no longer held on `stage` or deeper, anywhere; from stage 0, it is gone."""
+        for k in range(stage, self.num_stages):
             if block.workers[k] is not None:
                 self._forget_holder(block, k)
-        del self.blocks[block.key]
-        del self.lru[block.block_id]
-        self.evict(block.block_id, 0)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
+        if block.rows_at is not None and block.rows_at >= stage:
+            block.rows_at = None
+        self.evict(block.block_id, stage)
+        if stage == 0:
+            del self.blocks[block.key]
+            self.lru.pop(block.block_id, None)

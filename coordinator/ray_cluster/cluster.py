@@ -107,10 +107,6 @@ class StageActor:
         """A stage's worker's (default: the first it serves)."""
         return self.worker.info() if stage is None else self.workers[stage - self.worker.stage].info()
 
-    def busy_s(self) -> float:
-        """Seconds its stages spent computing and deciding."""
-        return sum(w.busy_s for w in self.workers)
-
     def location(self) -> WorkerLocation:
         node_ip, device = self.placement()
         return WorkerLocation(ray.get_runtime_context().get_node_id(), node_ip, device, os.getpid())
