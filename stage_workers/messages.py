@@ -254,6 +254,16 @@ class StepPlan(NamedTuple):
     # under the id on stages first..reach (id -1: not kept; stage reach's rows of it may go)
     keeps: tuple[tuple[int, int, int, int], ...] = ()
     evictions: tuple[tuple[int, int], ...] = ()  # (block id, first stage): no longer kept on stages first..
+    # a decode run (stage_workers/decode_run.py): the workers run this many more steps on their own,
+    # each feeding the token decided in the step before; with each sampled sequence's draws for them
+    run_ahead: int = 0
+    ahead_uniforms: tuple[tuple[int, tuple[float, ...]], ...] = ()
+
+
+class Grant(NamedTuple):
+    """Coordinator -> a decode run's first workers: they may start `step` (it has read step - 2)."""
+
+    step: int
 
 
 class Edge(NamedTuple):
@@ -274,6 +284,8 @@ class Rewire(NamedTuple):
     epoch: int
     inbound: tuple[Edge, ...]  # from upstream workers (this worker creates them)
     outbound: tuple[Edge, ...]  # to downstream workers
+    decided_in: tuple[Edge, ...] = ()  # a stage-0 worker's decision edges from the workers that decide
+    decided_out: tuple[Edge, ...] = ()  # a deciding worker's decision edges to the stage-0 workers
 
 
 # ---- worker -> worker ------------------------------------------------------------------------
@@ -298,6 +310,14 @@ class Boundary(NamedTuple):
     trunk: TrunkState | None  # (N, C) boundary states; None when there are no rows
     acc: torch.Tensor | None  # (M, V) fp32 Log-OP sums, M = sum of num_acc, handoff order
     drafted: torch.Tensor | None = None  # (Q, V) fp32 sampled drafts' q, Q = sum of num_drafted, handoff order
+
+
+class Decided(NamedTuple):
+    """The decision edge: the tokens a worker decided in a decode run's step, for the sequences'
+    stage-0 worker, which feeds them in the next step without waiting for a plan."""
+
+    step: int
+    tokens: tuple[tuple[int, int], ...]  # (seq_id, token)
 
 
 # ---- worker -> coordinator -------------------------------------------------------------------
@@ -348,13 +368,15 @@ def encode(message) -> tuple[tuple, list[torch.Tensor]]:
                     + (None if spec.controls is None else tuple(spec.controls),) + spec[10:] for spec in message.new)
         batches = tuple(tuple(map(tuple, mb)) for mb in message.micro_batches)
         return (_PLAN, message.step, message.epoch, tuple(message.frees), tuple(message.rollbacks), new, batches,
-                message.aborted, message.keeps, message.evictions), []
+                message.aborted, message.keeps, message.evictions, message.run_ahead, message.ahead_uniforms), []
     if kind is StepResult:
         logits = tuple((seq_id, stage) for seq_id, stage, _ in message.logits)
         return (_RESULT, message.step, message.epoch, message.worker_id, tuple(map(tuple, message.decisions)),
                 logits, message.error, message.lost_peer), [t for _, _, t in message.logits]
     if kind is Rewire:
-        return (_REWIRE, message.epoch, tuple(map(tuple, message.inbound)), tuple(map(tuple, message.outbound))), []
+        return (_REWIRE, message.epoch) + tuple(tuple(map(tuple, edges)) for edges in message[1:]), []
+    if kind is Grant or kind is Decided:
+        return (_GRANT if kind is Grant else _DECIDED, *message), []
     raise TypeError(f"{kind.__name__} is not a step message")
 
 
@@ -369,19 +391,23 @@ def decode(plain: tuple, tensors: list[torch.Tensor]):
         return Boundary(step, micro_batch, tuple(Handoff(*h) for h in handoffs), torch.tensor(token_ids, dtype=torch.long),
                         trunk, next(it) if has_acc else None, next(it) if has_drafted else None)
     if kind == _PLAN:
-        _, step, epoch, frees, rollbacks, new, batches, aborted, keeps, evictions = plain
+        _, step, epoch, frees, rollbacks, new, batches, aborted, keeps, evictions, run_ahead, ahead_uniforms = plain
         specs = tuple(SeqSpec(*spec[:5], None if spec[5] is None else SamplingParams(*spec[5]), *spec[6:9],
                               None if spec[9] is None else Controls(*spec[9]), *spec[10:]) for spec in new)
         return StepPlan(step, epoch, frees, rollbacks, specs,
-                        tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted, keeps, evictions)
+                        tuple(tuple(SeqStep(*s) for s in mb) for mb in batches), aborted, keeps, evictions, run_ahead,
+                        ahead_uniforms)
     if kind == _RESULT:
         _, step, epoch, worker_id, decisions, logits, error, lost_peer = plain
         return StepResult(step, epoch, worker_id, tuple(Decision(*d) for d in decisions),
                           tuple((seq_id, stage, t) for (seq_id, stage), t in zip(logits, tensors)), error, lost_peer)
     if kind == _REWIRE:
-        _, epoch, inbound, outbound = plain
-        return Rewire(epoch, tuple(Edge(*e) for e in inbound), tuple(Edge(*e) for e in outbound))
+        return Rewire(plain[1], *(tuple(Edge(*e) for e in edges) for edges in plain[2:]))
+    if kind == _GRANT:
+        return Grant(*plain[1:])
+    if kind == _DECIDED:
+        return Decided(*plain[1:])
     raise ValueError(f"unknown step message kind {kind!r}")
 
 
-_BOUNDARY, _PLAN, _RESULT, _REWIRE = range(4)
+_BOUNDARY, _PLAN, _RESULT, _REWIRE, _GRANT, _DECIDED = range(6)

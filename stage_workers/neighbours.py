@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .framing import Interrupted
+from .framing import Interrupted, wait_for_message
 from .messages import Boundary, PeerLost, StepPlan, require
 
 RECV_TIMEOUT_S = 600.0  # a neighbour that sends nothing this long is stuck; the coordinator also watches
@@ -26,26 +26,33 @@ class Neighbours:
         self.outbound: dict[int, object] = {}  # downstream worker id -> channel (this worker writes)
         self.control = None  # the coordinator's channel to this worker, watched while waiting (out of process)
         self.backlog: deque = deque()  # its messages read while a step was still running
+        self.early: dict[int, object] = {}  # upstream worker id -> a later step's message, received while waiting
 
     def rewire(self, inbound: dict, outbound: dict) -> None:
         """Use these channels from now on (the caller closes the ones dropped)."""
         self.inbound, self.outbound = inbound, outbound
+        self.early.clear()
 
     def receive(self, step: int, index: int, sources: list[int]) -> list[Boundary]:
         """Micro-batch `index` of `step` from each upstream worker in `sources`; older messages (left
-        from an aborted step) are dropped."""
+        from an aborted step) are dropped. A later step's message means the decode run this step
+        belongs to has ended (stage_workers/decode_run.py): it is kept for that step, and the
+        coordinator's plan that aborts this one ends the wait."""
         deadline = time.monotonic() + RECV_TIMEOUT_S
         messages = []
         for src in sources:
             channel = self.inbound[src]
             while True:
-                envelope = self.unless_aborted(lambda: channel.recv(deadline, interrupt=self.control), step, src)
+                envelope = self.early.pop(src, None) or self.unless_aborted(
+                    lambda: channel.recv(deadline, interrupt=self.control), step, src)
                 message = envelope.message
                 if (envelope.step, message.micro_batch) == (step, index):
                     break
-                require((envelope.step, message.micro_batch) < (step, index),
-                        f"stage {self.stage}: worker {src} sent step {envelope.step}.{message.micro_batch} "
-                        f"while this worker runs {step}.{index}")
+                if (envelope.step, message.micro_batch) > (step, index):
+                    require(self.control is not None, f"stage {self.stage}: worker {src} sent step "
+                            f"{envelope.step}.{message.micro_batch} while this worker runs {step}.{index}")
+                    self.early[src] = envelope
+                    self._await_abort(step, deadline)
             messages.append(message)
         return messages
 
@@ -56,6 +63,17 @@ class Neighbours:
             channel = self.outbound[dst]
             self.unless_aborted(lambda: channel.send(message, plan.step, plan.epoch, rows=message.token_ids.shape[0],
                                                      deadline=deadline, interrupt=self.control), plan.step, dst)
+
+    def _await_abort(self, step: int, deadline: float) -> None:
+        """Wait for the coordinator's plan that aborts `step` (Interrupted), keeping other messages."""
+        if any(isinstance(m, StepPlan) and step in m.aborted for m in self.backlog):
+            raise Interrupted(f"stage {self.stage}: step {step} was aborted")
+
+        def wait():
+            wait_for_message(self.control, deadline, None)
+            raise Interrupted(f"stage {self.stage}: a message from the coordinator")
+
+        self.unless_aborted(wait, step)
 
     def unless_aborted(self, wait, step: int, peer: int | None = None):
         """Run `wait` (a receive or send that the coordinator's channel interrupts), keeping the plans

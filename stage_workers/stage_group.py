@@ -95,3 +95,9 @@ class GroupRunner:
     def restart(self) -> None:
         for m in self.members:
             m.restart()
+
+    def spec(self, seq_id: int):
+        return next((spec for m in self.members if (spec := m.spec(seq_id)) is not None), None)
+
+    def takes_part(self, s) -> bool:
+        return any(m.takes_part(s) for m in self.members)

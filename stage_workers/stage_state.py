@@ -26,6 +26,8 @@ import torch
 from .messages import SeqSpec
 from .rows import Rows, cat_rows
 
+UNDO_STEPS = 4  # steps a worker can still undo: the one it runs and the few before
+
 
 class StageState:
     def __init__(self, worker):
@@ -45,7 +47,7 @@ class StageState:
         self.lent: dict[int, Rows] = {}
         self.kept_rows: dict[int, Rows] = {}
         self.block_rows: dict[int, Rows] = {}
-        self._undo: tuple[int, dict] | None = None  # (step, seq_id -> state before it)
+        self._undo: list[tuple[int, dict]] = []  # the last steps begun: (step, seq_id -> state before it)
         self._stores = (self.parked, self.held, self.drafted, self.lent, self.kept_rows)  # what a step may change
 
     def learn(self, spec: SeqSpec) -> None:
@@ -101,35 +103,35 @@ class StageState:
             history.extend(token_ids)
 
     def begin(self, step: int) -> None:
-        """A new step: what it changes is noted from now on (`remember`)."""
-        self._undo = (step, {})
+        """A new step: what it changes is noted from now on (`remember`). The last few steps stay
+        undoable: a decode run (stage_workers/decode_run.py) may begin one before the last ends."""
+        self._undo = self._undo[-(UNDO_STEPS - 1) :] + [(step, {})]
 
     def remember(self, seq_id: int) -> None:
         """Note a sequence's state before this step first touches it (for `undo`)."""
-        saved = self._undo[1]
+        saved = self._undo[-1][1]
         if seq_id not in saved:
             saved[seq_id] = (self.computed.get(seq_id, 0), [store.get(seq_id) for store in self._stores])
 
     def undo(self, step: int) -> None:
-        """Put every sequence the step touched back as it was (the step failed somewhere)."""
-        if self._undo is None or self._undo[0] != step:
-            return  # this worker did not run that step, or has undone it already
-        for seq_id, (computed, before) in self._undo[1].items():
-            if self.computed.get(seq_id, 0) > computed:
-                self.worker.rollback(seq_id, computed)
-            self.computed[seq_id] = computed
-            for store, rows in zip(self._stores, before):
-                if rows is None:
-                    store.pop(seq_id, None)
-                else:
-                    store[seq_id] = rows
-        self._undo = None
+        """Put every sequence this step and any later one touched back as it was (the step failed
+        somewhere, or a decode run ended before it); a step not run here, or undone, changes nothing."""
+        while self._undo and self._undo[-1][0] >= step:
+            for seq_id, (computed, before) in self._undo.pop()[1].items():
+                if self.computed.get(seq_id, 0) > computed:
+                    self.worker.rollback(seq_id, computed)
+                self.computed[seq_id] = computed
+                for store, rows in zip(self._stores, before):
+                    if rows is None:
+                        store.pop(seq_id, None)
+                    else:
+                        store[seq_id] = rows
 
     def restart(self) -> None:
         """Forget everything: the worker lost its state (its process restarted)."""
         for store in (self.specs, self.computed, self.history, self.block_rows, *self._stores):
             store.clear()
-        self._undo = None
+        self._undo = []
 
     def forget(self, seq_id: int) -> None:
         self.worker.free(seq_id)

@@ -31,9 +31,22 @@ import traceback
 import torch
 
 from . import decisions as rules
+from .decode_run import DecodeRun
 from .framing import Interrupted
 from .logop import log_probs
-from .messages import Decision, ExtendBatch, PeerLost, Rewire, Segment, SeqSpec, SeqStep, StepPlan, StepResult, require
+from .messages import (
+    Decision,
+    ExtendBatch,
+    Grant,
+    PeerLost,
+    Rewire,
+    Segment,
+    SeqSpec,
+    SeqStep,
+    StepPlan,
+    StepResult,
+    require,
+)
 from .neighbours import Neighbours
 from .rows import Block, Rows, boundary_of, concat_rows, drafted_by_sequence, rows_by_sequence
 from .stage_decisions import Onward, StageDecider
@@ -63,15 +76,20 @@ class StageRunner:
         """Forget everything, as a restarted process would."""
         self.state.restart()
 
+    def spec(self, seq_id: int) -> SeqSpec | None:
+        return self.state.specs.get(seq_id)
+
+    def takes_part(self, s: SeqStep) -> bool:
+        spec = self.state.specs.get(s.seq_id)
+        return spec is not None and takes_part(spec, s, self.stage, self.worker_id)
+
     # ---- the step ------------------------------------------------------------------------------
     def run_step(self, plan: StepPlan) -> StepResult | None:
         """Do this worker's part of the step; a `StepResult` if it took part, else None."""
         self.apply_changes(plan)
         decisions, logits = [], []
-        specs = self.state.specs
         for index, micro_batch in enumerate(plan.micro_batches):
-            mine = [s for s in micro_batch if s.seq_id in specs
-                    and takes_part(specs[s.seq_id], s, self.stage, self.worker_id)]
+            mine = [s for s in micro_batch if self.takes_part(s)]
             if mine:
                 self._micro_batch(plan, index, mine, decisions, logits)
         if not decisions and not logits:
@@ -248,33 +266,45 @@ def takes_part(spec: SeqSpec, s: SeqStep, stage: int, worker_id: int) -> bool:
 
 
 def serve_forever(runner: StageRunner, control, results, connect) -> None:
-    """A worker process's loop: read the coordinator's messages in order and answer each step.
-    `runner`: a `StageRunner`, or a `GroupRunner` (stage_workers/stage_group.py) for a worker that
-    holds several stages. `connect(rewire)` opens the channels of a `Rewire` and returns
-    (inbound, outbound) dicts. A step that fails here is undone and reported; one the coordinator
-    aborts while it runs is undone and dropped."""
+    """A worker process's loop: read the coordinator's messages in order and answer each step, and
+    between plans run a decode run's steps (stage_workers/decode_run.py). `runner`: a `StageRunner`,
+    or a `GroupRunner` (stage_workers/stage_group.py) for a worker that holds several stages.
+    `connect(rewire)` opens the channels of a `Rewire` and returns (inbound, outbound, decided_in,
+    decided_out) dicts. A step that fails here is undone and reported; one the coordinator aborts
+    while it runs is undone and dropped."""
     runner.attach(control)
     neighbours = runner.neighbours  # the upstream face: inbound channels, plans read while waiting
+    run = DecodeRun(runner, control)
     while True:
-        # a step's plan may come without a wake-up: the upstream's data that follows it wakes this worker
-        upstream = tuple(neighbours.inbound.values())
-        message = neighbours.backlog.popleft() if neighbours.backlog else control.recv(also=upstream).message
-        if isinstance(message, Rewire):
-            runner.rewire(*connect(message))
-            continue
+        plan = run.next_step()
+        if plan is None:
+            # a step's plan may come without a wake-up: the upstream's data that follows it wakes this worker
+            upstream = tuple(neighbours.inbound.values())
+            message = neighbours.backlog.popleft() if neighbours.backlog else control.recv(also=upstream).message
+            if isinstance(message, Rewire):
+                inbound, outbound, decided_in, decided_out = connect(message)
+                runner.rewire(inbound, outbound)
+                run.rewire(decided_in, decided_out)
+                continue
+            if isinstance(message, Grant):
+                continue  # for a run that has ended
+            plan = message
+            run.begin(plan)
+        ok = True
         try:
-            result = runner.run_step(message)
+            result = runner.run_step(plan)
         except Interrupted:
-            runner.undo(message.step)
-            continue
+            runner.undo(plan.step)
+            result, ok = None, False
         except Exception as exc:  # reported to the coordinator, which aborts the step everywhere
-            runner.undo(message.step)
-            result = StepResult(message.step, message.epoch, runner.worker_id, error=traceback.format_exc(),
+            runner.undo(plan.step)
+            result = StepResult(plan.step, plan.epoch, runner.worker_id, error=traceback.format_exc(),
                                 lost_peer=exc.worker_id if isinstance(exc, PeerLost) else None)
-        if result is not None:
-            try:
+        try:
+            run.after(plan, result, ok)  # the decision edge first: the next step waits on it
+            if result is not None:
                 neighbours.unless_aborted(
-                    lambda: results.send(result, message.step, message.epoch, interrupt=control), message.step)
-            except Interrupted:
-                pass  # the coordinator aborted the step: the plan that says so undoes it
-        control.mark(message.step)  # done with it: a coordinator waiting too long sees who is not
+                    lambda: results.send(result, plan.step, plan.epoch, interrupt=control), plan.step)
+        except Interrupted:
+            pass  # the coordinator aborted the step: the plan that says so undoes it
+        control.mark(plan.step)  # done with it: a coordinator waiting too long sees who is not

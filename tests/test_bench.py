@@ -23,7 +23,8 @@ def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_pat
     assert 0 <= report["speculative"]["sampled"]["acceptance"] <= 1 and report["speculative"]["sampled"]["speedup"] > 0
     assert [w["stage"] for w in report["modes"]["workers"]] == [0, 1, 2, 3]
     assert all(w["rss_mib"] > 0 and w["parameters"] > 0 for w in report["modes"]["workers"])
-    assert set(report["transport"]["us_per_token"]) == {"channels", "plain", "plain_no_logits", "chained", "compiled"}
+    assert set(report["transport"]["us_per_token"]) == {
+        "channels", "channels_plan_per_step", "plain", "plain_no_logits", "chained", "compiled"}
     assert report["transport"]["per_hop_us"] > 0
     single = report["single_stream"]  # interleaved rounds: every figure once per round, the ratio their median
     assert single["rounds"] == 2 and all(len(v) == 2 for side in ("poe_model_ms_per_token", "poe_cluster_ms_per_token")

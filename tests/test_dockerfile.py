@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import ray
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from oracle import Oracle
 
 # (backend, checkpoint variant); "groups" backends lay the stages out in stage groups
 CASES = [("local", "tiny"), ("local", "wide"), ("local", "alpha"), ("local", "bf16"), ("ray", "tiny"),
-         ("local-groups [0-3]", "tiny"), ("local-groups [0][1-3]", "tiny"), ("ray-groups [0-1][2-3]", "tiny")]
+         ("local-groups [0-3]", "tiny"), ("local-groups [0][1-3]", "tiny"), ("ray-groups [0-1][2-3]", "tiny"),
+         ("ray-groups [0-3]", "tiny")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{b}-{v}" for b, v in CASES])
@@ -28,7 +29,7 @@ def served(request, checkpoint_dirs):
         model = grouped_in_process(directory, [(0, 3)] if backend.endswith("[0-3]") else [(0, 0), (1, 3)])
     else:
         request.getfixturevalue("ray_session")
-        groups = ((0, 1), (2, 3)) if backend.startswith("ray-groups") else ()
+        groups = {"ray": (), "ray-groups [0-1][2-3]": ((0, 1), (2, 3)), "ray-groups [0-3]": ((0, 3),)}[backend]
         model = PoEModel.on_ray(directory, config=ServingConfig(groups=groups))
     with model:
         yield model, Oracle(directory)

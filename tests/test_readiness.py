@@ -110,7 +110,7 @@ def test_a_drain_cancels_what_is_still_running_at_its_deadline(served):
     stream = client.stream(token_ids=[4, 5, 6], max_new_tokens=240)
     next(stream)
     t0 = time.monotonic()
-    assert server.drain(t0 + 0.5) == 1
+    assert server.drain(t0 + 0.02) == 1  # well before its 240 tokens end, on any machine
     assert time.monotonic() - t0 < 5
     with pytest.raises(grpc.RpcError):
         list(stream)

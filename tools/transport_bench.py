@@ -28,7 +28,7 @@ import ray
 import torch
 
 from coordinator.core import requests as rq
-from coordinator.core.engine import Engine
+from coordinator.core.engine import Engine, EngineConfig
 from coordinator.core.pipeline import Pipeline
 from coordinator.core.transport import ChannelTransport
 from coordinator.ray_cluster.cluster import CPU_WORKER_ENV, RayProcesses, RemoteWorker, StageActor, _data_slot_bytes
@@ -96,8 +96,9 @@ class EchoStageActor(StageActor):
         self.workers = [self.worker]
 
 
-def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4) -> float:
-    """Microseconds per token of one greedy sequence through the real engine and data plane."""
+def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4, max_run_ahead: int = 1024) -> float:
+    """Microseconds per token of one greedy sequence through the real engine and data plane
+    (`max_run_ahead` 0: a plan every step, no decode runs)."""
     config = config_from_dict(dict(vocab_size=vocab, n_layer=stages, n_embd=n_embd, n_head=n_embd // 64 or 1,
                                    sequence_len=tokens + 64, poe_stage_layout=[1] * stages))
     actors = [ray.remote(EchoStageActor).options(num_cpus=0, max_concurrency=4,
@@ -105,7 +106,8 @@ def channels_per_token(n_embd: int, vocab: int, tokens: int, stages: int = 4) ->
               for k in range(stages)]
     transport = ChannelTransport(RayProcesses(), 60.0, _data_slot_bytes(config, ServingConfig()))
     try:
-        engine = Engine(config, Pipeline([RemoteWorker(a, k) for k, a in enumerate(actors)], transport))
+        engine = Engine(config, Pipeline([RemoteWorker(a, k) for k, a in enumerate(actors)], transport),
+                        EngineConfig(max_run_ahead=max_run_ahead))
         engine.run_to_completion([engine.add(rq.GenerationRequest((1, 2, 3), 4, rq.full_mode(config)))])  # warm-up
         seq = engine.add(rq.GenerationRequest((1, 2, 3), tokens, rq.full_mode(config)))
         engine.step()  # the prompt
@@ -172,6 +174,7 @@ def _time_per_token(fn, tokens: int) -> float:
 def measure(n_embd: int, vocab: int, batch: int = 1, tokens: int = 200, stages: int = 4) -> dict[str, float]:
     """Microseconds per token through `stages` actors for each transport (joins the running Ray)."""
     new = channels_per_token(n_embd, vocab, tokens, stages)
+    plan_per_step = channels_per_token(n_embd, vocab, tokens, stages, max_run_ahead=0)
     hops = [ray.remote(Hop).options(num_cpus=0).remote(vocab) for _ in range(stages)]
     ray.get([h.__ray_ready__.remote() for h in hops])
     state = TrunkState(*(torch.randn(batch, n_embd) for _ in range(3)))  # x, x0, x_backout: (B, C)
@@ -193,6 +196,7 @@ def measure(n_embd: int, vocab: int, batch: int = 1, tokens: int = 200, stages: 
 
     results = {
         "channels": new,
+        "channels_plan_per_step": plan_per_step,  # the same without decode runs: the coordinator in every step
         "plain": _time_per_token(lambda: plain(True), tokens),
         "plain_no_logits": _time_per_token(lambda: plain(False), tokens),
         "chained": _time_per_token(chained, tokens),

@@ -31,6 +31,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # positions fed to stage 0 per step over all sequences (vLLM's name)
     pipeline_micro_batches: int = 1  # a step's sequences move through the stages in this many groups
     enable_prefix_caching: bool = True  # keep full KV blocks across requests (coordinator/core/prefix_cache.py)
+    max_run_ahead: int = 1024  # steady decode: steps workers may run after a plan without another (0: none)
 
     def __post_init__(self):
         for f in fields(self):
@@ -38,7 +39,7 @@ class EngineConfig:
                 if not isinstance(getattr(self, f.name), bool):
                     raise ValueError(f"{f.name}={getattr(self, f.name)!r} is invalid; allowed: true or false")
                 continue
-            value, low = getattr(self, f.name), 0 if f.name == "max_recoveries" else 1
+            value, low = getattr(self, f.name), 0 if f.name in ("max_recoveries", "max_run_ahead") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{f.name}={value!r} is invalid; allowed: an integer >= {low}")
 
@@ -179,11 +180,27 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One pass. If it fails, the sequences in it end with `error` set; others are untouched. A
-        lost worker, found here or while its changes are sent, is recovered: never raised."""
-        work, done = self.schedule(), []
+        lost worker, found here or while its changes are sent, is recovered: never raised.
+
+        Steady decode leaves the plans out: when every running sequence decodes one token a step
+        and nothing waits to be admitted, the step's plan lets the workers run on their own
+        (a decode run, stage_workers/decode_run.py) and later passes only read its steps' decisions,
+        one step behind. Anything that changes the batch (a sequence ends, a request arrives, a
+        change only a plan carries) halts the run, and the step that follows goes through a plan."""
+        steady = self.pipeline.running_ahead and self._steady()
+        if steady:
+            work, ahead, uniforms = [(seq, seq.decoder.plan(seq)) for seq in self.running], 0, ()
+        else:
+            self.pipeline.halt()
+            work = self.schedule()
+            ahead = self._run_ahead(work) if work else 0
+            uniforms = tuple((seq.seq_id, u) for seq, _ in work if ahead and (u := seq.decoder.ahead(ahead)))
+        done = []
         try:
             if work:
-                done = self.update(work, self.pipeline.run(work, self.engine_config.pipeline_micro_batches))
+                outcomes = (self.pipeline.advance(work) if steady else
+                            self.pipeline.run(work, self.engine_config.pipeline_micro_batches, ahead, uniforms))
+                done = self.update(work, outcomes)
             if not self.running:
                 self.pipeline.flush()  # no plan would carry the frees and rollbacks now
             return done
@@ -195,6 +212,26 @@ class Engine:
                     seq.error = exc
                     self.abort(seq, f"error: {exc}")
             return [seq for seq, _ in work]
+
+    def _run_ahead(self, work: list[tuple[Sequence, SeqPlan]]) -> int:
+        """Steps the workers may run on their own after this one (0: none): while every running
+        sequence decodes (one token a step, nothing a plan must carry) and none reaches its
+        max_new_tokens, when the transport runs workers apart from the coordinator."""
+        if not self.pipeline.transport.runs_ahead or len(work) != len(self.running) or self._may_admit():
+            return 0
+        if not all(plan.num_feed == 1 and plan.action == "decide" and not plan.masks and not plan.targets
+                   and hasattr(seq.decoder, "ahead") for seq, plan in work):
+            return 0
+        left = min(seq.request.max_new_tokens - (seq.num_committed - seq.num_prompt) for seq, _ in work)
+        return max(0, min(left - 1, self.engine_config.max_run_ahead))
+
+    def _steady(self) -> bool:
+        """The decode run in flight may go on: the batch is unchanged and nothing needs a plan."""
+        return not self._may_admit() and not self.pipeline.needs_plan and all(
+            seq.seq_id in self.pipeline.specs and not seq.finished and seq.num_unfed == 1 for seq in self.running)
+
+    def _may_admit(self) -> bool:
+        return bool(self.waiting) and len(self.running) < self.engine_config.max_num_seqs
 
     def update(self, work: list[tuple[Sequence, SeqPlan]], outcomes: dict[int, Outcome]) -> list[Sequence]:
         for seq, plan in work:

@@ -19,6 +19,8 @@ have their own; `ScoreDecoder` scores a fixed sequence. Decoders never see worke
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,7 +73,7 @@ class CompositionDecoder:
     def __init__(self, request: rq.GenerationRequest, num_stages: int, alpha: float):
         self.mode, self.num_stages, self.alpha, self.sampling = request.mode, num_stages, alpha, request.sampling
         self.generator = make_generator(self.sampling.seed) if self.sampling else None
-        self.uniform: float | None = None  # the next token's draw, kept until a step commits that token
+        self.draws: deque[float] = deque()  # draws of the next tokens, in order, each kept until its token commits
         self.grammar = _grammar(request)
 
     def spec(self, seq: Sequence, homes: tuple[int, ...]) -> SeqSpec:
@@ -80,17 +82,27 @@ class CompositionDecoder:
                        logprobs=seq.request.logprobs)
 
     def plan(self, seq: Sequence) -> SeqPlan:
-        if self.sampling is not None and self.uniform is None:
-            self.uniform = draw_uniform(self.generator)
-        return SeqPlan(seq.num_unfed, max(self.mode.stages), len(seq.tokens) - 1,
-                       uniforms=() if self.uniform is None else (self.uniform,), masks=_mask(self.grammar))
+        return SeqPlan(seq.num_unfed, max(self.mode.stages), len(seq.tokens) - 1, uniforms=self._draws(0, 1),
+                       masks=_mask(self.grammar))
+
+    def ahead(self, n: int) -> tuple[float, ...]:
+        """The draws of the n tokens after the planned one (a decode run's); none when greedy."""
+        return self._draws(1, n)
+
+    def _draws(self, first: int, n: int) -> tuple[float, ...]:
+        if self.sampling is None:
+            return ()
+        while len(self.draws) < first + n:
+            self.draws.append(draw_uniform(self.generator))
+        return tuple(itertools.islice(self.draws, first, first + n))
 
     def reset(self) -> None:
-        """After a rebuild: nothing to forget (the draw stays with the token it is for)."""
+        """After a rebuild: nothing to forget (each draw stays with the token it is for)."""
 
     def update(self, seq: Sequence, outcome: Outcome) -> None:
         _accept(self.grammar, seq.commit([outcome.decision.token], outcome.decision))
-        self.uniform = None
+        if self.draws:
+            self.draws.popleft()
 
 
 class WandDecoder:
@@ -107,6 +119,10 @@ class WandDecoder:
 
     def plan(self, seq: Sequence) -> SeqPlan:
         return SeqPlan(seq.num_unfed, self.num_stages - 1, len(seq.tokens) - 1, masks=_mask(self.grammar))
+
+    def ahead(self, n: int) -> tuple[float, ...]:
+        """A decode run's later steps need nothing from here (WAND is greedy)."""
+        return ()
 
     def reset(self) -> None:
         """After a rebuild: nothing pending."""

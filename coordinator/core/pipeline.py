@@ -29,6 +29,17 @@ from stage_workers.messages import Decision, SeqSpec, SeqStep, StepPlan, StepRes
 from stage_workers.step_runner import takes_part
 
 
+@dataclass
+class DecodeRun:
+    """A decode run in flight (stage_workers/decode_run.py): its steps the coordinator reads in turn."""
+
+    next: int  # the next step to read
+    last: int
+    expected: int  # decisions a step's reports hold
+    participants: set[int]
+    first_workers: set[int]  # the stage-0 workers that start each step (they need its grant)
+
+
 class StepFailed(RuntimeError):
     """A worker raised while running its part of a step (the step is undone on every worker)."""
 
@@ -75,6 +86,7 @@ class Pipeline:
         self._aborted: list[int] = []  # steps that failed: every worker undoes them
         self._keeps: list[tuple[int, int, int, int]] = []  # prefix caching: blocks kept (StepPlan.keeps)
         self._evictions: list[tuple[int, int]] = []  # and let go (StepPlan.evictions)
+        self._run: DecodeRun | None = None  # the decode run in flight, if any
 
     def _new_worker(self, stage: int, worker) -> int:
         """A worker's id; a stage group's members (`worker.group`) share their group's."""
@@ -93,8 +105,12 @@ class Pipeline:
         return [stage.worker_ids for stage in self.stages]
 
     # ---- the step --------------------------------------------------------------------------
-    def run(self, work: list[tuple[Sequence, SeqPlan]], num_micro_batches: int = 1) -> dict[int, Outcome]:
-        """Run one step over these sequences; returns seq_id -> its outcome."""
+    def run(self, work: list[tuple[Sequence, SeqPlan]], num_micro_batches: int = 1, run_ahead: int = 0,
+            ahead_uniforms: tuple = ()) -> dict[int, Outcome]:
+        """Run one step over these sequences; returns seq_id -> its outcome. `run_ahead` > 0 (decode
+        steps only): the workers go on with that many more steps on their own, feeding each decided
+        token (stage_workers/decode_run.py); `advance` reads them, `halt` ends the run early."""
+        self.halt()
         self.step += 1
         new, steps = [], {}
         for seq, plan in work:
@@ -106,19 +122,66 @@ class Pipeline:
             steps[seq.seq_id] = self._seq_step(seq, plan)
         batches = tuple(tuple(steps[seq.seq_id] for seq, _ in batch) for batch in _split(work, num_micro_batches))
         plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), tuple(new), batches,
-                        tuple(self._aborted), tuple(self._keeps), tuple(self._evictions))
+                        tuple(self._aborted), tuple(self._keeps), tuple(self._evictions), run_ahead, ahead_uniforms)
         self._frees, self._rollbacks, self._aborted, self._keeps, self._evictions = [], [], [], [], []
         self._unsure.clear()
+        expected, participants = self._expected_items(work), self._participants(batches)
+        if run_ahead:
+            first = {self.specs[s.seq_id].homes[0] for batch in batches for s in batch}
+            self._run = DecodeRun(plan.step + 1, plan.step + run_ahead, expected, participants, first)
+            self.step = plan.step + run_ahead  # the run's steps are numbered; the next plan comes after them
         try:
-            results = self.transport.run(plan, self._expected_items(work), self._participants(batches))
+            results = self.transport.run(plan, expected, participants)
         except BaseException:
             self._requeue(plan)
-            self._aborted.append(plan.step)  # every worker undoes the step before the next one
+            self._abort_from(plan.step)  # every worker undoes the step (and the run) before the next one
             raise
+        return self._outcomes(work, results, plan.step)
+
+    def advance(self, work: list[tuple[Sequence, SeqPlan]]) -> dict[int, Outcome]:
+        """The next step of the decode run (the same sequences, each one decode step further): its
+        outcomes. Before reading it, lets the stage-0 workers start the step after it."""
+        run = self._run
+        step = run.next
+        try:
+            if step + 1 <= run.last:
+                self.transport.grant(run.first_workers, step + 1)
+            results = self.transport.collect(step, run.expected, run.participants)
+        except BaseException:
+            self._abort_from(step)
+            raise
+        run.next += 1
+        if run.next > run.last:
+            self._run = None
+        return self._outcomes(work, results, step)
+
+    @property
+    def running_ahead(self) -> bool:
+        """A decode run has steps the coordinator has not read yet."""
+        return self._run is not None
+
+    @property
+    def unread_step(self) -> int | None:
+        """The decode run's next step to read (the workers may be running it); None: no run."""
+        return None if self._run is None else self._run.next
+
+    def halt(self) -> None:
+        """End the decode run before its last step: the workers undo the steps the coordinator has
+        not read (at most one of them ran) when the next plan arrives."""
+        if self._run is not None:
+            self._abort_from(self._run.next)
+
+    def _abort_from(self, step: int) -> None:
+        """Every worker undoes `step` and, in a decode run, the run's steps after it."""
+        last = self._run.last if self._run is not None and step >= self._run.next - 1 else step
+        self._aborted += range(step, last + 1)
+        self._run = None
+
+    def _outcomes(self, work, results: list[StepResult], step: int) -> dict[int, Outcome]:
         failed = [r for r in results if r.error]
         if failed:
-            self._aborted.append(plan.step)
-            raise StepFailed(f"stage worker {failed[0].worker_id} failed in step {plan.step}: {failed[0].error}")
+            self._abort_from(step)
+            raise StepFailed(f"stage worker {failed[0].worker_id} failed in step {step}: {failed[0].error}")
         return self._apply(work, results)
 
     def _seq_step(self, seq: Sequence, plan: SeqPlan) -> SeqStep:
@@ -180,6 +243,7 @@ class Pipeline:
 
     def flush(self) -> None:
         """Send queued frees and rollbacks now (the engine is idle, so no plan would carry them)."""
+        self.halt()
         if self.has_changes:
             self.step += 1
             plan = StepPlan(self.step, self.epoch, tuple(self._frees), tuple(self._rollbacks), (), (),
@@ -210,12 +274,18 @@ class Pipeline:
     @property
     def has_changes(self) -> bool:
         """Frees, rollbacks, an undo or cached blocks' changes are waiting for a plan to carry them."""
-        return bool(self._frees or self._rollbacks or self._aborted or self._keeps or self._evictions)
+        return bool(self._keeps or self.needs_plan)
+
+    @property
+    def needs_plan(self) -> bool:
+        """Changes that a decode run cannot wait for: frees, rollbacks, an undo, evictions."""
+        return bool(self._frees or self._rollbacks or self._aborted or self._evictions)
 
     # ---- topology ----------------------------------------------------------------------------
     def add_replica(self, stage: int, worker) -> None:
         """One more worker for `stage` (a list: a stage group's members, for `stage` and the stages
         after it); only the channels of its neighbours change."""
+        self.halt()
         for k, member in enumerate(worker if isinstance(worker, list) else [worker], start=stage):
             self.stages[k].add_replica(member, self._new_worker(k, member))
         self.epoch += 1
@@ -223,12 +293,14 @@ class Pipeline:
 
     def reconnect(self) -> None:
         """After a worker restarted: start its loop again and rebuild the channels touching it."""
+        self.halt()
         self.epoch += 1
         self.transport.connect(self.topology, self.epoch)
 
     def remove_replica(self, stage: int, index: int | None = None):
         """Take a replica out of service (a stage group's from every stage it serves); returns
         (its worker on `stage`, the seq_ids it held)."""
+        self.halt()
         worker, worker_id, moved = self.stages[stage].remove_replica(index)
         for other in self.stages:
             if worker_id in other.worker_ids:

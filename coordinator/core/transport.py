@@ -19,7 +19,7 @@ import uuid
 
 from stage_workers.channels import LocalChannel, ShmChannel, open_channel
 from stage_workers.framing import ChannelTimeout, Packed, serialize
-from stage_workers.messages import Edge, Rewire, StepPlan, StepResult, WorkerLost
+from stage_workers.messages import Edge, Grant, Rewire, StepPlan, StepResult, WorkerLost
 from stage_workers.stage_group import GroupRunner
 from stage_workers.step_runner import StageRunner
 
@@ -28,10 +28,13 @@ START_TIMEOUT_S = 120.0  # a worker's loop (after loading its slice) must open i
 LIVENESS_TICK_S = 0.2  # how often a waiting coordinator checks that its workers are alive
 PEER_LOSS_CONFIRM_S = 10.0  # a worker behind a broken channel that Ray still calls alive after this is killed
 CONTROL_SLOT_BYTES = 1 << 20  # plans and reports; larger ones (stage logits) spill to a file of their own
+DECIDED_SLOT_BYTES = 1 << 16  # a decision edge's messages: a step's token ids
 TRANSPORTS = ("auto", "shm", "dist")
 
 
 class LocalTransport:
+    runs_ahead = False  # runners run one after another: nothing to overlap (stage_workers/decode_run.py)
+
     def __init__(self):
         self.runners: dict[int, StageRunner | GroupRunner] = {}  # worker id -> its runner
 
@@ -86,6 +89,12 @@ def spans(topology: list[list[int]]) -> dict[int, tuple[int, int]]:
     return out
 
 
+def decision_edges(topology: list[list[int]]) -> list[tuple[int, int]]:
+    """(deciding worker, stage-0 worker) of every decision edge (stage_workers/decode_run.py): from
+    each other worker to each worker of stage 0 (a worker's own decisions need no channel)."""
+    return [(a, b) for a in spans(topology) for b in topology[0] if a != b]
+
+
 def edges(topology: list[list[int]]) -> list[tuple[int, int]]:
     """(upstream, downstream) worker ids of every data channel: from each worker to each worker
     of the stage after its last one."""
@@ -110,6 +119,8 @@ class ChannelTransport:
     the others to undo what the failed step did.
     """
 
+    runs_ahead = True  # decode runs: workers step on their own between plans (stage_workers/decode_run.py)
+
     def __init__(self, processes, step_timeout_s: float, data_slot_bytes: int, kind: str = "auto"):
         """`kind`: auto (shared memory between processes of one node and one device, torch.distributed
         otherwise: gloo between hosts, NCCL between GPUs), or shm / dist for every channel."""
@@ -125,6 +136,7 @@ class ChannelTransport:
         self.wiring: dict[int, Rewire] = {}  # worker id -> the data channels it was last told to use
         self.lost: set[int] = set()  # workers found dead and not (yet) restarted
         self.names: dict[str, int] = {}  # every channel made -> its reader (-1: the coordinator), for unlinking
+        self._early: list[StepResult] = []  # reports of a decode run's later steps, read before their turn
 
     def add(self, worker_id: int, stage: int, worker, num_stages: int) -> None:
         self.stage_of[worker_id] = stage
@@ -156,23 +168,29 @@ class ChannelTransport:
         for worker_id in spans(topology):
             if worker_id in self.lost:
                 continue
+            decided = [(a, b) for a, b in decision_edges(topology) if a not in self.lost and b not in self.lost]
             rewire = Rewire(epoch, tuple(self._edge(a, worker_id) for a, b in live if b == worker_id),
-                            tuple(self._edge(worker_id, b) for a, b in live if a == worker_id))
+                            tuple(self._edge(worker_id, b) for a, b in live if a == worker_id),
+                            tuple(self._edge(a, worker_id, decided=True) for a, b in decided if b == worker_id),
+                            tuple(self._edge(worker_id, b, decided=True) for a, b in decided if a == worker_id))
             if worker_id not in self.wiring or self.wiring[worker_id][1:] != rewire[1:]:
                 self._send(worker_id, rewire, -1, epoch)
                 self.wiring[worker_id] = rewire
         kinds = [f"{e.src}->{e.dst} {e.kind}" for w in self.wiring.values() for e in w.outbound]
         log.info("data channels (epoch %d, worker id -> worker id): %s", epoch, ", ".join(kinds) or "none")
 
-    def _edge(self, src: int, dst: int) -> Edge:
-        name = f"{self.tag}-{src}.{self.incarnation[src]}-{dst}.{self.incarnation[dst]}"
+    def _edge(self, src: int, dst: int, decided: bool = False) -> Edge:
+        """A data channel, or (`decided`) a decision edge: a few token ids a step, no tensors."""
+        name = f"{self.tag}-{src}.{self.incarnation[src]}-{dst}.{self.incarnation[dst]}" + ("-d" if decided else "")
         self.names[name] = dst
+        if decided:
+            return self._address(name, src, dst, DECIDED_SLOT_BYTES, 8, tensors=False)
         return self._address(name, src, dst, self.data_slot_bytes, 2)
 
-    def _address(self, name: str, src: int, dst: int, slot_bytes: int, num_slots: int) -> Edge:
+    def _address(self, name: str, src: int, dst: int, slot_bytes: int, num_slots: int, tensors: bool = True) -> Edge:
         """The channel's kind from where its ends run (worker id -1: this process)."""
         (src_node, src_device), (dst_node, dst_device) = self._where(src), self._where(dst)
-        on_gpus = src_device.startswith("cuda") and dst_device.startswith("cuda")
+        on_gpus = tensors and src_device.startswith("cuda") and dst_device.startswith("cuda")
         if self.kind == "shm" or (self.kind == "auto" and src_node == dst_node and
                                   (not on_gpus or src_device == dst_device)):
             return Edge(name, src, dst, slot_bytes, num_slots)
@@ -219,29 +237,47 @@ class ChannelTransport:
         quiet = {w for w in participants if self.stage_of[w] > 0}
         for worker_id in sorted(self.control, key=lambda w: w not in quiet):
             self._send(worker_id, packed, wake=worker_id not in quiet, deadline=deadline)
+        self._early = [r for r in self._early if r.step > plan.step]
+        return self.collect(plan.step, expected_items, participants, deadline)
+
+    def collect(self, step: int, expected_items: int, participants: set[int], deadline: float | None = None
+                ) -> list[StepResult]:
+        """The reports of `step` (a plan's, or a decode run's later step: stage_workers/decode_run.py)
+        until they hold `expected_items` decisions and stage logits. A later step's report that comes
+        first is kept for its turn; an earlier step's (aborted) is dropped."""
+        deadline = deadline or time.monotonic() + self.step_timeout_s
         readers = list(self.results.values())
         reports, items = [], 0
+        pending, self._early = [r for r in self._early if r.step == step], [r for r in self._early if r.step > step]
         while items < expected_items:
-            waiting = [channel for channel in readers if channel.pending()]
-            if not waiting:  # wake-ups are not counts: a channel is read once it says a message waits
-                ready = select.select(readers, [], [], LIVENESS_TICK_S)[0]
-                for channel in ready:
-                    channel.drain_wakeups()
-                if not ready:
-                    self._check(deadline, {w for w in participants if w in self.control and
-                                           self.control[w].marked() < plan.step})
+            if pending:
+                report = pending.pop(0)
+            else:
+                waiting = [channel for channel in readers if channel.pending()]
+                if not waiting:  # wake-ups are not counts: a channel is read once it says a message waits
+                    ready = select.select(readers, [], [], LIVENESS_TICK_S)[0]
+                    for channel in ready:
+                        channel.drain_wakeups()
+                    if not ready:
+                        self._check(deadline, {w for w in participants if w in self.control and
+                                               self.control[w].marked() < step})
+                    continue
+                for channel in waiting:
+                    report = channel.recv().message
+                    (pending if report.step == step else self._early if report.step > step else []).append(report)
                 continue
-            for channel in waiting:
-                report = channel.recv().message
-                if report.step != plan.step:
-                    continue  # a report of an aborted step
-                reports.append(report)
-                items += len(report.decisions) + len(report.logits)
-                if report.lost_peer in self.control:
-                    self._lose(report.lost_peer, f"worker {report.worker_id}'s channel to it broke")
-                if report.error:
-                    return reports
+            reports.append(report)
+            items += len(report.decisions) + len(report.logits)
+            if report.lost_peer in self.control:
+                self._lose(report.lost_peer, f"worker {report.worker_id}'s channel to it broke")
+            if report.error:
+                return reports
         return reports
+
+    def grant(self, worker_ids, step: int) -> None:
+        """Let a decode run's stage-0 workers start `step` (the coordinator read step - 2)."""
+        for worker_id in worker_ids:
+            self._send(worker_id, Grant(step), step)
 
     def _send(self, worker_id: int, message, step: int = -1, epoch: int = -1, wake: bool = True,
               deadline: float | None = None) -> None:

@@ -87,21 +87,25 @@ class StageActor:
         control_channel = open_channel(control, is_reader=True, host=host)
         serve_forever(runner, control_channel, open_channel(results, is_reader=False, host=host), self._connect)
 
-    def _connect(self, rewire: Rewire) -> tuple[dict, dict]:
-        """Open the channels a `Rewire` names (this worker creates those it reads) and close the rest."""
-        wanted = {e.name for e in rewire.inbound + rewire.outbound}
+    def _connect(self, rewire: Rewire) -> tuple[dict, dict, dict, dict]:
+        """Open the channels a `Rewire` names (this worker creates those it reads) and close the rest;
+        returns (inbound, outbound, decided_in, decided_out), each peer worker id -> channel."""
+        inbound, outbound = rewire.inbound + rewire.decided_in, rewire.outbound + rewire.decided_out
+        wanted = {e.name for e in inbound + outbound}
         for name in [n for n in self.channels if n not in wanted]:
             self.channels.pop(name).close()
         host, device = ray.util.get_node_ip_address(), str(self.worker.device)
-        for e in rewire.inbound:
+        for e in inbound:
             if e.name not in self.channels:
                 self.channels[e.name] = open_channel(e, is_reader=True, host=host, device=device)
-        for e in rewire.outbound:  # after creating every inbound one: no two workers wait on each other
+        for e in outbound:  # after creating every inbound one: no two workers wait on each other
             if e.name not in self.channels:
                 self.channels[e.name] = open_channel(e, is_reader=False, host=host, device=device,
                                                      timeout=RESTART_TIMEOUT_S)
         return ({e.src: self.channels[e.name] for e in rewire.inbound},
-                {e.dst: self.channels[e.name] for e in rewire.outbound})
+                {e.dst: self.channels[e.name] for e in rewire.outbound},
+                {e.src: self.channels[e.name] for e in rewire.decided_in},
+                {e.dst: self.channels[e.name] for e in rewire.decided_out})
 
     def info(self, stage: int | None = None) -> WorkerInfo:
         """A stage's worker's (default: the first it serves)."""
