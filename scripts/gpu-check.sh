@@ -21,7 +21,7 @@ if [ ! -f "$CKPT/config.json" ]; then
 fi
 echo "gpu-check: 3/3 poe-serve bench, 1.5b, bf16, one GPU"
 poe-serve bench --checkpoint "$CKPT" --config cluster_configs/one-gpu.yaml --device cuda --dtype bf16 \
-    --sections floor,single_stream,transport,concurrency --concurrency 1,16,64 --new-tokens 32 \
+    --sections floor,single_stream,transport,layouts,concurrency --concurrency 1,16,64 --new-tokens 32 \
     --json "$OUT/1.5b-gpu.json"
 python3 - "$OUT/1.5b-gpu.json" <<'PY'
 import json, sys
@@ -31,6 +31,10 @@ print(f"gpu-check: bandwidth floor {r['floor']['memory_bandwidth_gbs']:.0f} GB/s
       f"{r['floor']['weight_bytes'] / 2**30:.2f} GiB of weights -> {floor:.0f} tok/s single-stream ceiling")
 for who, figures in (("PoEModel", single["poe_model_tok_s"]), ("PoEModel.on_ray", single["poe_cluster_tok_s"])):
     print(f"gpu-check: {who} full {figures['full']:.1f} tok/s = {figures['full'] / floor:.0%} of the floor")
+print(f"gpu-check: PoEModel.on_ray over PoEModel, full: {single['cluster_over_model_full']:.2f} (target 0.9)")
+for name, lay in r["layouts"]["layouts"].items():
+    print(f"gpu-check: layout {name}: host time per token {lay['host_ms_per_token']['decode runs']:.2f} ms with "
+          f"decode runs, {lay['host_ms_per_token']['plan every step']:.2f} ms with a plan every step")
 for row in r["concurrency"]:
     print(f"gpu-check: {row['concurrency']} concurrent: {row['aggregate_tok_s']:.0f} tok/s, {row['errors']} errors")
 PY

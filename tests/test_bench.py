@@ -33,6 +33,11 @@ def test_bench_runs_every_section_and_writes_json(ray_session, tiny_dir, tmp_pat
     assert low <= single["cluster_over_model_full"] <= high
     assert all(len(v) == 2 and min(v) > 0 for v in single["compute_ms_per_token"].values())
     assert all(len(v) == 2 for v in report["transport"]["us_per_token_spread"].values())
+    layouts = report["layouts"]["layouts"]  # the default config's one worker, then one per stage
+    assert list(layouts) == ["[0-3]", "[0][1][2][3]"]
+    for lay in layouts.values():
+        assert set(lay["over_model"]) == {"in process", "decode runs", "plan every step"}
+        assert all(len(v) == 2 and min(v) > 0 for v in lay["ms_per_token"].values())
     prefix = report["prefix_cache"]  # the tiny context: a 208-token shared prefix
     assert prefix["same_tokens"] and prefix["off"]["hit_rate"] == 0 and prefix["hit_rate"] > 0.8
     assert prefix["on"]["cached_tokens"][1:] == [208] * 31 and sum(prefix["on"]["cache_blocks"]) > 0

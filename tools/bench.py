@@ -10,6 +10,10 @@ Sections, in order (each a dict in the JSON report):
 - `transport`: microseconds per token through four worker processes with no model work: the
   data plane (`channels`, and per hop) and, in the same run, the Ray-call designs it replaced
   (`tools.transport_bench`); medians and spreads over `rounds`.
+- `layouts`: single-stream decode through the serving config's worker layout and through one
+  worker per stage on the same resources, each with decode runs and with a plan every step,
+  against `PoEModel` in the same rounds: the ratio, and the host time per token (wall minus the
+  workers' compute) (tools/layouts_bench.py).
 - `concurrency`: at each level, that many concurrent streaming gRPC requests (from a client
   process of their own) against a server over `PoEModel.on_ray`: aggregate tok/s, p50/p99 latency and time-to-first-token, errors, and the
   workers' peak resident memory.
@@ -45,6 +49,7 @@ from coordinator.core.modes import MODES
 from stage_workers.compute_thread import off_main_thread
 from stage_workers.config import load_config
 from tools.demo import CARD_SAMPLING
+from tools.layouts_bench import layout_rounds
 from tools.prefix_cache_bench import prefix_cache_section
 from tools.prefix_cache_bench import render as render_prefix_cache
 from tools.progress import Progress
@@ -53,7 +58,7 @@ CODE_PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n
                 "class Stack:\n    def __init__(self):\n", "for i in range(10):\n")
 
 
-SECTIONS = ("floor", "single_stream", "transport", "concurrency", "modes", "prefix_cache", "trained")
+SECTIONS = ("floor", "single_stream", "transport", "layouts", "concurrency", "modes", "prefix_cache", "trained")
 
 
 @dataclass(frozen=True)
@@ -319,7 +324,7 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
     ids = prompt_rows(config.vocab_size, 1, cfg.prompt_len, seed=0)
 
     model = None
-    if wanted & {"floor", "single_stream"}:
+    if wanted & {"floor", "single_stream", "layouts"}:
         model = PoEModel.from_pretrained(cfg.checkpoint, dtype=cfg.dtype, device=cfg.device)
         if "floor" in wanted:
             weights = sum(p.nbytes for w in model.workers for p in w.slice.parameters())
@@ -343,6 +348,10 @@ def run_bench(cfg: BenchConfig, json_out: str | None = None, plot_out: str | Non
                 progress.update(1, note="transport")
             if "concurrency" in wanted:
                 report["concurrency"] = concurrency_levels(cfg, cluster, config.vocab_size, progress)
+    if "layouts" in wanted:  # its clusters one at a time, after the one above is gone
+        report["layouts"] = layout_rounds(model, cfg.checkpoint, cfg.config, cfg.dtype, ids, cfg.decode_tokens,
+                                          cfg.rounds, progress)
+        progress.update(1, note="layouts")
     if model is not None:
         model.loop.stop()
         del model
@@ -419,6 +428,12 @@ def render(r: dict) -> str:
             for k, v in t["us_per_token"].items())
             + f"; one hop of the transport: {t['per_hop_us']:.0f} us "
             f"({t['per_hop_us_spread'][0]:.0f}-{t['per_hop_us_spread'][1]:.0f})")
+    if "layouts" in r:
+        for name, lay in r["layouts"]["layouts"].items():
+            lines.append(f"layout {name} single stream, over in process / host ms per token (median of "
+                         f"{r['layouts']['rounds']}): " + "  ".join(
+                             f"{side} {lay['over_model'][side]:.2f} / {lay['host_ms_per_token'][side]:.2f}"
+                             for side in lay["over_model"]))
     if "concurrency" in r:
         lines += ["", f"{'concurrent':>10} {'tok/s':>8} {'x single':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} "
                       f"{'ttft99':>7} {'errors':>6} {'RSS MiB':>8}"]
