@@ -227,8 +227,7 @@ class Engine:
 
     def _steady(self) -> bool:
         """The decode run in flight may go on: the batch is unchanged and nothing needs a plan."""
-        return not self._may_admit() and not self.pipeline.needs_plan and all(
-            seq.seq_id in self.pipeline.specs and not seq.finished and seq.num_unfed == 1 for seq in self.running)
+        return not self._may_admit() and not self.pipeline.needs_plan  # a sequence that ends is freed: a plan
 
     def _may_admit(self) -> bool:
         return bool(self.waiting) and len(self.running) < self.engine_config.max_num_seqs

@@ -173,7 +173,7 @@ class Pipeline:
 
     def _abort_from(self, step: int) -> None:
         """Every worker undoes `step` and, in a decode run, the run's steps after it."""
-        last = self._run.last if self._run is not None and step >= self._run.next - 1 else step
+        last = step if self._run is None else self._run.last
         self._aborted += range(step, last + 1)
         self._run = None
 

@@ -136,7 +136,7 @@ class ChannelTransport:
         self.wiring: dict[int, Rewire] = {}  # worker id -> the data channels it was last told to use
         self.lost: set[int] = set()  # workers found dead and not (yet) restarted
         self.names: dict[str, int] = {}  # every channel made -> its reader (-1: the coordinator), for unlinking
-        self._early: list[StepResult] = []  # reports of a decode run's later steps, read before their turn
+        self._early: list[StepResult] = []  # reports read before their step's turn (a decode run's later steps)
 
     def add(self, worker_id: int, stage: int, worker, num_stages: int) -> None:
         self.stage_of[worker_id] = stage
@@ -237,7 +237,6 @@ class ChannelTransport:
         quiet = {w for w in participants if self.stage_of[w] > 0}
         for worker_id in sorted(self.control, key=lambda w: w not in quiet):
             self._send(worker_id, packed, wake=worker_id not in quiet, deadline=deadline)
-        self._early = [r for r in self._early if r.step > plan.step]
         return self.collect(plan.step, expected_items, participants, deadline)
 
     def collect(self, step: int, expected_items: int, participants: set[int], deadline: float | None = None
@@ -248,11 +247,10 @@ class ChannelTransport:
         deadline = deadline or time.monotonic() + self.step_timeout_s
         readers = list(self.results.values())
         reports, items = [], 0
-        pending, self._early = [r for r in self._early if r.step == step], [r for r in self._early if r.step > step]
+        self._early = [r for r in self._early if r.step >= step]
         while items < expected_items:
-            if pending:
-                report = pending.pop(0)
-            else:
+            report = next((r for r in self._early if r.step == step), None)
+            if report is None:
                 waiting = [channel for channel in readers if channel.pending()]
                 if not waiting:  # wake-ups are not counts: a channel is read once it says a message waits
                     ready = select.select(readers, [], [], LIVENESS_TICK_S)[0]
@@ -262,10 +260,9 @@ class ChannelTransport:
                         self._check(deadline, {w for w in participants if w in self.control and
                                                self.control[w].marked() < step})
                     continue
-                for channel in waiting:
-                    report = channel.recv().message
-                    (pending if report.step == step else self._early if report.step > step else []).append(report)
+                self._early += [r for r in (channel.recv().message for channel in waiting) if r.step >= step]
                 continue
+            self._early.remove(report)
             reports.append(report)
             items += len(report.decisions) + len(report.logits)
             if report.lost_peer in self.control:
